@@ -1,0 +1,210 @@
+"""One typed parameter tree for every stage, read from ``params.yaml``.
+
+YAML gives the defaults, ``key=value`` overrides (dotted paths, as in ``dvc exp run -S``)
+change them, and the resolved tree is written next to every artifact it produced. Unknown
+keys and badly typed values are rejected with the offending path in the message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos in params.yaml; fail loudly instead of silently ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(_Section):
+    """Where the dataset is and which splits play which part."""
+
+    root: str = "../shared/datasets/grocery-store"
+    layout: Literal["auto", "grocery", "imagefolder", "manifest"] = "auto"
+    train_split: str = "train"
+    query_split: str = "val"
+    # An optional cap on images per SKU per split, for quick runs on a subset; None = all.
+    max_images_per_sku: int | None = Field(default=None, ge=1)
+
+
+class ValidationParams(_Section):
+    """Rules the Great Expectations checkpoint enforces before any training."""
+
+    min_width: int = Field(default=32, ge=1)
+    min_height: int = Field(default=32, ge=1)
+    min_images_per_sku: int = Field(default=1, ge=1)
+    # None accepts any split name made of letters, digits, '-' and '_'.
+    allowed_splits: list[str] | None = None
+    allowed_roles: list[str] = ["catalogue", "query"]
+    require_catalogue_image: bool = True
+
+
+class ModelParams(_Section):
+    """The encoder: backbone, projection and input size."""
+
+    backbone: Literal["efficientnet-lite0", "efficientnet-lite2", "hf-clip"] = "efficientnet-lite0"
+    # Used when backbone == "hf-clip": a Hugging Face model id or a local directory.
+    hf_model_id: str = "openai/clip-vit-base-patch32"
+    pretrained: bool = True
+    # 0 keeps the backbone's own feature size (no projection layer).
+    embed_dim: int = Field(default=256, ge=0)
+    # None takes the backbone's native resolution.
+    image_size: int | None = Field(default=None, ge=8)
+
+
+class TrainParams(_Section):
+    """Fine-tuning recipe."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    epochs: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=64, ge=2)
+    # P x K sampling: P SKUs per batch, K images each (batch_size = P * K rounded down).
+    images_per_sku: int = Field(default=4, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    backbone_lr: float = Field(default=1e-4, ge=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    # Epochs with the backbone frozen (its features are cached, only the head trains);
+    # after that the backbone's last `unfreeze_blocks` blocks train too (-1 = all of it).
+    frozen_epochs: int = Field(default=8, ge=0)
+    unfreeze_blocks: int = Field(default=-1, ge=-1)
+    loss: Literal["arcface", "subcenter-arcface", "cosface"] = "arcface"
+    margin: float = Field(default=0.2, ge=0)
+    scale: float = Field(default=30.0, gt=0)
+    subcenters: int = Field(default=3, ge=1)
+    augment: bool = True
+    num_workers: int = Field(default=0, ge=0)
+    checkpoint_dir: str = "checkpoints"
+    output_dir: str = "models/encoder"
+    resume: bool = True
+    eval_every_epochs: int = Field(default=1, ge=1)
+
+
+class EvaluateParams(_Section):
+    """Evaluation protocols and the promotion gate."""
+
+    batch_size: int = Field(default=64, ge=1)
+    ks: list[int] = [1, 3, 5]
+    # The protocol whose numbers the gate reads: "catalogue" is the real matching setting.
+    gate_protocol: Literal["catalogue", "nn"] = "catalogue"
+    min_top1: float = Field(default=0.5, ge=0, le=1)
+    min_top3: float = Field(default=0.7, ge=0, le=1)
+    # How much worse than @champion (absolute, on the same data) a challenger may be.
+    champion_tolerance: float = Field(default=0.01, ge=0, le=1)
+    metrics_path: str = "reports/metrics.json"
+
+
+class IndexParams(_Section):
+    """The FAISS catalogue index."""
+
+    # A faiss.index_factory string; inner product on L2-normalised embeddings = cosine.
+    factory: str = "Flat"
+    use_gpu: Literal["auto", "never"] = "auto"
+    output_dir: str = "models/index"
+
+
+class RegistryParams(_Section):
+    """Where runs and model versions are recorded."""
+
+    # Empty = the embedded default (SQLite store + local artifact root under .skumatch/).
+    tracking_uri: str = ""
+    experiment: str = "skumatch"
+    model_name: str = "skumatch-encoder"
+    # Promote a challenger that passed the gate to @champion at the end of the flow.
+    auto_promote: bool = True
+
+
+class ServeParams(_Section):
+    """The matching service."""
+
+    top_k: int = Field(default=5, ge=1)
+    bento_model_name: str = "skumatch-matcher"
+    port: int = Field(default=3000, ge=1, le=65535)
+
+
+class Params(_Section):
+    """The whole tree; one section per stage."""
+
+    data: DataParams = DataParams()
+    validation: ValidationParams = ValidationParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    index: IndexParams = IndexParams()
+    registry: RegistryParams = RegistryParams()
+    serve: ServeParams = ServeParams()
+
+
+class ParamsError(ValueError):
+    """A params file or override that does not fit the tree."""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw params mapping.
+
+    Values are parsed as YAML scalars (``3``, ``0.1``, ``true``, ``[1, 3]``), so types come
+    out as the tree expects; pydantic checks them afterwards.
+
+    Raises:
+        ParamsError: an override without ``=`` or naming no key path.
+    """
+    result = json.loads(json.dumps(raw))  # deep copy of plain data
+    for override in overrides:
+        if "=" not in override:
+            raise ParamsError(f"override {override!r} is not of the form section.key=value")
+        dotted, _, text = override.partition("=")
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ParamsError(f"override {override!r} names no key")
+        node = result
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {override!r}: {key!r} is not a section")
+        node[keys[-1]] = yaml.safe_load(text)
+    return result
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read the params tree from YAML, apply overrides and validate.
+
+    Args:
+        path: a ``params.yaml``; ``None`` or a missing default file gives the built-in defaults.
+        overrides: ``section.key=value`` strings applied on top of the file.
+
+    Raises:
+        ParamsError: unreadable YAML, unknown keys or values of the wrong type.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if path.exists():
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ParamsError(f"{path}: not valid YAML: {err}") from err
+            if not isinstance(raw, dict):
+                raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        elif path.name != "params.yaml":
+            raise ParamsError(f"params file {path} does not exist")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise ParamsError(f"invalid params: {problems}") from err
+
+
+def flatten_params(params: Params) -> dict[str, str]:
+    """Flatten the tree to ``section.key -> str`` for experiment trackers."""
+    flat: dict[str, str] = {}
+    for section, values in params.model_dump().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = json.dumps(value) if not isinstance(value, str) else value
+    return flat
