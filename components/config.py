@@ -87,7 +87,8 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     """Evaluation protocols and the promotion gate."""
 
-    batch_size: int = Field(default=64, ge=1)
+    # 16 measured fastest for CPU inference here (28 ms/image vs 42 at 64, EfficientNet-Lite0).
+    batch_size: int = Field(default=16, ge=1)
     ks: list[int] = [1, 3, 5]
     # The protocol whose numbers the gate reads: "catalogue" is the real matching setting.
     gate_protocol: Literal["catalogue", "nn"] = "catalogue"

@@ -19,9 +19,8 @@ import csv
 import logging
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
-import numpy as np
 import pandas as pd
 
 LOGGER = logging.getLogger(__name__)
@@ -204,18 +203,11 @@ def select(manifest: pd.DataFrame, *, split: str | None = None, role: str | None
 def data_version(root: str | Path) -> str:
     """The DVC hash of a dataset: what ``dvc add`` would record for it.
 
-    A path tracked by DVC (``<path>.dvc`` beside it) returns the recorded ``md5``; any other
-    folder or file is hashed with DVC's own hashing (dvc-data), without copying anything.
+    Hashed with DVC's own hashing (dvc-data) every time, without copying anything: a
+    ``.dvc`` file may be stale when the folder changed after ``dvc add``, the files never are.
+    For this dataset's 3,000 images it takes under half a second.
     """
     root = Path(root).expanduser().resolve()
-    dvc_file = root.with_name(root.name + ".dvc")
-    if dvc_file.exists():
-        import yaml
-
-        recorded = yaml.safe_load(dvc_file.read_text()) or {}
-        for out in recorded.get("outs", []):
-            if out.get("md5"):
-                return str(out["md5"])
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
     from dvc_objects.fs.local import LocalFileSystem
@@ -226,21 +218,6 @@ def data_version(root: str | Path) -> str:
     with tempfile.TemporaryDirectory() as scratch:
         _, _, obj = build(HashFileDB(filesystem, scratch), str(root), filesystem, "md5", dry_run=True)
     return str(obj.hash_info.value)
-
-
-class ImageDataset:
-    """A torch-compatible map-style dataset over image paths and integer labels."""
-
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable) -> None:
-        self.paths = list(paths)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        return self.transform(load_rgb(self.paths[index])), int(self.labels[index])
 
 
 def load_rgb(path: str | Path):

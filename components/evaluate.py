@@ -1,0 +1,227 @@
+"""Retrieval metrics for both protocols, and the promotion gate.
+
+Protocols (DESIGN.md):
+
+- ``nn``: gallery = labelled training photos, queries = a held-out split; the prediction is
+  the label of the nearest neighbours (the seed posts' RP2K protocol).
+- ``catalogue``: gallery = the catalogue images only, queries = the same natural photos;
+  the real product-matching setting.
+
+Top-k is counted over distinct SKUs: gallery hits are ranked by similarity and a SKU's rank is
+that of its best image, so k neighbours of one SKU never crowd out the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from components.config import EvaluateParams
+from components.data import select
+
+LOGGER = logging.getLogger(__name__)
+
+PROTOCOLS = ("nn", "catalogue")
+
+# (queries, gallery) -> similarity matrix; injected so tests can swap FAISS for brute force.
+SimilarityFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def faiss_similarity(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """Inner products of every query with every gallery row, by an exact FAISS search."""
+    import faiss
+
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), gallery.shape[0])
+    similarity = np.empty_like(scores)
+    np.put_along_axis(similarity, ids, scores, axis=1)
+    return similarity
+
+
+def brute_force_similarity(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """Inner products by a plain matrix product (the reference FAISS is checked against)."""
+    return queries.astype(np.float32) @ gallery.astype(np.float32).T
+
+
+def sku_scores(similarity: np.ndarray, gallery_skus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Aggregate image similarities into SKU similarities (the best image of each SKU).
+
+    Returns:
+        ``(skus, scores)``: the distinct gallery SKUs and a ``(n_queries, n_skus)`` matrix.
+    """
+    skus, inverse = np.unique(gallery_skus, return_inverse=True)
+    scores = np.full((similarity.shape[0], len(skus)), -np.inf, dtype=np.float32)
+    for column, sku_index in enumerate(inverse):
+        np.maximum(scores[:, sku_index], similarity[:, column], out=scores[:, sku_index])
+    return skus, scores
+
+
+def retrieval_metrics(query_embeddings: np.ndarray, query_skus: np.ndarray, gallery_embeddings: np.ndarray,
+                      gallery_skus: np.ndarray, ks: tuple[int, ...] | list[int] = (1, 3, 5),
+                      similarity_fn: SimilarityFn = faiss_similarity) -> dict[str, float]:
+    """Top-k over distinct SKUs, mean delta similarity and mAP of one query set on one gallery.
+
+    Queries whose SKU has no gallery image cannot be matched and are left out (counted in
+    ``queries_without_gallery_sku``).
+
+    Returns:
+        ``top{k}`` for each k, ``delta_similarity``, ``map``, ``queries``,
+        ``queries_without_gallery_sku``.
+    """
+    query_skus = np.asarray(query_skus).astype(str)
+    gallery_skus = np.asarray(gallery_skus).astype(str)
+    matchable = np.isin(query_skus, gallery_skus)
+    result: dict[str, float] = {"queries": int(matchable.sum()),
+                                "queries_without_gallery_sku": int((~matchable).sum())}
+    if not matchable.any():
+        raise ValueError("no query SKU appears in the gallery; nothing can be evaluated")
+    query_embeddings, query_skus = query_embeddings[matchable], query_skus[matchable]
+    similarity = similarity_fn(query_embeddings, gallery_embeddings)
+
+    skus, scores = sku_scores(similarity, gallery_skus)
+    true_column = np.searchsorted(skus, query_skus)
+    true_score = scores[np.arange(len(query_skus)), true_column]
+    # Rank of the true SKU among distinct SKUs (0 = first); ties count against the model.
+    rank = (scores > true_score[:, None]).sum(axis=1) + ((scores == true_score[:, None]).sum(axis=1) - 1)
+    for k in ks:
+        result[f"top{k}"] = float((rank < k).mean())
+
+    # Delta similarity: similarity to the true SKU minus the mean similarity to all others.
+    others = scores.copy()
+    others[np.arange(len(query_skus)), true_column] = np.nan
+    result["delta_similarity"] = float(np.mean(true_score - np.nanmean(others, axis=1))) if len(skus) > 1 else 0.0
+
+    # mAP over gallery images: every image of the query's SKU is relevant.
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    relevant = gallery_skus[order] == query_skus[:, None]
+    hits = np.cumsum(relevant, axis=1)
+    precision_at_hit = np.where(relevant, hits / np.arange(1, relevant.shape[1] + 1), 0.0)
+    result["map"] = float(np.mean(precision_at_hit.sum(axis=1) / relevant.sum(axis=1)))
+    return result
+
+
+@dataclass(frozen=True)
+class ProtocolSets:
+    """Which manifest rows are gallery and queries for each protocol."""
+
+    queries: pd.DataFrame
+    galleries: dict[str, pd.DataFrame]
+
+
+def protocol_sets(manifest: pd.DataFrame, query_split: str, train_split: str = "train") -> ProtocolSets:
+    """Select queries (the ``query_split`` photos) and the gallery of each protocol.
+
+    Raises:
+        DatasetError: a split that is not in the manifest.
+    """
+    queries = select(manifest, split=query_split, role="query")
+    galleries = {
+        "nn": select(manifest, split=train_split, role="query"),
+        "catalogue": select(manifest, role="catalogue"),
+    }
+    return ProtocolSets(queries, galleries)
+
+
+def evaluate_embeddings(embeddings: dict[str, np.ndarray], sets: ProtocolSets, ks: list[int],
+                        similarity_fn: SimilarityFn = faiss_similarity) -> dict[str, dict[str, float]]:
+    """Metrics of both protocols from embeddings keyed by image path."""
+
+    def stack(rows: pd.DataFrame) -> np.ndarray:
+        return np.stack([embeddings[p] for p in rows["image_path"]])
+
+    query_vectors = stack(sets.queries)
+    metrics = {}
+    for protocol, gallery in sets.galleries.items():
+        if gallery.empty:
+            LOGGER.warning("protocol %s has an empty gallery; skipped", protocol)
+            continue
+        metrics[protocol] = retrieval_metrics(query_vectors, sets.queries["sku_id"].to_numpy(), stack(gallery),
+                                              gallery["sku_id"].to_numpy(), ks, similarity_fn)
+    return metrics
+
+
+def evaluate_encoder(encoder, preprocess, manifest: pd.DataFrame, query_split: str, train_split: str,
+                     params: EvaluateParams, device=None, similarity_fn: SimilarityFn = faiss_similarity,
+                     progress: bool = False) -> dict[str, dict[str, float]]:
+    """Embed the images both protocols need (each once) and compute their metrics.
+
+    Returns:
+        ``{"nn": {...}, "catalogue": {...}}`` as from :func:`retrieval_metrics`.
+    """
+    from components.model import embed_images
+
+    sets = protocol_sets(manifest, query_split, train_split)
+    paths = sorted(set(sets.queries["image_path"]).union(*(g["image_path"] for g in sets.galleries.values())))
+    vectors = embed_images(encoder, preprocess, paths, params.batch_size, device=device, progress=progress)
+    return evaluate_embeddings(dict(zip(paths, vectors)), sets, params.ks, similarity_fn)
+
+
+def flatten_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{"catalogue": {"top1": x}}`` -> ``{"catalogue.top1": x}`` for trackers and tags."""
+    return {f"{protocol}.{name}": float(value) for protocol, values in metrics.items() for name, value in values.items()}
+
+
+def write_metrics(metrics: dict, path: str | Path) -> Path:
+    """Write metrics as JSON (the DVC ``metrics`` file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return path
+
+
+@dataclass
+class GateDecision:
+    """Whether a challenger may be promoted, and why (with numbers)."""
+
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = self.reasons if not self.passed else self.checks
+        return f"gate {verdict}: " + "; ".join(lines)
+
+
+class GateFailedError(RuntimeError):
+    """A challenger refused by the gate; ``.decision`` holds the numbers."""
+
+    def __init__(self, decision: GateDecision) -> None:
+        super().__init__(decision.summary())
+        self.decision = decision
+
+
+def gate(challenger: dict[str, dict[str, float]], champion: dict[str, dict[str, float]] | None,
+         params: EvaluateParams) -> GateDecision:
+    """Apply the thresholds and the no-worse-than-champion rule to the gate protocol.
+
+    Args:
+        challenger: the new model's metrics (both protocols).
+        champion: ``@champion``'s metrics on the same evaluation data, or None if there is none.
+        params: thresholds, tolerance and which protocol to read.
+    """
+    protocol = params.gate_protocol
+    if protocol not in challenger:
+        return GateDecision(False, [f"no {protocol!r} metrics to gate on (empty gallery?)"])
+    numbers = challenger[protocol]
+    decision = GateDecision(True)
+    for metric, minimum in (("top1", params.min_top1), ("top3", params.min_top3)):
+        value = numbers.get(metric, 0.0)
+        line = f"{protocol} {metric} {value:.4f} {'>=' if value >= minimum else '<'} threshold {minimum:.4f}"
+        (decision.checks if value >= minimum else decision.reasons).append(line)
+    if champion is not None and protocol in champion:
+        for metric in ("top1", "top3"):
+            value, best = numbers.get(metric, 0.0), champion[protocol].get(metric, 0.0)
+            ok = value >= best - params.champion_tolerance
+            line = (f"{protocol} {metric} {value:.4f} vs champion {best:.4f} "
+                    f"(tolerance {params.champion_tolerance:.4f}): {'not worse' if ok else 'worse'}")
+            (decision.checks if ok else decision.reasons).append(line)
+    decision.passed = not decision.reasons
+    return decision

@@ -1,0 +1,175 @@
+"""The FAISS catalogue index: build, save with a checksum, load with verification, search.
+
+Embeddings are L2-normalised, so inner product is cosine similarity. As FAISS ``contrib/``
+does, the GPU is used only when ``faiss.get_num_gpus()`` reports one, and indexes are always
+saved as CPU indexes so a CPU host can load them.
+
+An index folder holds ``index.faiss``, ``items.json`` (row -> SKU and image path) and
+``index.json`` (the model name and version it was built from, the factory, the dimension and
+the SHA-256 checksum of the two data files). :func:`load_index` refuses a folder whose
+checksum or model version does not match what the caller expects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LOGGER = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+ITEMS_FILE = "items.json"
+META_FILE = "index.json"
+
+
+class IndexMismatchError(RuntimeError):
+    """An index that is corrupt, or that was not built from the expected model version."""
+
+
+@dataclass
+class CatalogueIndex:
+    """A FAISS index with the SKU and image path of each row."""
+
+    index: object
+    sku_ids: list[str]
+    image_paths: list[str]
+    meta: dict
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def search(self, queries: np.ndarray, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """The ``top_k`` distinct SKUs for each query, best first, with cosine scores.
+
+        A SKU's score is that of its best catalogue image; several images of one SKU never
+        take more than one of the ``top_k`` places.
+        """
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"query dimension {queries.shape[1]} does not match index dimension {self.dim}")
+        n_items = len(self.sku_ids)
+        # Ask for more neighbours than SKUs wanted, widening until top_k distinct SKUs appear.
+        want = min(n_items, max(top_k * 4, top_k))
+        while True:
+            scores, rows = self.index.search(queries, want)
+            results = [_distinct_skus(score_row, id_row, self.sku_ids, top_k) for score_row, id_row in zip(scores, rows)]
+            if want >= n_items or all(len(r) >= top_k for r in results):
+                return results
+            want = min(n_items, want * 4)
+
+
+def _distinct_skus(scores, rows, sku_ids: list[str], top_k: int) -> list[tuple[str, float]]:
+    seen: dict[str, float] = {}
+    for score, row in zip(scores, rows):
+        if row < 0:  # FAISS pads with -1 when fewer neighbours exist
+            continue
+        sku = sku_ids[row]
+        if sku not in seen:
+            seen[sku] = float(score)
+            if len(seen) == top_k:
+                break
+    return list(seen.items())
+
+
+def _use_gpu(policy: str) -> bool:
+    import faiss
+
+    return policy == "auto" and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def build_index(embeddings: np.ndarray, sku_ids: list[str], image_paths: list[str], factory: str = "Flat",
+                use_gpu: str = "auto", meta: dict | None = None) -> CatalogueIndex:
+    """Build an inner-product index over catalogue embeddings.
+
+    Args:
+        embeddings: ``(n, d)`` L2-normalised rows.
+        factory: a ``faiss.index_factory`` string (``Flat``, ``IVF1024,Flat``, ``HNSW32`` ...).
+        use_gpu: ``auto`` builds on the GPU when FAISS sees one; ``never`` stays on the CPU.
+        meta: facts to keep with the index (model name and version).
+
+    Returns:
+        A :class:`CatalogueIndex` holding a CPU index.
+    """
+    import faiss
+
+    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise ValueError(f"expected a non-empty (n, d) embedding matrix, got shape {vectors.shape}")
+    if not (len(vectors) == len(sku_ids) == len(image_paths)):
+        raise ValueError("embeddings, sku_ids and image_paths must have the same length")
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if _use_gpu(use_gpu):
+        LOGGER.info("building the index on %d GPU(s)", faiss.get_num_gpus())
+        gpu_index = faiss.index_cpu_to_all_gpus(index)
+        gpu_index.train(vectors)
+        gpu_index.add(vectors)
+        index = faiss.index_gpu_to_cpu(gpu_index)
+    else:
+        index.train(vectors)
+        index.add(vectors)
+    info = {"factory": factory, "dim": int(vectors.shape[1]), "ntotal": int(index.ntotal), **(meta or {})}
+    return CatalogueIndex(index, list(map(str, sku_ids)), list(map(str, image_paths)), info)
+
+
+def _checksum(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name in (INDEX_FILE, ITEMS_FILE):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def save_index(catalogue: CatalogueIndex, out_dir: str | Path) -> str:
+    """Write the index folder; returns its SHA-256 checksum (also stored in ``index.json``)."""
+    import faiss
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(catalogue.index, str(folder / INDEX_FILE))
+    (folder / ITEMS_FILE).write_text(json.dumps({"sku_ids": catalogue.sku_ids, "image_paths": catalogue.image_paths}))
+    checksum = _checksum(folder)
+    catalogue.meta["checksum"] = checksum
+    (folder / META_FILE).write_text(json.dumps(catalogue.meta, indent=2))
+    return checksum
+
+
+def load_index(folder: str | Path, expected_checksum: str | None = None,
+               expected_model_version: str | None = None) -> CatalogueIndex:
+    """Load an index folder, verifying it before anything uses it.
+
+    Args:
+        expected_checksum: the checksum recorded on the model version; must match the files.
+        expected_model_version: the model version the caller serves; the index must be built
+            from it.
+
+    Raises:
+        IndexMismatchError: missing files, files that do not match their checksum, or an index
+            built from another model version.
+    """
+    import faiss
+
+    folder = Path(folder)
+    for name in (INDEX_FILE, ITEMS_FILE, META_FILE):
+        if not (folder / name).exists():
+            raise IndexMismatchError(f"index folder {folder} lacks {name}")
+    meta = json.loads((folder / META_FILE).read_text())
+    actual = _checksum(folder)
+    if actual != meta.get("checksum"):
+        raise IndexMismatchError(f"index {folder} is corrupt: checksum {actual} != recorded {meta.get('checksum')}")
+    if expected_checksum is not None and actual != expected_checksum:
+        raise IndexMismatchError(
+            f"index {folder} has checksum {actual}, but the model version records {expected_checksum}")
+    if expected_model_version is not None and str(meta.get("model_version")) != str(expected_model_version):
+        raise IndexMismatchError(
+            f"index {folder} was built from model version {meta.get('model_version')}, "
+            f"not the served version {expected_model_version}")
+    items = json.loads((folder / ITEMS_FILE).read_text())
+    index = faiss.read_index(str(folder / INDEX_FILE))
+    if index.ntotal != len(items["sku_ids"]):
+        raise IndexMismatchError(f"index {folder} has {index.ntotal} rows but {len(items['sku_ids'])} items")
+    return CatalogueIndex(index, items["sku_ids"], items["image_paths"], meta)

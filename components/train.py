@@ -1,0 +1,355 @@
+"""Metric-learning fine-tuning of an encoder, with per-epoch checkpoints and resume.
+
+The objective is a margin softmax over SKUs (ArcFace, sub-center ArcFace or CosFace). A SKU's
+catalogue images and its natural photos carry the same label, so they are pulled together:
+the catalogue image becomes a positive of every shelf photo of its SKU.
+
+The schedule has two stages:
+
+1. ``frozen_epochs``: the backbone is frozen, its features are computed once (original and
+   mirrored view) and cached, and only the projection and the margin head train: seconds per
+   epoch even on a CPU.
+2. the remaining epochs: the last ``unfreeze_blocks`` backbone stages train too, at
+   ``backbone_lr``, on augmented images drawn P x K (P SKUs, K images each).
+
+Every epoch writes a checkpoint (safetensors + JSON, never pickles) under a folder keyed by a
+fingerprint of the params and data version, so a crashed run resumes where it stopped and a
+run with other params never picks up a foreign checkpoint. The experiment tracker is passed
+in, so this module needs only torch and numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from components.config import Params
+from components.data import load_rgb, select
+from components.evaluate import evaluate_embeddings, flatten_metrics, protocol_sets
+from components.model import Encoder, Preprocess, autocast_for, build_encoder, embed_images, resolve_device, save_encoder
+
+LOGGER = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    """What training needs from an experiment tracker (MLflow's adapter lives in registry)."""
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class NullTracker:
+    """A tracker that records nothing, for library use without MLflow."""
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+
+class MarginHead(nn.Module):
+    """Cosine classifier with an additive angular (ArcFace) or cosine (CosFace) margin.
+
+    With ``subcenters > 1`` each SKU has several prototypes and the closest one counts
+    (sub-center ArcFace), which tolerates SKUs whose photos look unlike each other.
+    """
+
+    def __init__(self, embed_dim: int, n_classes: int, loss: str, margin: float, scale: float, subcenters: int = 1):
+        super().__init__()
+        self.loss, self.margin, self.scale = loss, margin, scale
+        self.subcenters = subcenters if loss == "subcenter-arcface" else 1
+        self.weight = nn.Parameter(torch.randn(n_classes * self.subcenters, embed_dim) * 0.01)
+        self.n_classes = n_classes
+
+    def init_from_prototypes(self, prototypes: torch.Tensor) -> None:
+        """Start every (sub)center at its SKU's mean embedding: catalogue and photos as anchors."""
+        with torch.no_grad():
+            repeated = prototypes.repeat_interleave(self.subcenters, dim=0)
+            noise = torch.randn_like(repeated) * 0.01 if self.subcenters > 1 else 0.0
+            self.weight.copy_(F.normalize(repeated + noise, dim=-1))
+
+    def cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
+        cos = F.normalize(embeddings, dim=-1) @ F.normalize(self.weight, dim=-1).T
+        return cos.view(len(embeddings), self.n_classes, self.subcenters).amax(dim=-1)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cos = self.cosines(embeddings.float()).clamp(-1 + 1e-7, 1 - 1e-7)
+        target = cos.gather(1, labels[:, None])
+        if self.loss == "cosface":
+            adjusted = target - self.margin
+        else:
+            theta = torch.acos(target)
+            # Past pi - m the angular margin would wrap around; fall back to CosFace there.
+            adjusted = torch.where(theta + self.margin < math.pi, torch.cos(theta + self.margin),
+                                   target - self.margin * math.sin(self.margin))
+        logits = cos.scatter(1, labels[:, None], adjusted) * self.scale
+        return F.cross_entropy(logits, labels)
+
+
+class ShelfAugment:
+    """Turn clean images into shelf-like photos: crops, flips, colour casts, blur, tilt."""
+
+    def __init__(self, preprocess: Preprocess, rng: random.Random) -> None:
+        self.preprocess, self.rng = preprocess, rng
+
+    def __call__(self, image):
+        from PIL import Image, ImageEnhance, ImageFilter
+
+        rng = self.rng
+        width, height = image.size
+        scale = rng.uniform(0.55, 1.0)
+        crop_w, crop_h = int(width * math.sqrt(scale)), int(height * math.sqrt(scale))
+        left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+        image = image.crop((left, top, left + crop_w, top + crop_h))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if rng.random() < 0.3:
+            image = image.rotate(rng.uniform(-15, 15), resample=Image.Resampling.BILINEAR)
+        for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            image = enhancer(image).enhance(rng.uniform(0.7, 1.3))
+        if rng.random() < 0.2:
+            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
+        return self.preprocess(image)
+
+
+def pk_batches(labels: np.ndarray, skus_per_batch: int, images_per_sku: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of P x K batches: P SKUs, K images each (with replacement for small SKUs)."""
+    by_label = {label: np.flatnonzero(labels == label) for label in np.unique(labels)}
+    n_batches = max(1, len(labels) // (skus_per_batch * images_per_sku))
+    batches = []
+    for _ in range(n_batches):
+        chosen = rng.choice(list(by_label), size=min(skus_per_batch, len(by_label)), replace=False)
+        batch = [rng.choice(by_label[c], size=images_per_sku, replace=len(by_label[c]) < images_per_sku) for c in chosen]
+        batches.append(np.concatenate(batch))
+    return batches
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model_dir: Path
+    metrics: dict[str, dict[str, float]]
+    history: list[dict[str, float]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    device: str = "cpu"
+    resumed_from_epoch: int | None = None
+    sku_ids: list[str] = field(default_factory=list)
+
+
+def run_fingerprint(params: Params, data_version: str | None) -> str:
+    """A short hash of everything that shapes a training run (checkpoint folder name)."""
+    shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude={"resume", "device"}),
+               "data": params.data.model_dump(), "data_version": data_version}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _save_checkpoint(folder: Path, epoch: int, encoder: Encoder, head: MarginHead, optimizer: torch.optim.Optimizer,
+                     history: list[dict[str, float]]) -> None:
+    from safetensors.torch import save_file
+
+    target = folder / f"epoch-{epoch:04d}"
+    partial = folder / f".epoch-{epoch:04d}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(partial / "encoder.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(partial / "head.safetensors"))
+    opt_state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, values in opt_state["state"].items():
+        for key, value in values.items():
+            name = f"{param_id}.{key}"
+            if torch.is_tensor(value):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                scalars[name] = value
+    save_file(tensors, str(partial / "optimizer.safetensors"))
+    (partial / "state.json").write_text(json.dumps(
+        {"epoch": epoch, "history": history, "param_groups": opt_state["param_groups"], "scalars": scalars}))
+    # Rename last, so a crash mid-write never leaves a checkpoint that looks complete.
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    for old in sorted(folder.glob("epoch-*"))[:-2]:
+        shutil.rmtree(old)
+
+
+def _load_latest_checkpoint(folder: Path, encoder: Encoder, head: MarginHead,
+                            optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, float]]] | None:
+    from safetensors.torch import load_file
+
+    checkpoints = sorted(folder.glob("epoch-*"))
+    if not checkpoints:
+        return None
+    latest = checkpoints[-1]
+    state = json.loads((latest / "state.json").read_text())
+    encoder.load_state_dict(load_file(str(latest / "encoder.safetensors")))
+    head.load_state_dict(load_file(str(latest / "head.safetensors")))
+    opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
+    for name, value in list(load_file(str(latest / "optimizer.safetensors")).items()) + list(state["scalars"].items()):
+        param_id, key = name.split(".", 1)
+        opt_state["state"].setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict(opt_state)
+    LOGGER.info("resumed from checkpoint %s", latest)
+    return int(state["epoch"]), state["history"]
+
+
+def _set_trainable(encoder: Encoder, unfreeze_blocks: int, backbone_trainable: bool) -> None:
+    for parameter in encoder.backbone.parameters():
+        parameter.requires_grad = False
+    if backbone_trainable:
+        stages = encoder.backbone.stages()
+        for stage in stages if unfreeze_blocks < 0 else stages[len(stages) - unfreeze_blocks:]:
+            for parameter in stage.parameters():
+                parameter.requires_grad = True
+
+
+def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | None = None,
+                  data_version: str | None = None, progress: bool = True) -> TrainResult:
+    """Fine-tune an encoder on a manifest's training split and catalogue images.
+
+    Args:
+        params: the resolved params tree (``model``, ``train``, ``data``, ``evaluate`` used).
+        manifest: the dataset manifest (see ``components.data``).
+        tracker: receives params and per-epoch metrics (loss, validation top-k, delta similarity).
+        data_version: the DVC hash of the data, recorded with the model.
+        progress: show progress bars.
+
+    Returns:
+        A :class:`TrainResult`; the encoder is saved to ``params.train.output_dir``.
+    """
+    cfg = params.train
+    tracker = tracker or NullTracker()
+    started = time.perf_counter()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+
+    training_rows = pd.concat([select(manifest, split=params.data.train_split, role="query"),
+                               select(manifest, role="catalogue")]).reset_index(drop=True)
+    sku_ids = sorted(training_rows["sku_id"].unique())
+    if len(sku_ids) < 2:
+        raise ValueError(f"training needs at least 2 SKUs, got {len(sku_ids)}")
+    labels = training_rows["sku_id"].map({s: i for i, s in enumerate(sku_ids)}).to_numpy()
+    eval_sets = protocol_sets(manifest, params.data.query_split, params.data.train_split)
+
+    encoder, preprocess = build_encoder(params.model)
+    encoder.to(device)
+    head = MarginHead(encoder.embed_dim, len(sku_ids), cfg.loss, cfg.margin, cfg.scale, cfg.subcenters).to(device)
+    backbone_params = list(encoder.backbone.parameters())
+    optimizer = torch.optim.AdamW([
+        {"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": cfg.lr},
+        {"params": backbone_params, "lr": cfg.backbone_lr},
+    ], weight_decay=cfg.weight_decay)
+
+    checkpoint_folder = Path(cfg.checkpoint_dir) / run_fingerprint(params, data_version)
+    start_epoch, history, resumed = 0, [], None
+    if cfg.resume and (loaded := _load_latest_checkpoint(checkpoint_folder, encoder, head, optimizer)):
+        resumed, history = loaded
+        start_epoch = resumed + 1
+    tracker.log_params({"train.device_resolved": device.type, "train.skus": str(len(sku_ids)),
+                        "train.images": str(len(training_rows)), "data.version": data_version or "unknown"})
+
+    # Frozen stage: cache backbone features of every image once (training images also mirrored).
+    feature_cache: dict[str, np.ndarray] = {}
+    mirrored: np.ndarray | None = None
+    if start_epoch < cfg.frozen_epochs:
+        all_paths = sorted(set(training_rows["image_path"]).union(
+            eval_sets.queries["image_path"], *(g["image_path"] for g in eval_sets.galleries.values())))
+        features = embed_images(encoder, preprocess, all_paths, params.evaluate.batch_size, device, features_only=True,
+                                progress=progress)
+        feature_cache = dict(zip(all_paths, features))
+        mirrored = embed_images(encoder, _Mirrored(preprocess), list(training_rows["image_path"]), params.evaluate.batch_size,
+                                device, features_only=True, progress=progress)
+        if resumed is None:
+            with torch.no_grad():
+                base = torch.from_numpy(np.stack([feature_cache[p] for p in training_rows["image_path"]])).to(device)
+                embedded = encoder.embed_features(base)
+                prototypes = torch.stack([embedded[torch.from_numpy(labels == i).to(device)].mean(0) for i in range(len(sku_ids))])
+            head.init_from_prototypes(prototypes)
+
+    rng = np.random.default_rng(cfg.seed + start_epoch)
+    skus_per_batch = max(2, cfg.batch_size // cfg.images_per_sku)
+    augment = ShelfAugment(preprocess, random.Random(cfg.seed + start_epoch)) if cfg.augment else preprocess
+    metrics: dict[str, dict[str, float]] = history[-1].get("_metrics", {}) if history else {}
+    for epoch in range(start_epoch, cfg.epochs):
+        frozen = epoch < cfg.frozen_epochs
+        _set_trainable(encoder, cfg.unfreeze_blocks, backbone_trainable=not frozen and cfg.backbone_lr > 0)
+        encoder.train()
+        encoder.backbone.eval() if frozen else encoder.backbone.train()
+        losses = []
+        from tqdm.auto import tqdm
+
+        batches = pk_batches(labels, skus_per_batch, cfg.images_per_sku, rng)
+        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False):
+            targets = torch.from_numpy(labels[batch]).to(device)
+            with autocast_for(device):
+                if frozen:
+                    use_mirror = rng.random(len(batch)) < 0.5
+                    rows = [mirrored[i] if m else feature_cache[training_rows["image_path"].iat[i]]
+                            for i, m in zip(batch, use_mirror)]
+                    embeddings = encoder.embed_features(torch.from_numpy(np.stack(rows)).to(device))
+                else:
+                    pixels = torch.stack([augment(load_rgb(training_rows["image_path"].iat[i])) for i in batch]).to(device)
+                    embeddings = encoder(pixels)
+                loss = head(embeddings, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+
+        record: dict[str, Any] = {"epoch": epoch, "train.loss": float(np.mean(losses)), "train.frozen_backbone": float(frozen)}
+        if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
+            encoder.eval()
+            if frozen:
+                with torch.no_grad():
+                    paths = list(feature_cache)
+                    vectors = encoder.embed_features(torch.from_numpy(np.stack([feature_cache[p] for p in paths])).to(device))
+                embeddings_by_path = dict(zip(paths, vectors.float().cpu().numpy()))
+            else:
+                paths = sorted(set(eval_sets.queries["image_path"]).union(*(g["image_path"] for g in eval_sets.galleries.values())))
+                embeddings_by_path = dict(zip(paths, embed_images(encoder, preprocess, paths, params.evaluate.batch_size, device)))
+            metrics = evaluate_embeddings(embeddings_by_path, eval_sets, params.evaluate.ks)
+            record.update({f"val.{k}": v for k, v in flatten_metrics(metrics).items()})
+            record["_metrics"] = metrics
+        tracker.log_metrics({k: v for k, v in record.items() if not k.startswith("_") and k != "epoch"}, step=epoch)
+        LOGGER.info("epoch %d/%d loss %.4f %s", epoch + 1, cfg.epochs, record["train.loss"],
+                    " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith(("top1", "top3"))))
+        history.append(record)
+        _save_checkpoint(checkpoint_folder, epoch, encoder, head, optimizer, history)
+
+    encoder.eval()
+    model_dir = save_encoder(encoder, preprocess, params.model, cfg.output_dir, extra={
+        "train": cfg.model_dump(), "data_version": data_version, "sku_ids": sku_ids,
+        "metrics": metrics, "run_fingerprint": run_fingerprint(params, data_version)})
+    return TrainResult(model_dir=model_dir, metrics=metrics,
+                       history=[{k: v for k, v in h.items() if not k.startswith("_")} for h in history],
+                       wall_time_s=time.perf_counter() - started, device=device.type, resumed_from_epoch=resumed,
+                       sku_ids=sku_ids)
+
+
+class _Mirrored:
+    """Preprocessing of the horizontally mirrored image (the cached second view)."""
+
+    def __init__(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
+        self.image_size = preprocess.image_size
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.preprocess(image).flip(-1)
