@@ -173,3 +173,21 @@ def load_index(folder: str | Path, expected_checksum: str | None = None,
     if index.ntotal != len(items["sku_ids"]):
         raise IndexMismatchError(f"index {folder} has {index.ntotal} rows but {len(items['sku_ids'])} items")
     return CatalogueIndex(index, items["sku_ids"], items["image_paths"], meta)
+
+
+def build_catalogue_index(encoder, preprocess, catalogue_rows, factory: str = "Flat", use_gpu: str = "auto",
+                          batch_size: int = 16, meta: dict | None = None) -> CatalogueIndex:
+    """Embed the catalogue images with ``encoder`` and index them.
+
+    Args:
+        catalogue_rows: manifest rows (``image_path``, ``sku_id``) of the catalogue.
+        meta: facts kept in ``index.json``; pass ``model_name`` and ``model_version`` so the
+            service can check the index belongs to the model it serves.
+    """
+    from components.model import embed_images
+
+    paths = list(catalogue_rows["image_path"])
+    if not paths:
+        raise ValueError("the catalogue is empty: no rows with role 'catalogue' to index")
+    vectors = embed_images(encoder, preprocess, paths, batch_size)
+    return build_index(vectors, list(catalogue_rows["sku_id"]), paths, factory, use_gpu, meta)

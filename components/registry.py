@@ -1,0 +1,300 @@
+"""The MLflow registry: tracking, model versions, aliases, and loading what serving needs.
+
+MLflow 3 with aliases, never the deprecated stages. With no tracking URI configured the
+embedded default is a SQLite store (``.skumatch/mlflow.db``) with a local artifact root
+(``.skumatch/mlartifacts``); ``MLFLOW_TRACKING_URI`` or ``registry.tracking_uri`` point
+anywhere else (an MLflow server, Postgres...).
+
+A registered version carries: the encoder folder (safetensors + ``encoder.json`` with the
+resolved params) as its source, tags with the data version and evaluation metrics, and,
+once built, the FAISS index as an artifact of the same run with its checksum in a tag.
+``@challenger`` marks the last version that passed the gate, ``@champion`` the served one;
+the registered model's ``champion_history`` tag keeps earlier champions for rollback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+from components.config import RegistryParams
+
+LOGGER = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+ENCODER_ARTIFACT = "encoder"
+INDEX_ARTIFACT = "index"
+HISTORY_TAG = "champion_history"
+DEFAULT_HOME = Path(os.environ.get("SKUMATCH_HOME", ".skumatch"))
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked (no champion, unknown version...)."""
+
+
+def tracking_uri(params: RegistryParams) -> str:
+    """The tracking URI in force: params, then ``MLFLOW_TRACKING_URI``, then the embedded SQLite."""
+    if params.tracking_uri:
+        return params.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(DEFAULT_HOME / 'mlflow.db').resolve()}"
+
+
+def connect(params: RegistryParams):
+    """Point MLflow at the configured store and make sure the experiment exists.
+
+    Returns:
+        An ``MlflowClient`` bound to that store.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(params)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+    if client.get_experiment_by_name(params.experiment) is None:
+        # With the embedded store, keep artifacts beside the database, not in ./mlruns.
+        location = None
+        if uri.startswith("sqlite:///") and not params.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+            location = (DEFAULT_HOME / "mlartifacts").resolve().as_uri()
+        client.create_experiment(params.experiment, artifact_location=location)
+    mlflow.set_experiment(params.experiment)
+    return client
+
+
+class MlflowTracker:
+    """The training tracker (``components.train.Tracker``) backed by an MLflow run."""
+
+    def __init__(self, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        self.run_id = run_id
+        self.client = MlflowClient()
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        # MLflow limits a param value to 6000 characters; longer ones are facts for artifacts.
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def register_version(client, params: RegistryParams, run_id: str, model_dir: str | Path,
+                     metrics: dict[str, dict[str, float]], data_version: str) -> Any:
+    """Log the encoder folder to the run and register it as a new model version.
+
+    Returns:
+        The new ``ModelVersion``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client.log_artifacts(run_id, str(model_dir), ENCODER_ARTIFACT)
+    try:
+        client.create_registered_model(params.model_name, description="skumatch product-matching encoder")
+    except MlflowException as err:
+        if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{ENCODER_ARTIFACT}"
+    tags = {"data_version": data_version, "metrics": json.dumps(metrics, sort_keys=True)}
+    tags.update({f"metric.{protocol}.{name}": f"{value:.6f}" for protocol, values in metrics.items()
+                 for name, value in values.items()})
+    version = client.create_model_version(params.model_name, source=source, run_id=run_id, tags=tags)
+    LOGGER.info("registered %s version %s", params.model_name, version.version)
+    return version
+
+
+def attach_index(client, model_name: str, version: str, index_dir: str | Path, checksum: str) -> None:
+    """Store an index folder with the run of ``version`` and record its checksum on the version."""
+    model_version = client.get_model_version(model_name, version)
+    client.log_artifacts(model_version.run_id, str(index_dir), INDEX_ARTIFACT)
+    client.set_model_version_tag(model_name, version, "index_checksum", checksum)
+    client.set_model_version_tag(model_name, version, "index_artifact", INDEX_ARTIFACT)
+
+
+def resolve_version(client, model_name: str, ref: str) -> Any:
+    """A ``ModelVersion`` from a version number (``"3"``) or an alias (``"champion"``, ``"@champion"``).
+
+    Raises:
+        RegistryError: no such model, version or alias.
+    """
+    from mlflow.exceptions import MlflowException
+
+    ref = str(ref).lstrip("@")
+    try:
+        if ref.isdigit():
+            return client.get_model_version(model_name, ref)
+        return client.get_model_version_by_alias(model_name, ref)
+    except MlflowException as err:
+        raise RegistryError(f"model {model_name!r} has no version or alias {ref!r}") from err
+
+
+def champion_metrics(client, model_name: str) -> dict[str, dict[str, float]] | None:
+    """The metrics recorded on ``@champion`` (None when there is no champion yet)."""
+    try:
+        version = resolve_version(client, model_name, CHAMPION)
+    except RegistryError:
+        return None
+    return json.loads(version.tags.get("metrics", "{}"))
+
+
+def set_alias(client, model_name: str, alias: str, version: str) -> None:
+    """Point ``alias`` at ``version``."""
+    client.set_registered_model_alias(model_name, alias, str(version))
+
+
+def _history(client, model_name: str) -> list[str]:
+    return json.loads(client.get_registered_model(model_name).tags.get(HISTORY_TAG, "[]"))
+
+
+def promote(client, model_name: str, version: str) -> str | None:
+    """Make ``version`` the ``@champion``, remembering the previous one for rollback.
+
+    The version must carry an index with a checksum, since serving refuses one without.
+
+    Returns:
+        The previous champion's version, or None.
+
+    Raises:
+        RegistryError: unknown version, or a version with no index.
+    """
+    target = resolve_version(client, model_name, str(version))
+    if "index_checksum" not in target.tags:
+        raise RegistryError(f"version {target.version} has no index; build one before promoting it")
+    try:
+        previous = resolve_version(client, model_name, CHAMPION).version
+    except RegistryError:
+        previous = None
+    if previous == target.version:
+        return previous
+    if previous is not None:
+        client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(_history(client, model_name) + [previous]))
+    set_alias(client, model_name, CHAMPION, target.version)
+    LOGGER.info("@champion: %s -> %s", previous, target.version)
+    return previous
+
+
+def rollback(client, model_name: str) -> tuple[str, str]:
+    """Point ``@champion`` back at the previous champion.
+
+    Returns:
+        ``(from_version, to_version)``.
+
+    Raises:
+        RegistryError: no champion, or no earlier champion to go back to.
+    """
+    current = resolve_version(client, model_name, CHAMPION).version
+    history = _history(client, model_name)
+    if not history:
+        raise RegistryError(f"@champion of {model_name!r} is version {current} and has no earlier champion to roll back to")
+    previous = history.pop()
+    set_alias(client, model_name, CHAMPION, previous)
+    client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
+    LOGGER.info("@champion rolled back: %s -> %s", current, previous)
+    return current, previous
+
+
+@dataclass
+class ResolvedModel:
+    """A model version's files on local disk, with the facts needed to verify them."""
+
+    model_name: str
+    version: str
+    encoder_dir: Path
+    index_dir: Path | None
+    index_checksum: str | None
+    tags: dict[str, str]
+
+
+def download_version(client, model_name: str, ref: str, dst: str | Path | None = None,
+                     with_index: bool = True) -> ResolvedModel:
+    """Download a version's encoder (and index) to ``dst``.
+
+    Args:
+        ref: a version number or an alias.
+        with_index: fetch the index too; a version without one is an error then.
+
+    Raises:
+        RegistryError: unknown ref, or no index where one was asked for.
+    """
+    import mlflow
+
+    version = resolve_version(client, model_name, ref)
+    target = Path(dst or tempfile.mkdtemp(prefix="skumatch-"))
+    target.mkdir(parents=True, exist_ok=True)
+    encoder_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(target / "encoder_dl")))
+    index_dir, checksum = None, version.tags.get("index_checksum")
+    if with_index:
+        if checksum is None:
+            raise RegistryError(f"version {version.version} of {model_name!r} has no index")
+        index_dir = Path(mlflow.artifacts.download_artifacts(
+            run_id=version.run_id, artifact_path=version.tags.get("index_artifact", INDEX_ARTIFACT),
+            dst_path=str(target / "index_dl")))
+    return ResolvedModel(model_name, str(version.version), encoder_dir, index_dir, checksum, dict(version.tags))
+
+
+class ServedModel:
+    """An encoder with its verified catalogue index: what the matching service runs.
+
+    Built by :func:`load_served_model`, which refuses an index that does not match the
+    model version (checksum or version), so a service never answers from a stale index.
+    """
+
+    def __init__(self, encoder, preprocess, catalogue, model_name: str, version: str) -> None:
+        self.encoder, self.preprocess, self.catalogue = encoder, preprocess, catalogue
+        self.model_name, self.version = model_name, version
+
+    def embed(self, images: list) -> "np.ndarray":
+        """Unit-norm embeddings of PIL images, one row each."""
+        import numpy as np
+        import torch
+
+        if not images:
+            return np.zeros((0, self.encoder.embed_dim), dtype=np.float32)
+        with torch.no_grad():
+            pixels = torch.stack([self.preprocess(image) for image in images])
+            return self.encoder(pixels).float().numpy()
+
+    def match(self, images: list, top_k: int = 5) -> list[list[dict[str, Any]]]:
+        """The ``top_k`` SKUs for each image, best first: ``[{"sku_id", "score"}, ...]``."""
+        results = self.catalogue.search(self.embed(images), top_k) if images else []
+        return [[{"sku_id": sku, "score": round(score, 6)} for sku, score in hits] for hits in results]
+
+
+def load_served_model(encoder_dir: str | Path, index_dir: str | Path, model_name: str, version: str,
+                      index_checksum: str | None) -> ServedModel:
+    """Load an encoder and its index, verifying the index against the model version.
+
+    Raises:
+        IndexMismatchError: the index is corrupt, or not the one recorded for ``version``.
+        FileNotFoundError: the encoder folder is incomplete.
+    """
+    from components.index import load_index
+    from components.model import load_encoder
+
+    catalogue = load_index(index_dir, expected_checksum=index_checksum, expected_model_version=version)
+    encoder, preprocess, _ = load_encoder(encoder_dir)
+    if catalogue.dim != encoder.embed_dim:
+        from components.index import IndexMismatchError
+
+        raise IndexMismatchError(f"index dimension {catalogue.dim} != encoder embedding size {encoder.embed_dim}")
+    return ServedModel(encoder, preprocess, catalogue, model_name, version)

@@ -1,0 +1,1 @@
+"""skumatch flows."""

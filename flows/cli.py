@@ -1,0 +1,277 @@
+"""``skumatch``: the command line. Every command is a thin call into components or flows.
+
+Stage commands (``validate``, ``train``, ``evaluate``, ``index``) are what ``dvc.yaml`` runs;
+``retrain`` runs the whole Prefect flow; ``promote``/``rollback`` move MLflow aliases;
+``build``/``serve``/``match`` package, serve and call the matching service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="skumatch: product image matching, from data to a served model.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+data_app = typer.Typer(help="Bring datasets under DVC.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override, e.g. train.epochs=3")]
+DataOption = Annotated[Optional[str], typer.Option("--data", help="dataset path (overrides data.root)")]
+
+
+def _params(params_path: Path, overrides: list[str] | None, data: str | None = None):
+    from components.config import load_params
+
+    return load_params(params_path, list(overrides or []) + ([f"data.root={data}"] if data else []))
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=1)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Configure logging once for every command."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Great Expectations logs hundreds of INFO lines per checkpoint; keep its warnings only.
+    for noisy in ("great_expectations", "faiss.loader", "alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def retrain(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None, data: DataOption = None) -> None:
+    """Run the retrain flow: validate, fine-tune, evaluate, gate, register, index, promote."""
+    from components.config import ParamsError
+    from components.data import DatasetError
+    from components.evaluate import GateFailedError
+    from components.validation import DataValidationError
+    from flows.retrain import retrain as retrain_flow
+
+    try:
+        retrain_flow(str(params), list(overrides or []), data)
+    except (GateFailedError, DataValidationError, DatasetError, ParamsError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def validate(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None, data: DataOption = None,
+             report_dir: Annotated[Path, typer.Option(help="where the GX data docs go")] = Path("reports/validation")) -> None:
+    """Validate a dataset with the Great Expectations checkpoint (DVC stage ``validate``)."""
+    from components.data import DatasetError, load_manifest
+    from components.validation import validate_dataset
+
+    cfg = _params(params, overrides, data)
+    try:
+        manifest = load_manifest(cfg.data.root, cfg.data.layout, cfg.data.max_images_per_sku)
+    except DatasetError as err:
+        _fail(str(err))
+    report = validate_dataset(manifest, cfg.validation, report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "summary.json").write_text(json.dumps(report.to_dict(), indent=2))
+    typer.echo(report.to_markdown())
+    if not report.success:
+        _fail(f"validation failed: {len(report.failures)} problem(s); data docs at {report.data_docs_path}")
+
+
+@app.command()
+def train(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None, data: DataOption = None) -> None:
+    """Fine-tune the encoder into ``train.output_dir`` (DVC stage ``train``; no registry)."""
+    from components.data import data_version, load_manifest
+    from components.train import train_encoder
+
+    cfg = _params(params, overrides, data)
+    manifest = load_manifest(cfg.data.root, cfg.data.layout, cfg.data.max_images_per_sku)
+    result = train_encoder(cfg, manifest, data_version=data_version(cfg.data.root))
+    typer.echo(json.dumps({"model_dir": str(result.model_dir), "wall_time_s": round(result.wall_time_s, 1),
+                           "metrics": result.metrics}, indent=2))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="registered version or alias (e.g. 3, champion), or a model folder")] = "champion",
+    data: DataOption = None,
+    queries: Annotated[Optional[str], typer.Option(help="query split: any <name>.txt of the layout")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    metrics_out: Annotated[Optional[Path], typer.Option(help="also write the metrics JSON here")] = None,
+) -> None:
+    """Print both protocols' metrics (nn and catalogue) as JSON."""
+    from components import registry
+    from components.data import DatasetError, load_manifest
+    from components.evaluate import evaluate_encoder, write_metrics
+    from components.model import load_encoder
+
+    cfg = _params(params, overrides, data)
+    query_split = queries or cfg.data.query_split
+    try:
+        if Path(model).is_dir():
+            model_dir = Path(model)
+        else:
+            client = registry.connect(cfg.registry)
+            model_dir = registry.download_version(client, cfg.registry.model_name, model, with_index=False).encoder_dir
+        encoder, preprocess, _ = load_encoder(model_dir)
+        manifest = load_manifest(cfg.data.root, cfg.data.layout, cfg.data.max_images_per_sku)
+        metrics = evaluate_encoder(encoder, preprocess, manifest, query_split, cfg.data.train_split, cfg.evaluate)
+    except (registry.RegistryError, DatasetError, FileNotFoundError) as err:
+        _fail(str(err))
+    if metrics_out:
+        write_metrics(metrics, metrics_out)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def index(
+    model_dir: Annotated[Path, typer.Option(help="a saved encoder folder")] = Path("models/encoder"),
+    out: Annotated[Optional[Path], typer.Option(help="index folder (default index.output_dir)")] = None,
+    params: ParamsOption = Path("params.yaml"), overrides: SetOption = None, data: DataOption = None,
+) -> None:
+    """Build the FAISS catalogue index from a saved encoder (DVC stage ``index``)."""
+    from components.data import load_manifest, select
+    from components.index import build_catalogue_index, save_index
+    from components.model import load_encoder
+
+    cfg = _params(params, overrides, data)
+    encoder, preprocess, description = load_encoder(model_dir)
+    manifest = load_manifest(cfg.data.root, cfg.data.layout, cfg.data.max_images_per_sku)
+    catalogue = build_catalogue_index(encoder, preprocess, select(manifest, role="catalogue"), cfg.index.factory,
+                                      cfg.index.use_gpu, cfg.evaluate.batch_size,
+                                      meta={"model_name": cfg.registry.model_name, "model_version": "local",
+                                            "run_fingerprint": description.get("run_fingerprint")})
+    checksum = save_index(catalogue, out or Path(cfg.index.output_dir))
+    typer.echo(json.dumps({"index_dir": str(out or cfg.index.output_dir), "checksum": checksum,
+                           "ntotal": len(catalogue.sku_ids)}))
+
+
+@app.command()
+def promote(version: Annotated[str, typer.Argument(help="the model version to make @champion")],
+            params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+    """Point ``@champion`` at VERSION (the previous champion is kept for rollback)."""
+    from components import registry
+
+    cfg = _params(params, overrides)
+    client = registry.connect(cfg.registry)
+    try:
+        previous = registry.promote(client, cfg.registry.model_name, version)
+    except registry.RegistryError as err:
+        _fail(str(err))
+    typer.echo(f"@champion of {cfg.registry.model_name}: {previous} -> {version}")
+
+
+@app.command()
+def rollback(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+    """Point ``@champion`` back at the previous champion."""
+    from components import registry
+
+    cfg = _params(params, overrides)
+    client = registry.connect(cfg.registry)
+    try:
+        current, previous = registry.rollback(client, cfg.registry.model_name)
+    except registry.RegistryError as err:
+        _fail(str(err))
+    typer.echo(f"@champion of {cfg.registry.model_name}: {current} -> {previous}")
+
+
+@app.command()
+def champion(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+    """Show the current ``@champion`` and ``@challenger`` with their metrics."""
+    from components import registry
+
+    cfg = _params(params, overrides)
+    client = registry.connect(cfg.registry)
+    shown = {}
+    for alias in (registry.CHAMPION, registry.CHALLENGER):
+        try:
+            version = registry.resolve_version(client, cfg.registry.model_name, alias)
+            shown[alias] = {"version": version.version, "data_version": version.tags.get("data_version"),
+                            "index_checksum": version.tags.get("index_checksum"),
+                            "metrics": json.loads(version.tags.get("metrics", "{}"))}
+        except registry.RegistryError:
+            shown[alias] = None
+    typer.echo(json.dumps(shown, indent=2))
+
+
+@app.command()
+def build(ref: Annotated[str, typer.Option(help="version or alias to package")] = "champion",
+          params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+    """Package a registered model and its index into a Bento."""
+    from components import registry
+    from components.index import IndexMismatchError
+    from serving.build import package_champion
+
+    cfg = _params(params, overrides)
+    try:
+        model_tag, bento_tag = package_champion(cfg, ref)
+    except (registry.RegistryError, IndexMismatchError) as err:
+        _fail(str(err))
+    typer.echo(json.dumps({"bento_model": model_tag, "bento": bento_tag}))
+
+
+@app.command()
+def serve(bento: Annotated[Optional[str], typer.Option(help="Bento tag (default: the latest skumatch Bento)")] = None,
+          port: Annotated[Optional[int], typer.Option(help="port (default serve.port)")] = None,
+          params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+    """Serve a Bento on localhost (foreground, like ``bentoml serve``)."""
+    import subprocess
+
+    from serving.build import serve_command
+
+    cfg = _params(params, overrides)
+    command = serve_command(bento, port or cfg.serve.port)
+    typer.echo(" ".join(command))
+    raise typer.Exit(subprocess.call(command))
+
+
+@app.command()
+def match(image: Annotated[Path, typer.Argument(help="a photo to match", exists=True, dir_okay=False)],
+          url: Annotated[str, typer.Option(help="the service's base URL")] = "http://localhost:3000",
+          top_k: Annotated[int, typer.Option(min=1, max=100)] = 5) -> None:
+    """Send a photo to a running service's ``/match`` and print the top SKUs."""
+    import httpx
+
+    with image.open("rb") as handle:
+        response = httpx.post(f"{url.rstrip('/')}/match", files={"image": (image.name, handle)},
+                              data={"top_k": str(top_k)}, timeout=60)
+    if response.status_code >= 400:
+        _fail(f"{response.status_code}: {response.text}")
+    answer = response.json()
+    typer.echo(f"{image} -> model {answer.get('model_name')} v{answer.get('model_version')}")
+    for rank, hit in enumerate(answer["matches"], start=1):
+        typer.echo(f"  {rank}. {hit['sku_id']:<30} {hit['score']:.4f}")
+
+
+@data_app.command("add")
+def data_add(path: Annotated[Path, typer.Argument(help="a dataset folder inside the repo, e.g. data/shop")],
+             push: Annotated[bool, typer.Option(help="push to the default DVC remote")] = False) -> None:
+    """``dvc add`` a dataset folder and print its DVC hash."""
+    from components.dvc_data_ops import DataVersioningError, add_dataset
+
+    try:
+        typer.echo(add_dataset(path, ".", push=push))
+    except DataVersioningError as err:
+        _fail(str(err))
+
+
+@data_app.command("import")
+def data_import(url: Annotated[str, typer.Argument(help="git repo URL or local path of a DVC data registry")],
+                path: Annotated[str, typer.Argument(help="the dataset's path inside that repo")],
+                out: Annotated[Path, typer.Option("--out", "-o", help="where it goes here")] = Path("data/dataset"),
+                rev: Annotated[Optional[str], typer.Option(help="git revision of the source")] = None) -> None:
+    """``dvc import`` a dataset from a data registry and print its DVC hash."""
+    from components.dvc_data_ops import DataVersioningError, import_dataset
+
+    try:
+        typer.echo(import_dataset(url, path, out, ".", rev=rev))
+    except DataVersioningError as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    sys.exit(app())

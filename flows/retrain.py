@@ -1,0 +1,175 @@
+"""The ``retrain`` Prefect flow: validate -> fine-tune -> evaluate -> gate -> register -> index -> promote.
+
+Each task wraps one component call and adds what orchestration is for: retries where a
+store may hiccup, Prefect artifacts people look at (validation report, metrics, gate
+verdict) and logging. The decisions themselves (validation rules, gate) live in components.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+# Inputs here are DataFrames, models and MLflow clients: hashing them for a cache key costs
+# time and warnings, and results are not persisted anyway, so tasks do not cache.
+from prefect.cache_policies import NO_CACHE
+
+from components import data as data_lib
+from components import evaluate as evaluate_lib
+from components import index as index_lib
+from components import registry
+from components import validation as validation_lib
+from components.config import Params, flatten_params, load_params
+
+LOGGER = logging.getLogger(__name__)
+
+
+@task(name="load-data", cache_policy=NO_CACHE)
+def load_data(params: Params) -> tuple[pd.DataFrame, str]:
+    """Read the dataset into a manifest and compute its DVC hash."""
+    manifest = data_lib.load_manifest(params.data.root, params.data.layout, params.data.max_images_per_sku)
+    version = data_lib.data_version(params.data.root)
+    get_run_logger().info("dataset %s: %d images, %d SKUs, DVC hash %s", params.data.root, len(manifest),
+                          manifest["sku_id"].nunique(), version)
+    return manifest, version
+
+
+@task(name="validate-data", cache_policy=NO_CACHE)
+def validate_data(manifest: pd.DataFrame, params: Params, report_dir: Path) -> validation_lib.ValidationReport:
+    """Run the Great Expectations checkpoint; a failure stops the flow before training."""
+    report = validation_lib.validate_dataset(manifest, params.validation, report_dir)
+    create_markdown_artifact(key="data-validation", markdown=report.to_markdown(),
+                             description=f"GX data docs: {report.data_docs_path}")
+    validation_lib.raise_for_failures(report)
+    return report
+
+
+@task(name="fine-tune", cache_policy=NO_CACHE)
+def fine_tune(params: Params, manifest: pd.DataFrame, data_version: str, run_id: str):
+    """Fine-tune the encoder, tracking every epoch in the MLflow run."""
+    from components.train import train_encoder
+
+    return train_encoder(params, manifest, registry.MlflowTracker(run_id), data_version, progress=True)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_model(encoder_dir: Path, params: Params, manifest: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Both protocols' metrics of a saved encoder on the query split."""
+    from components.model import load_encoder
+
+    encoder, preprocess, _ = load_encoder(encoder_dir)
+    return evaluate_lib.evaluate_encoder(encoder, preprocess, manifest, params.data.query_split,
+                                         params.data.train_split, params.evaluate)
+
+
+@task(name="evaluate-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def evaluate_champion(params: Params, manifest: pd.DataFrame, client) -> tuple[str | None, dict | None]:
+    """Re-evaluate ``@champion`` on this run's data, so the gate compares like with like."""
+    try:
+        champion = registry.download_version(client, params.registry.model_name, registry.CHAMPION,
+                                             dst=tempfile.mkdtemp(prefix="skumatch-champion-"), with_index=False)
+    except registry.RegistryError:
+        get_run_logger().info("no @champion yet: the gate checks thresholds only")
+        return None, None
+    return champion.version, evaluate_model.fn(champion.encoder_dir, params, manifest)
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def apply_gate(challenger: dict, champion: dict | None, champion_version: str | None,
+               params: Params) -> evaluate_lib.GateDecision:
+    """Apply the promotion gate and publish the verdict; raises when the challenger is refused."""
+    decision = evaluate_lib.gate(challenger, champion, params.evaluate)
+    rows = [{"model": "challenger", **evaluate_lib.flatten_metrics(challenger)}]
+    if champion is not None:
+        rows.append({"model": f"champion v{champion_version}", **evaluate_lib.flatten_metrics(champion)})
+    create_table_artifact(key="evaluation-metrics", table=rows, description="top-k over distinct SKUs")
+    create_markdown_artifact(key="promotion-gate", markdown=f"## {decision.summary()}\n")
+    if not decision.passed:
+        raise evaluate_lib.GateFailedError(decision)
+    return decision
+
+
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def register(client, params: Params, run_id: str, encoder_dir: Path, metrics: dict, data_version: str):
+    """Register the encoder as a new model version."""
+    return registry.register_version(client, params.registry, run_id, encoder_dir, metrics, data_version)
+
+
+@task(name="build-index", cache_policy=NO_CACHE)
+def build_index(encoder_dir: Path, params: Params, manifest: pd.DataFrame, version: str, out_dir: Path) -> str:
+    """Build the catalogue index from the registered version's encoder; returns its checksum."""
+    from components.model import load_encoder
+
+    encoder, preprocess, _ = load_encoder(encoder_dir)
+    catalogue = index_lib.build_catalogue_index(
+        encoder, preprocess, data_lib.select(manifest, role="catalogue"), params.index.factory, params.index.use_gpu,
+        params.evaluate.batch_size, meta={"model_name": params.registry.model_name, "model_version": str(version)})
+    return index_lib.save_index(catalogue, out_dir)
+
+
+@task(name="publish-version", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def publish_version(client, params: Params, version: str, index_dir: Path, checksum: str) -> str | None:
+    """Attach the index, alias the version ``@challenger`` and, if configured, promote it."""
+    name = params.registry.model_name
+    registry.attach_index(client, name, version, index_dir, checksum)
+    registry.set_alias(client, name, registry.CHALLENGER, version)
+    if params.registry.auto_promote:
+        registry.promote(client, name, version)
+        return version
+    return None
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(params_path: str = "params.yaml", overrides: list[str] | None = None,
+            data_root: str | None = None) -> dict[str, Any]:
+    """Retrain on the current data and promote the result if it passes the gate.
+
+    Args:
+        params_path: the params file.
+        overrides: ``section.key=value`` changes on top of it.
+        data_root: the dataset to train on (overrides ``data.root``).
+
+    Returns:
+        A summary: data version, run id, registered version, metrics, gate verdict, champion.
+    """
+    import mlflow
+
+    overrides = list(overrides or []) + ([f"data.root={data_root}"] if data_root else [])
+    params = load_params(params_path, overrides)
+    manifest, version_of_data = load_data(params)
+    client = registry.connect(params.registry)
+    with mlflow.start_run(run_name="retrain") as run:
+        run_id = run.info.run_id
+        mlflow.log_params(flatten_params(params))
+        mlflow.set_tags({"data_version": version_of_data, "data_root": str(params.data.root)})
+        work = Path(tempfile.mkdtemp(prefix="skumatch-run-"))
+        try:
+            validate_data(manifest, params, work / "data_docs")
+        finally:
+            if (work / "data_docs").exists():
+                mlflow.log_artifacts(str(work / "data_docs"), "data_docs")
+        result = fine_tune(params, manifest, version_of_data, run_id)
+        metrics = evaluate_model(result.model_dir, params, manifest)
+        mlflow.log_metrics({f"eval.{k}": v for k, v in evaluate_lib.flatten_metrics(metrics).items()})
+        mlflow.log_dict(metrics, "metrics.json")
+        evaluate_lib.write_metrics(metrics, params.evaluate.metrics_path)
+        champion_version, champion = evaluate_champion(params, manifest, client)
+        decision = apply_gate(metrics, champion, champion_version, params)
+        mlflow.set_tag("gate", decision.summary())
+        model_version = register(client, params, run_id, result.model_dir, metrics, version_of_data)
+    checksum = build_index(result.model_dir, params, manifest, model_version.version, work / "index")
+    promoted = publish_version(client, params, model_version.version, work / "index", checksum)
+    summary = {
+        "data_version": version_of_data, "run_id": run_id, "model_name": params.registry.model_name,
+        "version": str(model_version.version), "index_checksum": checksum, "metrics": metrics,
+        "gate": decision.summary(), "champion": promoted or champion_version,
+        "train_wall_time_s": round(result.wall_time_s, 1),
+    }
+    print(json.dumps(summary, indent=2))
+    return summary

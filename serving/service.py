@@ -1,0 +1,167 @@
+"""The matching service: a BentoML 1.4 service over the packaged ``@champion`` encoder and index.
+
+The model it serves lives in the BentoML model store (``serving.build.package_model`` puts it
+there): a folder with ``encoder/`` and ``index/`` and, in its metadata, the registry facts
+(``model_name``, ``model_version``, ``index_checksum``) the index is verified against at
+start-up. A corrupt or mismatched index raises ``IndexMismatchError`` in ``__init__``, so the
+service never becomes ready rather than answering from the wrong index.
+
+Which stored model: the bento argument ``bento_model`` (recorded in the Bento by
+``serving.build.build_bento``, or ``bentoml serve --arg bento_model=NAME``), else the
+environment variable ``SKUMATCH_BENTO_MODEL``, else ``skumatch-matcher``; a name without a
+version means ``:latest``.
+
+HTTP API (all ``POST``; BentoML adds ``/livez``, ``/readyz``, ``/healthz``, ``/metrics``, ``/docs``):
+
+- ``/match``: multipart ``image`` (a file) and optional ``top_k`` (1..100) ->
+  ``{"model_name", "model_version", "matches": [{"sku_id", "score"}, ...]}``.
+- ``/embed``: multipart ``image`` -> ``{"model_name", "model_version", "embedding": [...]}``.
+- ``/info``: empty JSON body ``{}`` -> model name, version, index checksum, catalogue size.
+
+An upload that is not a decodable image (empty, random bytes, truncated, text) is answered with
+HTTP 400 and ``{"error": "..."}``, as is a text value where the file should be and a malformed
+multipart body (``serving.uploads.UploadGuard``; bodies over 32 MiB get 413); a missing field or
+an out-of-range ``top_k`` is rejected by BentoML's request validation with HTTP 400 and
+``{"error": ..., "detail": [...]}``.
+
+/match is deliberately not batchable: requests carry their own ``top_k``, BentoML batches only
+single-argument APIs, and per-request decoding is what turns a bad upload into a 400 for that
+request alone instead of failing a whole batch.
+"""
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import bentoml
+from pydantic import BaseModel, Field
+
+from components.config import ServeParams
+from serving.uploads import BadImage, UploadGuard, decode_image
+
+LOGGER = logging.getLogger(__name__)
+
+MODEL_ENV = "SKUMATCH_BENTO_MODEL"
+MODEL_ARG = "bento_model"
+DEFAULT_BENTO_MODEL = ServeParams.model_fields["bento_model_name"].default
+DEFAULT_TOP_K = ServeParams.model_fields["top_k"].default
+MAX_TOP_K = 100
+# Metadata keys the packaged model must carry (written by serving.build.package_model).
+REQUIRED_METADATA = ("model_name", "model_version", "index_checksum")
+
+
+def bento_model_tag() -> str:
+    """The stored model to serve: bento argument, then environment, then the default name."""
+    args = bentoml.use_arguments()
+    name = getattr(args, MODEL_ARG, None) or os.environ.get(MODEL_ENV) or DEFAULT_BENTO_MODEL
+    return name if ":" in name else f"{name}:latest"
+
+
+def _bad_request(message: str):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=400)
+
+
+class Match(BaseModel):
+    sku_id: str
+    score: float
+
+
+class MatchResponse(BaseModel):
+    model_name: str
+    model_version: str
+    matches: list[Match]
+
+
+class EmbedResponse(BaseModel):
+    model_name: str
+    model_version: str
+    embedding: list[float]
+
+
+class InfoResponse(BaseModel):
+    model_name: str
+    model_version: str
+    index_checksum: str
+    catalogue_size: int
+    catalogue_skus: int
+    embed_dim: int
+    default_top_k: int
+    bento_model: str
+
+
+ImageUpload = Annotated[Path, Field(description="the query image file (JPEG, PNG, WebP...)")]
+TopK = Annotated[Optional[Annotated[int, Field(ge=1, le=MAX_TOP_K)]],
+                 Field(description=f"how many SKUs to return, 1..{MAX_TOP_K}; default: the packaged "
+                                   f"serve.top_k ({DEFAULT_TOP_K} unless configured)")]
+
+
+@bentoml.service(
+    name="skumatch",
+    resources={"cpu": "2"},
+    # One image per request on a CPU is milliseconds to ~100 ms (CLIP B/32); 30 s leaves room
+    # for a cold start of the thread pool and large uploads.
+    traffic={"timeout": 30},
+)
+class Matcher:
+    """Match a product photo to catalogue SKUs with the packaged encoder and FAISS index."""
+
+    bento_model = bentoml.models.BentoModel(bento_model_tag())
+
+    def __init__(self) -> None:
+        # Heavy imports here, not at module level: `bentoml build` imports this module only
+        # to read the service definition.
+        from components.registry import load_served_model
+
+        stored = self.bento_model
+        facts: dict[str, Any] = {**stored.info.labels, **stored.info.metadata}
+        missing = [key for key in REQUIRED_METADATA if not facts.get(key)]
+        if missing:
+            raise RuntimeError(f"bento model {stored.tag} lacks metadata {missing}; package it with "
+                               "serving.build.package_model")
+        folder = Path(stored.path)
+        # IndexMismatchError propagates on purpose: a service must not start on a wrong index.
+        self.model = load_served_model(folder / "encoder", folder / "index", str(facts["model_name"]),
+                                       str(facts["model_version"]), str(facts["index_checksum"]))
+        self.index_checksum = str(facts["index_checksum"])
+        self.default_top_k = int(facts.get("default_top_k") or DEFAULT_TOP_K)
+        self.bento_model_tag = str(stored.tag)
+        LOGGER.info("serving %s version %s from %s (index %s, %d catalogue images)", self.model.model_name,
+                    self.model.version, stored.tag, self.index_checksum, len(self.model.catalogue.sku_ids))
+
+    @bentoml.api(route="/match")
+    def match(self, image: ImageUpload, top_k: TopK = None) -> MatchResponse:
+        """The ``top_k`` best-matching catalogue SKUs for an image, best first, with cosine scores."""
+        try:
+            picture = decode_image(image)
+        except BadImage as err:
+            return _bad_request(str(err))
+        hits = self.model.match([picture], top_k or self.default_top_k)[0]
+        return MatchResponse(model_name=self.model.model_name, model_version=self.model.version,
+                             matches=[Match(**hit) for hit in hits])
+
+    @bentoml.api(route="/embed")
+    def embed(self, image: ImageUpload) -> EmbedResponse:
+        """The unit-norm embedding of an image."""
+        try:
+            picture = decode_image(image)
+        except BadImage as err:
+            return _bad_request(str(err))
+        vector = self.model.embed([picture])[0]
+        return EmbedResponse(model_name=self.model.model_name, model_version=self.model.version,
+                             embedding=[float(x) for x in vector])
+
+    @bentoml.api(route="/info")
+    def info(self) -> InfoResponse:
+        """What is being served: model, version, index checksum and catalogue size."""
+        catalogue = self.model.catalogue
+        return InfoResponse(model_name=self.model.model_name, model_version=self.model.version,
+                            index_checksum=self.index_checksum, catalogue_size=len(catalogue.sku_ids),
+                            catalogue_skus=len(set(catalogue.sku_ids)), embed_dim=catalogue.dim,
+                            default_top_k=self.default_top_k, bento_model=self.bento_model_tag)
+
+
+# Checks multipart bodies before BentoML parses them (see serving.uploads for why).
+Matcher.add_asgi_middleware(UploadGuard, paths=("/match", "/embed"), file_fields=("image",))
