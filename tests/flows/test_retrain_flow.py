@@ -1,0 +1,113 @@
+"""The retrain flow under Prefect's test harness, with a real SQLite MLflow and real FAISS."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from components import registry
+from components.config import load_params
+from components.evaluate import GateFailedError
+from components.validation import DataValidationError
+from flows.retrain import retrain
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, tiny_model_overrides, synthetic_dataset):
+    """A scratch working folder with its own MLflow store; returns the flow's overrides."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = tiny_model_overrides + [
+        f"registry.tracking_uri={uri}",
+        f"data.root={synthetic_dataset}",
+        "train.epochs=4", "train.frozen_epochs=3", "train.batch_size=12", "train.images_per_sku=2",
+        "train.lr=0.01", "train.backbone_lr=0.001",
+        "evaluate.min_top1=0.3", "evaluate.min_top3=0.5",
+    ]
+    return {"overrides": overrides, "uri": uri, "root": tmp_path}
+
+
+def test_first_run_registers_indexes_and_promotes(workspace):
+    summary = retrain(params_path="params.yaml", overrides=workspace["overrides"])
+
+    client = MlflowClient(workspace["uri"], workspace["uri"])
+    champion = client.get_model_version_by_alias("skumatch-encoder", "champion")
+    assert str(champion.version) == summary["version"] == "1"
+    assert str(client.get_model_version_by_alias("skumatch-encoder", "challenger").version) == "1"
+    # The version carries its data version, metrics and index checksum ...
+    assert champion.tags["data_version"].endswith(".dir")
+    assert json.loads(champion.tags["metrics"])["catalogue"]["top1"] == pytest.approx(summary["metrics"]["catalogue"]["top1"])
+    assert champion.tags["index_checksum"] == summary["index_checksum"]
+    # ... its run the resolved params, per-epoch history and the GX data docs.
+    run = client.get_run(champion.run_id)
+    assert run.data.params["train.epochs"] == "4"
+    assert run.data.params["data.version"] == champion.tags["data_version"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train.loss")] == [0, 1, 2, 3]
+    assert len(client.get_metric_history(run.info.run_id, "val.catalogue.top3")) == 4
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"encoder", "index", "data_docs", "metrics.json"} <= artifacts
+    # The DVC metrics file is written too.
+    metrics_file = json.loads((workspace["root"] / "reports/metrics.json").read_text())
+    assert set(metrics_file) == {"nn", "catalogue"}
+
+    # The index verifies against the version and serves sensible matches.
+    resolved = registry.download_version(client, "skumatch-encoder", "champion", workspace["root"] / "dl")
+    served = registry.load_served_model(resolved.encoder_dir, resolved.index_dir, "skumatch-encoder",
+                                        resolved.version, resolved.index_checksum)
+    assert len(served.catalogue.sku_ids) == 6
+
+
+def test_worse_challenger_is_refused_and_champion_kept(workspace):
+    retrain(params_path="params.yaml", overrides=workspace["overrides"])
+    # An untrained challenger (zero learning rates) on the same data must lose to the champion.
+    worse = workspace["overrides"] + ["train.lr=1e-12", "train.backbone_lr=0", "train.epochs=1",
+                                      "train.frozen_epochs=1", "evaluate.min_top1=0", "evaluate.min_top3=0",
+                                      "evaluate.champion_tolerance=0", "train.checkpoint_dir=checkpoints-worse"]
+    with pytest.raises(Exception) as caught:
+        retrain(params_path="params.yaml", overrides=worse)
+    error = caught.value
+    assert isinstance(error, GateFailedError), error
+    assert "vs champion" in str(error) and "worse" in str(error)
+    assert any(char.isdigit() for char in str(error))
+    client = MlflowClient(workspace["uri"], workspace["uri"])
+    assert str(client.get_model_version_by_alias("skumatch-encoder", "champion").version) == "1"
+    assert [str(v.version) for v in client.search_model_versions("name='skumatch-encoder'")] == ["1"]
+
+
+def test_planted_bad_dataset_stops_before_training(workspace, synthetic_dataset, tmp_path):
+    bad = shutil.copytree(synthetic_dataset, tmp_path / "bad")
+    train_lines = (bad / "train.txt").read_text().splitlines()
+    corrupt = bad / train_lines[0].split(",")[0]
+    corrupt.write_bytes(b"\xff\xd8\xff this is not a JPEG")
+    leaked = train_lines[5].split(",")[0]
+    val_lines = (bad / "val.txt").read_text().splitlines()
+    shutil.copy(bad / leaked, bad / val_lines[0].split(",")[0])
+    classes = (bad / "classes.csv").read_text().splitlines()
+    fields = classes[2].split(",")
+    no_catalogue_sku = fields[0]
+    fields[4] = ""
+    classes[2] = ",".join(fields)
+    (bad / "classes.csv").write_text("\n".join(classes) + "\n")
+
+    with pytest.raises(DataValidationError) as caught:
+        retrain(params_path="params.yaml", overrides=workspace["overrides"] + [f"data.root={bad}"])
+    message = str(caught.value)
+    assert "image_decodes" in message and str(corrupt) in message
+    assert "no_cross_split_duplicate" in message and str(bad / leaked) in message
+    assert "catalogue_image_present" in message and no_catalogue_sku in message
+    client = MlflowClient(workspace["uri"], workspace["uri"])
+    assert client.search_model_versions("name='skumatch-encoder'") == []
+    assert not Path("models").exists()
