@@ -1,0 +1,123 @@
+"""The MLflow registry on a real SQLite store: versions, aliases, promotion, rollback, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from components import registry
+from components.config import ModelParams, RegistryParams
+from components.index import IndexMismatchError, build_catalogue_index, save_index
+from components.model import build_encoder, save_encoder
+from flows.cli import app
+
+METRICS = {"catalogue": {"top1": 0.9, "top3": 1.0}, "nn": {"top1": 0.8, "top3": 0.95}}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = RegistryParams(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="test")
+    return params, registry.connect(params)
+
+
+@pytest.fixture
+def tiny_encoder_dir(tmp_path, tiny_clip_dir):
+    params = ModelParams(backbone="hf-clip", hf_model_id=str(tiny_clip_dir), embed_dim=16, image_size=16)
+    encoder, preprocess = build_encoder(params)
+    return save_encoder(encoder, preprocess, params, tmp_path / "encoder"), encoder, preprocess
+
+
+def _register_with_index(store, encoder_bundle, synthetic_dataset, tmp_path, indexed=True):
+    params, client = store
+    model_dir, encoder, preprocess = encoder_bundle
+    with mlflow.start_run() as run:
+        version = registry.register_version(client, params, run.info.run_id, model_dir, METRICS, "abc.dir")
+    if indexed:
+        rows = pd.DataFrame({"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]})
+        rows["sku_id"] = [p.split("/")[-2] for p in rows["image_path"]]
+        catalogue = build_catalogue_index(encoder, preprocess, rows, meta={"model_name": params.model_name,
+                                                                           "model_version": str(version.version)})
+        folder = tmp_path / f"index-{version.version}"
+        registry.attach_index(client, params.model_name, str(version.version), folder, save_index(catalogue, folder))
+    return str(version.version)
+
+
+def test_version_carries_metrics_data_version_and_index(store, tiny_encoder_dir, synthetic_dataset, tmp_path):
+    params, client = store
+    version = _register_with_index(store, tiny_encoder_dir, synthetic_dataset, tmp_path)
+    stored = client.get_model_version(params.model_name, version)
+    assert stored.tags["data_version"] == "abc.dir"
+    assert json.loads(stored.tags["metrics"]) == METRICS
+    assert stored.tags["metric.catalogue.top1"] == "0.900000"
+    resolved = registry.download_version(client, params.model_name, version, tmp_path / "dl")
+    assert (resolved.encoder_dir / "model.safetensors").exists()
+    served = registry.load_served_model(resolved.encoder_dir, resolved.index_dir, params.model_name, version,
+                                        resolved.index_checksum)
+    iconic = sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))[0]
+    from PIL import Image
+
+    best = served.match([Image.open(iconic)], top_k=3)[0]
+    assert best[0]["sku_id"] == iconic.parent.name and len(best) == 3
+    assert np.allclose(np.linalg.norm(served.embed([Image.open(iconic)]), axis=1), 1.0, atol=1e-5)
+
+
+def test_served_model_refuses_index_of_another_version(store, tiny_encoder_dir, synthetic_dataset, tmp_path):
+    params, client = store
+    first = _register_with_index(store, tiny_encoder_dir, synthetic_dataset, tmp_path)
+    resolved = registry.download_version(client, params.model_name, first, tmp_path / "dl")
+    with pytest.raises(IndexMismatchError, match="built from model version 1, not the served version 2"):
+        registry.load_served_model(resolved.encoder_dir, resolved.index_dir, params.model_name, "2",
+                                   resolved.index_checksum)
+    with pytest.raises(IndexMismatchError, match="records deadbeef"):
+        registry.load_served_model(resolved.encoder_dir, resolved.index_dir, params.model_name, first, "deadbeef")
+
+
+def test_promote_and_rollback(store, tiny_encoder_dir, synthetic_dataset, tmp_path):
+    params, client = store
+    v1 = _register_with_index(store, tiny_encoder_dir, synthetic_dataset, tmp_path)
+    v2 = _register_with_index(store, tiny_encoder_dir, synthetic_dataset, tmp_path)
+    v3 = _register_with_index(store, tiny_encoder_dir, synthetic_dataset, tmp_path, indexed=False)
+
+    with pytest.raises(registry.RegistryError, match="no @champion|has no version or alias"):
+        registry.rollback(client, params.model_name)
+    assert registry.promote(client, params.model_name, v1) is None
+    with pytest.raises(registry.RegistryError, match="no earlier champion"):
+        registry.rollback(client, params.model_name)
+    assert str(registry.promote(client, params.model_name, v2)) == v1
+    with pytest.raises(registry.RegistryError, match="has no index"):
+        registry.promote(client, params.model_name, v3)
+    with pytest.raises(registry.RegistryError, match="no version or alias '99'"):
+        registry.promote(client, params.model_name, "99")
+    assert str(registry.resolve_version(client, params.model_name, "@champion").version) == v2
+    assert registry.champion_metrics(client, params.model_name) == METRICS
+
+    assert tuple(map(str, registry.rollback(client, params.model_name))) == (v2, v1)
+    assert str(client.get_model_version_by_alias(params.model_name, "champion").version) == v1
+
+
+def test_cli_promote_rollback_and_champion(store, tiny_encoder_dir, synthetic_dataset, tmp_path):
+    params, client = store
+    v1 = _register_with_index(store, tiny_encoder_dir, synthetic_dataset, tmp_path)
+    v2 = _register_with_index(store, tiny_encoder_dir, synthetic_dataset, tmp_path)
+    flags = ["-S", f"registry.tracking_uri={params.tracking_uri}", "-S", "registry.experiment=test"]
+    runner = CliRunner()
+
+    assert runner.invoke(app, ["promote", v1, *flags]).exit_code == 0
+    result = runner.invoke(app, ["promote", v2, *flags])
+    assert result.exit_code == 0 and f"{v1} -> {v2}" in result.output
+    shown = json.loads(runner.invoke(app, ["champion", *flags]).output)
+    assert shown["champion"]["version"] == int(v2) or str(shown["champion"]["version"]) == v2
+    assert shown["champion"]["metrics"] == METRICS
+
+    result = runner.invoke(app, ["rollback", *flags])
+    assert result.exit_code == 0 and f"{v2} -> {v1}" in result.output
+    result = runner.invoke(app, ["rollback", *flags])
+    assert result.exit_code == 1 and "no earlier champion" in result.output
+    result = runner.invoke(app, ["promote", "42", *flags])
+    assert result.exit_code == 1 and "'42'" in result.output
