@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 SERVICE = "serving.service:Matcher"
+# The Bento name: the service's name in serving/service.py.
+BENTO_NAME = "skumatch"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Distributions the service imports at run time (components.model/index/registry/config); the
 # pins are taken from pyproject.toml, then narrowed to the installed version. BentoML adds its own
@@ -212,12 +214,17 @@ def package_champion(params: Params, ref: str = "champion") -> tuple[str, str]:
     return model_tag, bento_tag
 
 
-def serve_command(bento_tag: str, port: int, host: str | None = None) -> list[str]:
+def serve_command(bento_tag: str | None, port: int, host: str | None = None) -> list[str]:
     """The ``bentoml serve`` command line that serves a built Bento on ``port``.
+
+    Args:
+        bento_tag: a Bento tag; None serves the latest ``skumatch`` Bento.
+        host: the interface to bind (BentoML's default, all interfaces, when None).
 
     It runs BentoML with this interpreter, so the Bento is served by the environment that built it.
     """
-    command = [sys.executable, "-m", "bentoml", "serve", str(bento_tag), "--port", str(int(port))]
+    command = [sys.executable, "-m", "bentoml", "serve", str(bento_tag or f"{BENTO_NAME}:latest"),
+               "--port", str(int(port))]
     if host:
         command += ["--host", host]
     return command

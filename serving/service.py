@@ -7,11 +7,12 @@ start-up. A corrupt or mismatched index raises ``IndexMismatchError`` in ``__ini
 service never becomes ready rather than answering from the wrong index.
 
 Which stored model: the bento argument ``bento_model`` (recorded in the Bento by
-``serving.build.build_bento``, or ``bentoml serve --arg bento_model=NAME``), else the
-environment variable ``SKUMATCH_BENTO_MODEL``, else ``skumatch-matcher``; a name without a
-version means ``:latest``.
+``serving.build.build_bento``; when serving from source, ``bentoml serve serving.service:Matcher
+--arg bento_model=NAME``), else the environment variable ``SKUMATCH_BENTO_MODEL``, else
+``skumatch-matcher``; a name without a version means ``:latest``.
 
-HTTP API (all ``POST``; BentoML adds ``/livez``, ``/readyz``, ``/healthz``, ``/metrics``, ``/docs``):
+HTTP API (all ``POST``; BentoML adds ``GET /livez``, ``/readyz``, ``/healthz``, ``/metrics`` and the
+Swagger UI at ``/``):
 
 - ``/match``: multipart ``image`` (a file) and optional ``top_k`` (1..100) ->
   ``{"model_name", "model_version", "matches": [{"sku_id", "score"}, ...]}``.

@@ -5,7 +5,7 @@ Kept apart from the service so it is testable without BentoML's server and witho
 Why a guard: BentoML 1.4 treats a *text* value sent in a file field (``-F image=abc`` rather
 than ``-F image=@file.jpg``) as a URL and tries to download it, which fails as HTTP 500 (or, with
 uvloop installed, makes the server fetch any public URL a client names). The guard answers such
-requests, malformed multipart bodies and oversized uploads with a 4xx JSON error before
+requests (multipart or URL-encoded forms), malformed form bodies and oversized uploads with a 4xx JSON error before
 BentoML parses them, so a bad request is never a 5xx and the service never fetches URLs.
 """
 
@@ -17,6 +17,8 @@ from typing import Any, Awaitable, Callable
 
 # Large enough for any camera photo; larger bodies are refused before they are parsed.
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+# Form bodies BentoML parses field by field (and where it would fetch a text "file" as a URL).
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -65,7 +67,7 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
 
 
 class UploadGuard:
-    """ASGI middleware checking multipart uploads to ``paths`` before the application sees them.
+    """ASGI middleware checking form uploads to ``paths`` before the application sees them.
 
     Args:
         app: the wrapped ASGI application.
@@ -89,7 +91,8 @@ class UploadGuard:
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             await _send_json(send, 413, {"error": f"request body larger than {self.max_bytes} bytes"})
             return
-        if not headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        content_type = headers.get("content-type", "").lower()
+        if not content_type.startswith(FORM_TYPES):
             await self.app(scope, receive, send)
             return
         chunks, size, more = [], 0, True
@@ -119,7 +122,7 @@ class UploadGuard:
         try:
             form = await request.form()
         except Exception as err:  # starlette raises several types for broken multipart bodies
-            return f"malformed multipart/form-data body: {err}"
+            return f"malformed form body: {err}"
         try:
             for field in self.file_fields:
                 for value in form.getlist(field):

@@ -1,0 +1,1 @@
+"""skumatch serving: the BentoML matching service and its build."""

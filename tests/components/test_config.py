@@ -1,0 +1,137 @@
+"""The typed params tree: defaults, typed dotted overrides, and loud errors naming the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from components.config import Params, ParamsError, apply_overrides, flatten_params, load_params
+
+
+def test_defaults_load_without_a_file():
+    params = load_params(None)
+    assert isinstance(params, Params)
+    assert params == Params()
+    assert params.train.epochs == 8
+    assert params.evaluate.ks == [1, 3, 5]
+    assert params.model.backbone == "efficientnet-lite0"
+
+
+def test_the_repository_params_yaml_validates():
+    # params.yaml is the file every stage reads; it must fit the tree.
+    repo_params = Path(__file__).resolve().parents[2] / "params.yaml"
+    assert repo_params.is_file()
+    assert isinstance(load_params(repo_params), Params)
+
+
+def test_dotted_overrides_are_typed():
+    params = load_params(None, ["train.epochs=3", "evaluate.ks=[1,2]", "train.lr=0.05", "train.augment=false",
+                                "model.image_size=16", "data.max_images_per_sku=null", "index.factory=HNSW32"])
+    assert params.train.epochs == 3 and type(params.train.epochs) is int
+    assert params.evaluate.ks == [1, 2]
+    assert params.train.lr == pytest.approx(0.05) and isinstance(params.train.lr, float)
+    assert params.train.augment is False
+    assert params.model.image_size == 16
+    assert params.data.max_images_per_sku is None
+    assert params.index.factory == "HNSW32"
+    # Untouched keys keep their defaults.
+    assert params.train.batch_size == Params().train.batch_size
+
+
+def test_overrides_apply_on_top_of_a_file(tmp_path):
+    path = tmp_path / "custom.yaml"
+    path.write_text("train:\n  epochs: 5\n  lr: 0.01\nevaluate:\n  min_top1: 0.9\n")
+    params = load_params(path, ["train.epochs=2"])
+    assert params.train.epochs == 2  # the override wins
+    assert params.train.lr == pytest.approx(0.01)  # the file beats the default
+    assert params.evaluate.min_top1 == pytest.approx(0.9)
+
+
+def test_apply_overrides_does_not_mutate_its_input():
+    raw = {"train": {"epochs": 5}}
+    result = apply_overrides(raw, ["train.epochs=7", "model.embed_dim=16"])
+    assert raw == {"train": {"epochs": 5}}
+    assert result == {"train": {"epochs": 7}, "model": {"embed_dim": 16}}
+
+
+@pytest.mark.parametrize("override, path", [
+    ("train.epochz=3", "train.epochz"),
+    ("trainn.epochs=3", "trainn"),
+    ("model.backbone_name=x", "model.backbone_name"),
+])
+def test_unknown_key_is_rejected_naming_the_path(override, path):
+    with pytest.raises(ParamsError) as info:
+        load_params(None, [override])
+    assert path in str(info.value)
+
+
+def test_unknown_key_in_a_file_is_rejected(tmp_path):
+    path = tmp_path / "custom.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ParamsError, match=r"train\.epoch"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("override, path", [
+    ("train.epochs=three", "train.epochs"),
+    ("train.epochs=0", "train.epochs"),  # ge=1
+    ("evaluate.min_top1=1.5", "evaluate.min_top1"),  # le=1
+    ("model.backbone=resnet50", "model.backbone"),  # not one of the literals
+    ("evaluate.ks=fast", "evaluate.ks"),
+])
+def test_wrong_type_or_range_is_rejected(override, path):
+    with pytest.raises(ParamsError) as info:
+        load_params(None, [override])
+    assert path in str(info.value)
+
+
+def test_override_into_a_scalar_is_rejected(tmp_path):
+    path = tmp_path / "custom.yaml"
+    path.write_text("train:\n  epochs: 3\n")
+    with pytest.raises(ParamsError, match="epochs"):
+        load_params(path, ["train.epochs.value=3"])
+
+
+@pytest.mark.parametrize("override", ["train.epochs", "train.epochs:3", ""])
+def test_override_without_equals_is_rejected(override):
+    with pytest.raises(ParamsError, match="section.key=value"):
+        load_params(None, [override])
+
+
+def test_override_naming_no_key_is_rejected():
+    with pytest.raises(ParamsError, match="names no key"):
+        load_params(None, ["=3"])
+
+
+def test_missing_explicit_file_is_rejected(tmp_path):
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_params(tmp_path / "experiment.yaml")
+
+
+def test_invalid_yaml_and_non_mapping_files_are_rejected(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(listing)
+
+
+def test_flatten_params_gives_dotted_string_values():
+    flat = flatten_params(load_params(None, ["train.epochs=3", "evaluate.ks=[1,2]"]))
+    assert flat["train.epochs"] == "3"
+    assert flat["evaluate.ks"] == "[1, 2]"
+    assert flat["model.backbone"] == "efficientnet-lite0"
+    assert all(isinstance(v, str) for v in flat.values())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG components/config.py:159 apply_overrides parses every value with yaml.safe_load, so a "
+    "string field given a number- or bool-looking value (registry.experiment=2024, "
+    "registry.model_name=on) becomes int/bool and pydantic rejects it: 'Input should be a valid string'"))
+def test_string_field_accepts_a_number_looking_override():
+    params = load_params(None, ["registry.experiment=2024"])
+    assert params.registry.experiment == "2024"

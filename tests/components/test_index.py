@@ -1,0 +1,235 @@
+"""The FAISS catalogue index: round trip, distinct-SKU search, verification on load, factories."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from components.index import (
+    INDEX_FILE,
+    ITEMS_FILE,
+    META_FILE,
+    CatalogueIndex,
+    IndexMismatchError,
+    build_index,
+    load_index,
+    save_index,
+)
+
+DIM = 16
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    rows = rng.normal(size=(n, dim))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def catalogue():
+    """12 SKUs with 5 catalogue images each, clustered around a per-SKU centre."""
+    rng = np.random.default_rng(0)
+    centres = unit_rows(rng, 12)
+    sku_ids, paths, rows = [], [], []
+    for s, centre in enumerate(centres):
+        for i in range(5):
+            row = centre + 0.15 * rng.normal(size=DIM)
+            rows.append(row / np.linalg.norm(row))
+            sku_ids.append(f"sku-{s:02d}")
+            paths.append(f"/catalogue/sku-{s:02d}/{i}.jpg")
+    embeddings = np.array(rows, dtype=np.float32)
+    queries = centres + 0.1 * rng.normal(size=centres.shape)
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    return embeddings, sku_ids, paths, queries
+
+
+def brute_force_top_skus(embeddings, sku_ids, query, top_k):
+    """Reference: best image per SKU by a plain matrix product, SKUs sorted by that score."""
+    scores = embeddings @ query
+    best: dict[str, float] = {}
+    for sku, score in zip(sku_ids, scores):
+        best[sku] = max(best.get(sku, -np.inf), float(score))
+    return sorted(best.items(), key=lambda item: -item[1])[:top_k]
+
+
+@pytest.fixture
+def saved(tmp_path, catalogue):
+    embeddings, sku_ids, paths, _ = catalogue
+    index = build_index(embeddings, sku_ids, paths, "Flat", use_gpu="never",
+                        meta={"model_name": "skumatch-encoder", "model_version": "3"})
+    folder = tmp_path / "index"
+    checksum = save_index(index, folder)
+    return folder, checksum, index
+
+
+def test_build_records_facts(catalogue):
+    embeddings, sku_ids, paths, _ = catalogue
+    index = build_index(embeddings, sku_ids, paths, use_gpu="never", meta={"model_version": "7"})
+    assert isinstance(index, CatalogueIndex)
+    assert index.dim == DIM
+    assert index.meta == {"factory": "Flat", "dim": DIM, "ntotal": 60, "model_version": "7"}
+    assert index.sku_ids == sku_ids and index.image_paths == paths
+
+
+def test_search_returns_distinct_skus_best_first(catalogue):
+    embeddings, sku_ids, paths, queries = catalogue
+    index = build_index(embeddings, sku_ids, paths, use_gpu="never")
+    results = index.search(queries, top_k=5)
+    assert len(results) == len(queries)
+    for q, (query, result) in enumerate(zip(queries, results)):
+        skus = [sku for sku, _ in result]
+        scores = [score for _, score in result]
+        assert len(result) == 5
+        assert len(set(skus)) == 5  # five images of one SKU never take several places
+        assert scores == sorted(scores, reverse=True)
+        assert skus[0] == f"sku-{q:02d}"
+        # Same SKUs and scores as the brute-force reference.
+        expected = brute_force_top_skus(embeddings, sku_ids, query, 5)
+        assert skus == [sku for sku, _ in expected]
+        np.testing.assert_allclose(scores, [score for _, score in expected], atol=1e-5)
+
+
+def test_search_widens_until_enough_distinct_skus():
+    # 40 images of one SKU sit closest to the query; the 2nd and 3rd SKUs lie beyond the first
+    # top_k * 4 neighbours, so search must widen its request.
+    rng = np.random.default_rng(1)
+    query = np.zeros(DIM, dtype=np.float32)
+    query[0] = 1.0
+    near = np.tile(query, (40, 1)) + 0.01 * rng.normal(size=(40, DIM))
+    others = np.zeros((2, DIM))
+    others[0, :2] = [0.5, 0.8]
+    others[1, :2] = [0.2, 0.9]
+    rows = np.vstack([near, others])
+    rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    skus = ["many"] * 40 + ["second", "third"]
+    index = build_index(rows, skus, [f"{i}.jpg" for i in range(42)], use_gpu="never")
+    result = index.search(query, top_k=3)[0]
+    assert [sku for sku, _ in result] == ["many", "second", "third"]
+    # Fewer SKUs than asked: all of them, no padding.
+    assert [sku for sku, _ in index.search(query, top_k=10)[0]] == ["many", "second", "third"]
+
+
+def test_round_trip_gives_the_same_search_results(saved, catalogue):
+    folder, checksum, built = saved
+    queries = catalogue[3]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_FILE, ITEMS_FILE, META_FILE])
+    loaded = load_index(folder, expected_checksum=checksum, expected_model_version="3")
+    assert loaded.sku_ids == built.sku_ids and loaded.image_paths == built.image_paths
+    assert loaded.meta["checksum"] == checksum
+    assert loaded.meta["model_version"] == "3"
+    assert loaded.search(queries, 4) == built.search(queries, 4)
+
+
+def test_checksum_is_sha256_of_the_data_files(saved):
+    folder, checksum, _ = saved
+    assert len(checksum) == 64 and int(checksum, 16) >= 0
+    assert json.loads((folder / META_FILE).read_text())["checksum"] == checksum
+    # Saving the same index again gives the same checksum.
+    _, _, built = saved
+    assert save_index(built, folder.parent / "again") == checksum
+
+
+def test_model_version_compares_as_string(saved):
+    folder, _, _ = saved
+    assert load_index(folder, expected_model_version=3).meta["model_version"] == "3"
+
+
+def test_flipped_byte_in_index_is_corrupt(saved):
+    folder, checksum, _ = saved
+    data = bytearray((folder / INDEX_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / INDEX_FILE).write_bytes(bytes(data))
+    with pytest.raises(IndexMismatchError, match="corrupt"):
+        load_index(folder)
+    with pytest.raises(IndexMismatchError, match="corrupt"):
+        load_index(folder, expected_checksum=checksum)
+
+
+def test_edited_items_are_corrupt(saved):
+    folder, _, _ = saved
+    items = json.loads((folder / ITEMS_FILE).read_text())
+    items["sku_ids"][0], items["sku_ids"][-1] = items["sku_ids"][-1], items["sku_ids"][0]
+    (folder / ITEMS_FILE).write_text(json.dumps(items))
+    with pytest.raises(IndexMismatchError, match="corrupt"):
+        load_index(folder)
+
+
+def test_expected_checksum_mismatch_is_refused(saved):
+    folder, checksum, _ = saved
+    other = "0" * 64
+    with pytest.raises(IndexMismatchError) as info:
+        load_index(folder, expected_checksum=other)
+    assert checksum in str(info.value) and other in str(info.value)
+
+
+def test_expected_model_version_mismatch_is_refused(saved):
+    folder, checksum, _ = saved
+    with pytest.raises(IndexMismatchError, match=r"model version 3.*served version 4"):
+        load_index(folder, expected_checksum=checksum, expected_model_version="4")
+
+
+def test_index_without_model_version_is_refused_when_one_is_expected(tmp_path, catalogue):
+    embeddings, sku_ids, paths, _ = catalogue
+    folder = tmp_path / "index"
+    save_index(build_index(embeddings, sku_ids, paths, use_gpu="never"), folder)
+    assert load_index(folder).meta.get("model_version") is None
+    with pytest.raises(IndexMismatchError):
+        load_index(folder, expected_model_version="1")
+
+
+@pytest.mark.parametrize("missing", [INDEX_FILE, ITEMS_FILE, META_FILE])
+def test_missing_file_is_refused(saved, missing):
+    folder, _, _ = saved
+    (folder / missing).unlink()
+    with pytest.raises(IndexMismatchError, match=f"lacks {missing}"):
+        load_index(folder)
+
+
+def test_missing_folder_is_refused(tmp_path):
+    with pytest.raises(IndexMismatchError):
+        load_index(tmp_path / "nowhere")
+
+
+def test_wrong_query_dimension_is_a_value_error(catalogue):
+    embeddings, sku_ids, paths, _ = catalogue
+    index = build_index(embeddings, sku_ids, paths, use_gpu="never")
+    with pytest.raises(ValueError, match="dimension 8"):
+        index.search(np.ones((2, 8), dtype=np.float32))
+
+
+def test_single_query_vector_is_accepted(catalogue):
+    embeddings, sku_ids, paths, queries = catalogue
+    index = build_index(embeddings, sku_ids, paths, use_gpu="never")
+    assert index.search(queries[2].astype(np.float64), top_k=1) == index.search(queries[2:3], top_k=1)
+
+
+def test_build_refuses_bad_input(catalogue):
+    embeddings, sku_ids, paths, _ = catalogue
+    with pytest.raises(ValueError, match="same length"):
+        build_index(embeddings, sku_ids[:-1], paths, use_gpu="never")
+    with pytest.raises(ValueError, match="non-empty"):
+        build_index(np.zeros((0, DIM), dtype=np.float32), [], [], use_gpu="never")
+
+
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF2,Flat"])
+def test_other_factories_work(tmp_path, factory):
+    rng = np.random.default_rng(2)
+    n_skus, per_sku = 40, 5  # 200 vectors: enough to train 2 IVF centroids without warnings
+    embeddings = unit_rows(rng, n_skus * per_sku)
+    sku_ids = [f"sku-{i // per_sku}" for i in range(n_skus * per_sku)]
+    paths = [f"{i}.jpg" for i in range(n_skus * per_sku)]
+    index = build_index(embeddings, sku_ids, paths, factory, use_gpu="never", meta={"model_version": "1"})
+    assert index.meta["factory"] == factory and index.meta["ntotal"] == n_skus * per_sku
+
+    # A catalogue vector used as a query finds its own SKU first, with cosine ~1.
+    probes = embeddings[::per_sku * 4]
+    for probe_row, result in zip(range(0, n_skus * per_sku, per_sku * 4), index.search(probes, top_k=3)):
+        assert result[0][0] == sku_ids[probe_row]
+        assert result[0][1] == pytest.approx(1.0, abs=1e-4)
+        assert len({sku for sku, _ in result}) == len(result) == 3
+        assert [s for _, s in result] == sorted([s for _, s in result], reverse=True)
+
+    checksum = save_index(index, tmp_path / factory)
+    loaded = load_index(tmp_path / factory, expected_checksum=checksum, expected_model_version="1")
+    assert loaded.search(probes, top_k=3) == index.search(probes, top_k=3)

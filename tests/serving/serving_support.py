@@ -1,0 +1,231 @@
+"""Helpers of the serving tests: a tiny registered @champion in a throwaway MLflow store, packaged
+into a throwaway BentoML home, and a real ``bentoml serve`` process over HTTP.
+
+Nothing is mocked: MLflow runs on SQLite under ``tmp_path``, ``BENTOML_HOME`` points at a
+temporary folder, packaging runs ``python -m serving.build`` in a subprocess (BentoML caches its
+store locations per process, so a subprocess is the only way to be sure of using the temporary
+home), and the server is the ``serving.build.serve_command`` subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EMBED_DIM = 16
+IMAGE_SIZE = 16
+MODEL_NAME = "skumatch-serving-test"
+BENTO_MODEL_NAME = "skumatch-matcher-test"
+# Catalogue images per SKU: the iconic image plus this many training photos, so the index holds
+# several rows per SKU and the distinct-SKU ranking is exercised.
+EXTRA_CATALOGUE_IMAGES = 2
+
+
+@dataclass
+class RegisteredChampion:
+    """A registered, indexed and promoted tiny model, with the stores it lives in."""
+
+    root: Path
+    params_file: Path
+    env: dict[str, str]
+    version: str
+    index_checksum: str
+    encoder_dir: Path
+    index_dir: Path
+    catalogue: dict[str, list[Path]] = field(default_factory=dict)  # sku -> image files
+
+
+@dataclass
+class Packaged:
+    """What ``python -m serving.build`` produced."""
+
+    champion: RegisteredChampion
+    model_tag: str
+    bento_tag: str
+    output: str
+
+
+@dataclass
+class Server:
+    """A running ``bentoml serve`` subprocess."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def subprocess_env(tracking_uri: str, bentoml_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "BENTOML_HOME": str(bentoml_home),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "BENTOML_DO_NOT_TRACK": "True",
+        "DO_NOT_TRACK": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    env.pop("SKUMATCH_BENTO_MODEL", None)
+    return env
+
+
+def start_server(bento_tag: str, env: dict[str, str], log: Path) -> Server:
+    """Start ``bentoml serve`` in its own process group (so teardown ends exactly what it started)."""
+    from serving.build import serve_command
+
+    port = free_port()
+    handle = log.open("wb")
+    process = subprocess.Popen(serve_command(bento_tag, port, host="127.0.0.1"), cwd=log.parent, env=env,
+                               stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    handle.close()
+    return Server(f"http://127.0.0.1:{port}", process, log)
+
+
+def wait_ready(server: Server, timeout: float = 120.0) -> bool:
+    """Poll ``/readyz`` until 200; False when the process exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            return False
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def stop_server(server: Server) -> None:
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(timeout=10)
+
+
+@contextmanager
+def mlflow_globals_restored():
+    """Undo what ``registry.connect`` sets process-wide (tracking and registry URI, experiment).
+
+    Other test modules in the same session must not inherit this module's private store.
+    """
+    import mlflow.tracking.fluent as fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id = saved
+
+
+def register_tiny_champion(root: Path, tiny_clip_dir: Path, dataset: Path) -> RegisteredChampion:
+    """Register a tiny CLIP encoder in a fresh SQLite MLflow store, index a catalogue, promote it."""
+    with mlflow_globals_restored():
+        return _register_tiny_champion(root, tiny_clip_dir, dataset)
+
+
+def _register_tiny_champion(root: Path, tiny_clip_dir: Path, dataset: Path) -> RegisteredChampion:
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from components import registry
+    from components.config import load_params
+    from components.index import build_catalogue_index, save_index
+    from components.model import build_encoder, save_encoder
+
+    root.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump({
+        "model": {"backbone": "hf-clip", "hf_model_id": str(tiny_clip_dir), "embed_dim": EMBED_DIM,
+                  "image_size": IMAGE_SIZE},
+        "registry": {"tracking_uri": tracking_uri, "experiment": "serving-test", "model_name": MODEL_NAME},
+        "serve": {"top_k": 3, "bento_model_name": BENTO_MODEL_NAME},
+    }))
+    params = load_params(params_file)
+    # Create the experiment first with its artifacts under root: with an explicit tracking URI,
+    # registry.connect leaves MLflow's default artifact location (./mlruns in the working dir).
+    MlflowClient(tracking_uri, tracking_uri).create_experiment(
+        params.registry.experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
+    client = registry.connect(params.registry)
+
+    encoder, preprocess = build_encoder(params.model)
+    encoder_dir = save_encoder(encoder, preprocess, params.model, root / "encoder")
+
+    catalogue: dict[str, list[Path]] = {}
+    for sku_dir in sorted((dataset / "iconic-images-and-descriptions").iterdir()):
+        sku = sku_dir.name
+        catalogue[sku] = [sku_dir / f"{sku}_Iconic.jpg",
+                          *sorted((dataset / "train" / sku).glob("*.jpg"))[:EXTRA_CATALOGUE_IMAGES]]
+    rows = pd.DataFrame([{"image_path": str(p), "sku_id": sku} for sku, paths in catalogue.items() for p in paths])
+
+    with mlflow.start_run() as run:
+        version = registry.register_version(client, params.registry, run.info.run_id, encoder_dir,
+                                            {"catalogue": {"top1": 1.0, "top3": 1.0}}, "synthetic-v1").version
+    index = build_catalogue_index(encoder, preprocess, rows, use_gpu="never",
+                                  meta={"model_name": MODEL_NAME, "model_version": str(version)})
+    index_dir = root / "index"
+    checksum = save_index(index, index_dir)
+    registry.attach_index(client, MODEL_NAME, str(version), index_dir, checksum)
+    registry.promote(client, MODEL_NAME, str(version))
+    env = subprocess_env(tracking_uri, root / "bentoml_home")
+    return RegisteredChampion(root, params_file, env, str(version), checksum, encoder_dir, index_dir, catalogue)
+
+
+def package_in_subprocess(champion: RegisteredChampion, ref: str = "champion") -> Packaged:
+    """Run ``python -m serving.build`` against the champion's stores and parse its tags."""
+    result = subprocess.run([sys.executable, "-m", "serving.build", "--params", str(champion.params_file),
+                             "--ref", ref], cwd=REPO_ROOT, env=champion.env, capture_output=True, text=True,
+                            timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    tags = dict(line.split("=", 1) for line in result.stdout.splitlines() if line.startswith(("bento_model=", "bento=")))
+    return Packaged(champion, tags["bento_model"], tags["bento"], output)
+
+
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    """Corrupt a file in place by inverting one byte (the middle one by default)."""
+    data = bytearray(path.read_bytes())
+    position = len(data) // 2 if offset is None else offset
+    data[position] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@dataclass
+class ServedFiles:
+    """An encoder folder and its index folder on disk, built without any registry."""
+
+    encoder_dir: Path
+    index_dir: Path
+    model_name: str
+    version: str
+    checksum: str
+    iconic: dict[str, Path]

@@ -1,0 +1,138 @@
+"""The packaged @champion served by a real ``bentoml serve`` process, over real HTTP."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+
+def _post(server, route: str, **kwargs) -> httpx.Response:
+    return httpx.post(f"{server.url}{route}", timeout=30, **kwargs)
+
+
+def _upload(path, name: str | None = None, content_type: str = "image/jpeg") -> dict:
+    return {"image": (name or path.name, path.read_bytes(), content_type)}
+
+
+def test_health_endpoints(server):
+    for route in ("/livez", "/readyz", "/healthz"):
+        assert httpx.get(f"{server.url}{route}", timeout=10).status_code == 200, route
+
+
+def test_info_describes_the_packaged_version(server, packaged):
+    champion = packaged.champion
+    response = _post(server, "/info", json={})
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "model_name": "skumatch-serving-test",
+        "model_version": champion.version,
+        "index_checksum": champion.index_checksum,
+        "catalogue_size": sum(len(paths) for paths in champion.catalogue.values()),
+        "catalogue_skus": len(champion.catalogue),
+        "embed_dim": 16,
+        "default_top_k": 3,  # serve.top_k of the params the Bento was packaged with
+        "bento_model": packaged.model_tag,
+    }
+
+
+def test_match_returns_the_catalogue_sku_first(server, packaged):
+    champion = packaged.champion
+    for sku, paths in champion.catalogue.items():
+        response = _post(server, "/match", files=_upload(paths[0]))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model_name"] == "skumatch-serving-test" and body["model_version"] == champion.version
+        matches = body["matches"]
+        assert len(matches) == 3  # the packaged default top_k
+        assert matches[0]["sku_id"] == sku
+        assert matches[0]["score"] == pytest.approx(1.0, abs=1e-4)
+        assert len({m["sku_id"] for m in matches}) == 3  # distinct SKUs, never one SKU twice
+        assert [m["score"] for m in matches] == sorted((m["score"] for m in matches), reverse=True)
+
+
+def test_match_top_k_and_formats(server, packaged):
+    sku, paths = next(iter(packaged.champion.catalogue.items()))
+    everything = _post(server, "/match", files=_upload(paths[0]), data={"top_k": "100"})
+    assert everything.status_code == 200, everything.text
+    assert len(everything.json()["matches"]) == len(packaged.champion.catalogue)  # all SKUs, each once
+    # The same picture as PNG: a lossless re-encoding still finds its SKU first.
+    png = io.BytesIO()
+    Image.open(paths[0]).save(png, format="PNG")
+    one = _post(server, "/match", files={"image": ("q.png", png.getvalue(), "image/png")}, data={"top_k": "1"})
+    assert one.status_code == 200, one.text
+    assert [m["sku_id"] for m in one.json()["matches"]] == [sku]
+
+
+def test_embed_returns_a_unit_vector(server, packaged):
+    path = next(iter(packaged.champion.catalogue.values()))[0]
+    response = _post(server, "/embed", files=_upload(path))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == packaged.champion.version
+    vector = np.asarray(body["embedding"])
+    assert vector.shape == (16,)
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+
+
+def _jpeg(size=(32, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+BAD_REQUESTS = {
+    "empty-file": dict(files={"image": ("empty.jpg", b"", "image/jpeg")}),
+    "random-bytes": dict(files={"image": ("noise.jpg", bytes(np.random.default_rng(1).integers(0, 256, 4096,
+                                                                                              dtype=np.uint8)),
+                                          "image/jpeg")}),
+    "truncated-jpeg": dict(files={"image": ("cut.jpg", _jpeg()[:300], "image/jpeg")}),
+    "text-file": dict(files={"image": ("notes.txt", b"not an image at all\n", "text/plain")}),
+    "missing-field": dict(data={"top_k": "3"}),
+    "no-body": dict(),
+    "text-value-instead-of-file": dict(data={"image": "http://example.com/photo.jpg"}),
+    "json-body": dict(json={"image": "/etc/passwd"}),
+    "raw-jpeg-body": dict(content=_jpeg(), headers={"content-type": "image/jpeg"}),
+    "broken-multipart": dict(content=b"--xyz\r\nContent-Disposition: form-data; name=\"image\"",
+                             headers={"content-type": "multipart/form-data; boundary=xyz"}),
+}
+BAD_TOP_K = {"top_k-0": "0", "top_k-101": "101", "top_k-negative": "-3", "top_k-not-a-number": "five"}
+
+
+@pytest.mark.parametrize("route", ["/match", "/embed"])
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_uploads_are_4xx_with_a_json_error(server, route, case):
+    response = _post(server, route, **BAD_REQUESTS[case])
+    assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
+    body = response.json()
+    assert isinstance(body, dict) and body["error"], body
+
+
+@pytest.mark.parametrize("case", list(BAD_TOP_K))
+def test_top_k_out_of_range_is_400(server, packaged, case):
+    path = next(iter(packaged.champion.catalogue.values()))[0]
+    response = _post(server, "/match", files=_upload(path), data={"top_k": BAD_TOP_K[case]})
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["error"] and body["detail"][0]["loc"] == ["top_k"]
+
+
+def test_bad_upload_messages_say_what_is_wrong(server):
+    def error(**kwargs) -> str:
+        return _post(server, "/match", **kwargs).json()["error"]
+
+    assert "empty" in error(**BAD_REQUESTS["empty-file"])
+    assert "not an image" in error(**BAD_REQUESTS["text-file"])
+    assert "truncated or corrupt" in error(**BAD_REQUESTS["truncated-jpeg"])
+    assert "must be a file upload" in error(**BAD_REQUESTS["text-value-instead-of-file"])
+
+
+def test_server_still_answers_after_bad_requests(server, packaged):
+    path = next(iter(packaged.champion.catalogue.values()))[0]
+    assert _post(server, "/match", files=_upload(path)).status_code == 200
+    assert server.process.poll() is None

@@ -1,0 +1,134 @@
+"""Serving without a server: loading a verified model, decoding uploads, build helpers."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.index import IndexMismatchError
+from components.registry import ResolvedModel, load_served_model
+from serving.build import package_model, serve_command, serving_requirements
+from serving.uploads import BadImage, decode_image
+
+from serving_support import flip_byte
+
+
+def _copy(files, tmp_path: Path) -> tuple[Path, Path]:
+    encoder_dir = shutil.copytree(files.encoder_dir, tmp_path / "encoder")
+    index_dir = shutil.copytree(files.index_dir, tmp_path / "index")
+    return encoder_dir, index_dir
+
+
+# --- load_served_model: the check the service runs at start-up ---------------------------------
+
+def test_load_served_model_matches_catalogue_images(served_files):
+    served = load_served_model(served_files.encoder_dir, served_files.index_dir, "tiny", "7", served_files.checksum)
+    images = [Image.open(p) for p in served_files.iconic.values()]
+    results = served.match(images, top_k=3)
+    assert [hits[0]["sku_id"] for hits in results] == list(served_files.iconic)
+    assert all(hits[0]["score"] == pytest.approx(1.0, abs=1e-4) for hits in results)
+    assert all(len({h["sku_id"] for h in hits}) == 3 for hits in results)
+    vectors = served.embed(images[:2])
+    assert vectors.shape == (2, 16)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_load_served_model_refuses_a_flipped_byte(served_files, tmp_path):
+    encoder_dir, index_dir = _copy(served_files, tmp_path)
+    flip_byte(index_dir / "index.faiss")
+    with pytest.raises(IndexMismatchError, match="corrupt: checksum"):
+        load_served_model(encoder_dir, index_dir, "tiny", "7", served_files.checksum)
+
+
+def test_load_served_model_refuses_edited_items(served_files, tmp_path):
+    encoder_dir, index_dir = _copy(served_files, tmp_path)
+    items = json.loads((index_dir / "items.json").read_text())
+    items["sku_ids"][0], items["sku_ids"][1] = items["sku_ids"][1], items["sku_ids"][0]
+    (index_dir / "items.json").write_text(json.dumps(items))
+    with pytest.raises(IndexMismatchError, match="checksum"):
+        load_served_model(encoder_dir, index_dir, "tiny", "7", served_files.checksum)
+
+
+def test_load_served_model_refuses_a_checksum_the_version_does_not_record(served_files):
+    with pytest.raises(IndexMismatchError, match="records 0{64}"):
+        load_served_model(served_files.encoder_dir, served_files.index_dir, "tiny", "7", "0" * 64)
+
+
+def test_load_served_model_refuses_an_index_of_another_version(served_files):
+    with pytest.raises(IndexMismatchError, match="built from model version 7, not the served version 8"):
+        load_served_model(served_files.encoder_dir, served_files.index_dir, "tiny", "8", served_files.checksum)
+
+
+def test_load_served_model_refuses_a_missing_index_file(served_files, tmp_path):
+    encoder_dir, index_dir = _copy(served_files, tmp_path)
+    (index_dir / "index.faiss").unlink()
+    with pytest.raises(IndexMismatchError, match="lacks index.faiss"):
+        load_served_model(encoder_dir, index_dir, "tiny", "7", served_files.checksum)
+
+
+def test_package_model_verifies_before_storing(served_files):
+    # Verification comes first, so a bad version never reaches the BentoML store.
+    resolved = ResolvedModel("tiny", "7", served_files.encoder_dir, served_files.index_dir, "f" * 64, {})
+    with pytest.raises(IndexMismatchError, match="records f{64}"):
+        package_model(resolved, "never-created")
+    without_index = ResolvedModel("tiny", "7", served_files.encoder_dir, None, None, {})
+    with pytest.raises(ValueError, match="without an index"):
+        package_model(without_index, "never-created")
+    resolved_ok = ResolvedModel("tiny", "7", served_files.encoder_dir, served_files.index_dir, served_files.checksum, {})
+    with pytest.raises(ValueError, match="default_top_k"):
+        package_model(resolved_ok, "never-created", default_top_k=0)
+
+
+# --- decoding uploads ----------------------------------------------------------------------------
+
+def _jpeg_bytes(size=(24, 20), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 128).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("L", "PNG"), ("RGBA", "PNG"), ("P", "GIF"), ("RGB", "WEBP")])
+def test_decode_image_returns_rgb(tmp_path, mode, fmt):
+    path = tmp_path / f"x.{fmt.lower()}"
+    Image.new(mode, (9, 7)).save(path, format=fmt)
+    image = decode_image(path)
+    assert image.mode == "RGB" and image.size == (9, 7)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8)), "not an image"),
+    (b"just some text\n", "not an image"),
+    (_jpeg_bytes()[:200], "truncated or corrupt"),
+], ids=["empty", "random-bytes", "text", "truncated-jpeg"])
+def test_decode_image_rejects_bad_uploads(tmp_path, content, message):
+    path = tmp_path / "upload"
+    path.write_bytes(content)
+    with pytest.raises(BadImage, match=message):
+        decode_image(path)
+
+
+# --- build helpers -------------------------------------------------------------------------------
+
+def test_serving_requirements_pin_installed_versions():
+    requirements = serving_requirements()
+    names = [r.split("==")[0] for r in requirements]
+    assert len(names) == len(set(names)) and "bentoml" not in names  # BentoML adds its own pin
+    torch_version = metadata.version("torch").split("+")[0]
+    assert f"torch=={torch_version}" in requirements
+    assert {"transformers", "faiss-cpu", "pillow", "safetensors", "numpy"} <= set(names)
+
+
+def test_serve_command():
+    assert serve_command("skumatch:abc", 3001) == [sys.executable, "-m", "bentoml", "serve", "skumatch:abc",
+                                                  "--port", "3001"]
+    assert serve_command("skumatch:abc", 3001, host="127.0.0.1")[-2:] == ["--host", "127.0.0.1"]
+    assert serve_command(None, 3000)[4] == "skumatch:latest"
