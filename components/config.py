@@ -104,6 +104,8 @@ class IndexParams(_Section):
 
     # A faiss.index_factory string; inner product on L2-normalised embeddings = cosine.
     factory: str = "Flat"
+    # IVF lists visited per search (IVF factories only); FAISS's default of 1 loses recall.
+    nprobe: int = Field(default=16, ge=1)
     use_gpu: Literal["auto", "never"] = "auto"
     output_dir: str = "models/index"
 
@@ -166,8 +168,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ParamsError(f"override {override!r}: {key!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(text)
+        # Text fields take the text as typed: experiment "2024" or a path "on" stay strings.
+        node[keys[-1]] = text if _expects_text(keys) else yaml.safe_load(text)
     return result
+
+
+def _expects_text(keys: list[str]) -> bool:
+    """Whether the field at ``keys`` is a plain string field of the params tree."""
+    model: Any = Params
+    for key in keys:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return False
+        model = field.annotation
+    return model is str
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:

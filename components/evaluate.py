@@ -219,7 +219,8 @@ def gate(challenger: dict[str, dict[str, float]], champion: dict[str, dict[str, 
     if champion is not None and protocol in champion:
         for metric in ("top1", "top3"):
             value, best = numbers.get(metric, 0.0), champion[protocol].get(metric, 0.0)
-            ok = value >= best - params.champion_tolerance
+            # A small epsilon so "exactly the tolerance worse" is not refused by float rounding.
+            ok = value >= best - params.champion_tolerance - 1e-9
             line = (f"{protocol} {metric} {value:.4f} vs champion {best:.4f} "
                     f"(tolerance {params.champion_tolerance:.4f}): {'not worse' if ok else 'worse'}")
             (decision.checks if ok else decision.reasons).append(line)

@@ -83,13 +83,25 @@ def _use_gpu(policy: str) -> bool:
     return policy == "auto" and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
+def _set_nprobe(index, nprobe: int | None) -> None:
+    """How many IVF lists a search visits (FAISS's default of 1 misses most neighbours)."""
+    import faiss
+
+    if nprobe:
+        try:
+            faiss.extract_index_ivf(index).nprobe = int(nprobe)
+        except RuntimeError:  # not an IVF index: nothing to set
+            pass
+
+
 def build_index(embeddings: np.ndarray, sku_ids: list[str], image_paths: list[str], factory: str = "Flat",
-                use_gpu: str = "auto", meta: dict | None = None) -> CatalogueIndex:
+                use_gpu: str = "auto", meta: dict | None = None, nprobe: int = 16) -> CatalogueIndex:
     """Build an inner-product index over catalogue embeddings.
 
     Args:
         embeddings: ``(n, d)`` L2-normalised rows.
         factory: a ``faiss.index_factory`` string (``Flat``, ``IVF1024,Flat``, ``HNSW32`` ...).
+        nprobe: IVF lists visited per search (ignored by other index types); kept in the meta.
         use_gpu: ``auto`` builds on the GPU when FAISS sees one; ``never`` stays on the CPU.
         meta: facts to keep with the index (model name and version).
 
@@ -113,14 +125,18 @@ def build_index(embeddings: np.ndarray, sku_ids: list[str], image_paths: list[st
     else:
         index.train(vectors)
         index.add(vectors)
-    info = {"factory": factory, "dim": int(vectors.shape[1]), "ntotal": int(index.ntotal), **(meta or {})}
+    _set_nprobe(index, nprobe)
+    info = {"factory": factory, "nprobe": nprobe, "dim": int(vectors.shape[1]), "ntotal": int(index.ntotal), **(meta or {})}
     return CatalogueIndex(index, list(map(str, sku_ids)), list(map(str, image_paths)), info)
 
 
-def _checksum(folder: Path) -> str:
+def _checksum(folder: Path, meta: dict) -> str:
+    # The facts in index.json (model version above all) are covered too, so editing them
+    # is caught like a flipped byte in the index itself.
     digest = hashlib.sha256()
     for name in (INDEX_FILE, ITEMS_FILE):
         digest.update((folder / name).read_bytes())
+    digest.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -132,7 +148,7 @@ def save_index(catalogue: CatalogueIndex, out_dir: str | Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     faiss.write_index(catalogue.index, str(folder / INDEX_FILE))
     (folder / ITEMS_FILE).write_text(json.dumps({"sku_ids": catalogue.sku_ids, "image_paths": catalogue.image_paths}))
-    checksum = _checksum(folder)
+    checksum = _checksum(folder, catalogue.meta)
     catalogue.meta["checksum"] = checksum
     (folder / META_FILE).write_text(json.dumps(catalogue.meta, indent=2))
     return checksum
@@ -158,7 +174,7 @@ def load_index(folder: str | Path, expected_checksum: str | None = None,
         if not (folder / name).exists():
             raise IndexMismatchError(f"index folder {folder} lacks {name}")
     meta = json.loads((folder / META_FILE).read_text())
-    actual = _checksum(folder)
+    actual = _checksum(folder, meta)
     if actual != meta.get("checksum"):
         raise IndexMismatchError(f"index {folder} is corrupt: checksum {actual} != recorded {meta.get('checksum')}")
     if expected_checksum is not None and actual != expected_checksum:
@@ -170,13 +186,14 @@ def load_index(folder: str | Path, expected_checksum: str | None = None,
             f"not the served version {expected_model_version}")
     items = json.loads((folder / ITEMS_FILE).read_text())
     index = faiss.read_index(str(folder / INDEX_FILE))
+    _set_nprobe(index, meta.get("nprobe"))
     if index.ntotal != len(items["sku_ids"]):
         raise IndexMismatchError(f"index {folder} has {index.ntotal} rows but {len(items['sku_ids'])} items")
     return CatalogueIndex(index, items["sku_ids"], items["image_paths"], meta)
 
 
 def build_catalogue_index(encoder, preprocess, catalogue_rows, factory: str = "Flat", use_gpu: str = "auto",
-                          batch_size: int = 16, meta: dict | None = None) -> CatalogueIndex:
+                          batch_size: int = 16, meta: dict | None = None, nprobe: int = 16) -> CatalogueIndex:
     """Embed the catalogue images with ``encoder`` and index them.
 
     Args:
@@ -190,4 +207,4 @@ def build_catalogue_index(encoder, preprocess, catalogue_rows, factory: str = "F
     if not paths:
         raise ValueError("the catalogue is empty: no rows with role 'catalogue' to index")
     vectors = embed_images(encoder, preprocess, paths, batch_size)
-    return build_index(vectors, list(catalogue_rows["sku_id"]), paths, factory, use_gpu, meta)
+    return build_index(vectors, list(catalogue_rows["sku_id"]), paths, factory, use_gpu, meta, nprobe)

@@ -152,7 +152,7 @@ def _packaged_lite_weights(variant: str) -> dict[str, torch.Tensor]:
 def _build_clip(params: ModelParams, architecture: dict[str, Any] | None) -> ClipVisionBackbone:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    if architecture is not None:
+    if architecture:
         # Rebuilding a saved encoder: the architecture comes from the saved config, the
         # weights from model.safetensors, so no hub access happens.
         model = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(architecture))
@@ -237,7 +237,7 @@ def load_encoder(model_dir: str | Path, device: str | torch.device = "cpu") -> t
             raise FileNotFoundError(f"{folder} is not a saved encoder: {name} is missing")
     description = json.loads((folder / ENCODER_FILE).read_text())
     params = ModelParams.model_validate(description["model"])
-    encoder, _ = build_encoder(params, architecture=description["architecture"] or None)
+    encoder, _ = build_encoder(params, architecture=description["architecture"])
     encoder.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     pre = description["preprocess"]
     preprocess = Preprocess(int(pre["image_size"]), tuple(pre["mean"]), tuple(pre["std"]))

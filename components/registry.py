@@ -66,10 +66,11 @@ def connect(params: RegistryParams):
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)
     if client.get_experiment_by_name(params.experiment) is None:
-        # With the embedded store, keep artifacts beside the database, not in ./mlruns.
+        # A SQLite store keeps artifacts beside its database (MLflow would use ./mlruns of
+        # whatever folder the process runs in); a tracking server manages its own.
         location = None
-        if uri.startswith("sqlite:///") and not params.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-            location = (DEFAULT_HOME / "mlartifacts").resolve().as_uri()
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
         client.create_experiment(params.experiment, artifact_location=location)
     mlflow.set_experiment(params.experiment)
     return client

@@ -155,7 +155,10 @@ class TrainResult:
 
 def run_fingerprint(params: Params, data_version: str | None) -> str:
     """A short hash of everything that shapes a training run (checkpoint folder name)."""
-    shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude={"resume", "device"}),
+    # Not hashed: how long to train (epochs), where files go, how often to evaluate, the device:
+    # a run asked for more epochs continues the shorter run's checkpoints.
+    not_shaping = {"resume", "device", "epochs", "output_dir", "checkpoint_dir", "eval_every_epochs", "num_workers"}
+    shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude=not_shaping),
                "data": params.data.model_dump(), "data_version": data_version}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -328,11 +331,12 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
             metrics = evaluate_embeddings(embeddings_by_path, eval_sets, params.evaluate.ks)
             record.update({f"val.{k}": v for k, v in flatten_metrics(metrics).items()})
             record["_metrics"] = metrics
+        history.append(record)
+        # Checkpoint first: a tracker that fails (a network hiccup) must not cost the epoch.
+        _save_checkpoint(checkpoint_folder, epoch, encoder, head, optimizer, history)
         tracker.log_metrics({k: v for k, v in record.items() if not k.startswith("_") and k != "epoch"}, step=epoch)
         LOGGER.info("epoch %d/%d loss %.4f %s", epoch + 1, cfg.epochs, record["train.loss"],
                     " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith(("top1", "top3"))))
-        history.append(record)
-        _save_checkpoint(checkpoint_folder, epoch, encoder, head, optimizer, history)
 
     encoder.eval()
     model_dir = save_encoder(encoder, preprocess, params.model, cfg.output_dir, extra={

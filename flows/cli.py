@@ -144,7 +144,8 @@ def index(
     catalogue = build_catalogue_index(encoder, preprocess, select(manifest, role="catalogue"), cfg.index.factory,
                                       cfg.index.use_gpu, cfg.evaluate.batch_size,
                                       meta={"model_name": cfg.registry.model_name, "model_version": "local",
-                                            "run_fingerprint": description.get("run_fingerprint")})
+                                            "run_fingerprint": description.get("run_fingerprint")},
+                                      nprobe=cfg.index.nprobe)
     checksum = save_index(catalogue, out or Path(cfg.index.output_dir))
     typer.echo(json.dumps({"index_dir": str(out or cfg.index.output_dir), "checksum": checksum,
                            "ntotal": len(catalogue.sku_ids)}))

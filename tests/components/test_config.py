@@ -128,10 +128,6 @@ def test_flatten_params_gives_dotted_string_values():
     assert all(isinstance(v, str) for v in flat.values())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG components/config.py:159 apply_overrides parses every value with yaml.safe_load, so a "
-    "string field given a number- or bool-looking value (registry.experiment=2024, "
-    "registry.model_name=on) becomes int/bool and pydantic rejects it: 'Input should be a valid string'"))
 def test_string_field_accepts_a_number_looking_override():
     params = load_params(None, ["registry.experiment=2024"])
     assert params.registry.experiment == "2024"

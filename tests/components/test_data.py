@@ -216,10 +216,6 @@ def test_unreadable_manifest_is_an_error(tmp_path):
         load_manifest(tmp_path / "manifest.parquet")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG components/data.py:127 pd.read_csv(path) infers dtypes, so SKU ids that look numeric lose "
-    "leading zeros ('00123' -> '123', barcodes/EAN codes) and become floats when any sku_id is "
-    "missing ('123' -> '123.0'); read with dtype=str/keep_default_na to keep ids verbatim"))
 def test_csv_manifest_keeps_sku_ids_verbatim(tmp_path):
     frame = _manifest_frame(tmp_path / "data")
     frame["sku_id"] = frame["sku_id"].map({"milk": "00123", "soda": "0456"})

@@ -68,7 +68,7 @@ def test_build_records_facts(catalogue):
     index = build_index(embeddings, sku_ids, paths, use_gpu="never", meta={"model_version": "7"})
     assert isinstance(index, CatalogueIndex)
     assert index.dim == DIM
-    assert index.meta == {"factory": "Flat", "dim": DIM, "ntotal": 60, "model_version": "7"}
+    assert index.meta == {"factory": "Flat", "nprobe": 16, "dim": DIM, "ntotal": 60, "model_version": "7"}
     assert index.sku_ids == sku_ids and index.image_paths == paths
 
 
@@ -233,3 +233,27 @@ def test_other_factories_work(tmp_path, factory):
     checksum = save_index(index, tmp_path / factory)
     loaded = load_index(tmp_path / factory, expected_checksum=checksum, expected_model_version="1")
     assert loaded.search(probes, top_k=3) == index.search(probes, top_k=3)
+
+
+def test_edited_model_version_in_meta_is_caught(saved):
+    folder, _, _ = saved
+    meta = json.loads((folder / "index.json").read_text())
+    meta["model_version"] = "4"
+    (folder / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(IndexMismatchError, match="corrupt"):
+        load_index(folder)
+
+
+def test_ivf_index_searches_with_nprobe(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    skus = [f"sku{i}" for i in range(2000)]
+    exact = build_index(vectors, skus, skus, "Flat", use_gpu="never")
+    ivf = build_index(vectors, skus, skus, "IVF16,Flat", use_gpu="never", nprobe=16)
+    save_index(ivf, tmp_path / "ivf")
+    reloaded = load_index(tmp_path / "ivf")
+    queries = vectors[:50] + 0.05 * rng.standard_normal((50, 16)).astype(np.float32)
+    expected = [hits[0][0] for hits in exact.search(queries, 1)]
+    # nprobe = nlist visits every list: the IVF answer equals the exact one, also after reloading.
+    assert [hits[0][0] for hits in reloaded.search(queries, 1)] == expected
