@@ -278,7 +278,7 @@ def embed_images(encoder: Encoder, preprocess: Preprocess, paths: list[str], bat
     encoder.eval()
     outputs = []
     batches = range(0, len(paths), batch_size)
-    for start in tqdm(batches, desc="embedding", disable=not progress, leave=False):
+    for start in tqdm(batches, desc="embedding", disable=None if progress else True, leave=False):
         pixels = torch.stack([preprocess(load_rgb(p)) for p in paths[start:start + batch_size]]).to(device)
         with autocast_for(device):
             out = encoder.features(pixels) if features_only else encoder(pixels)

@@ -300,7 +300,7 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
         from tqdm.auto import tqdm
 
         batches = pk_batches(labels, skus_per_batch, cfg.images_per_sku, rng)
-        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if progress else True, leave=False):
             targets = torch.from_numpy(labels[batch]).to(device)
             with autocast_for(device):
                 if frozen:

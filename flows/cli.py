@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+# Usage reports would only fail (and log errors) on hosts with no internet; opt out unless the
+# user chose otherwise.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
 app = typer.Typer(help="skumatch: product image matching, from data to a served model.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
