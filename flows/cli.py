@@ -32,15 +32,18 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="ove
 DataOption = Annotated[Optional[str], typer.Option("--data", help="dataset path (overrides data.root)")]
 
 
-def _params(params_path: Path, overrides: list[str] | None, data: str | None = None):
-    from components.config import load_params
-
-    return load_params(params_path, list(overrides or []) + ([f"data.root={data}"] if data else []))
-
-
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code=1)
+
+
+def _params(params_path: Path, overrides: list[str] | None, data: str | None = None):
+    from components.config import ParamsError, load_params
+
+    try:
+        return load_params(params_path, list(overrides or []) + ([f"data.root={data}"] if data else []))
+    except ParamsError as err:
+        _fail(str(err))
 
 
 @app.callback()
