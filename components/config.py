@@ -77,6 +77,13 @@ class TrainParams(_Section):
     scale: float = Field(default=30.0, gt=0)
     subcenters: int = Field(default=3, ge=1)
     augment: bool = True
+    # Frozen stage: cached views per training image (1 = as is, 2 = + mirrored, more = + shelf
+    # augmentations) and per catalogue image (the few catalogue images get many views).
+    cached_views: int = Field(default=4, ge=1)
+    catalogue_views: int = Field(default=16, ge=1)
+    # Weight of the loss that ranks each photo's catalogue image above other SKUs' (the
+    # catalogue protocol's own task); 0 turns it off.
+    catalogue_anchor_weight: float = Field(default=1.0, ge=0)
     num_workers: int = Field(default=0, ge=0)
     checkpoint_dir: str = "checkpoints"
     output_dir: str = "models/encoder"

@@ -140,6 +140,102 @@ def pk_batches(labels: np.ndarray, skus_per_batch: int, images_per_sku: int, rng
     return batches
 
 
+def catalogue_anchor_loss(embeddings: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor,
+                          anchor_labels: torch.Tensor, n_classes: int, margin: float, scale: float) -> torch.Tensor:
+    """Margin softmax of photos against the embedded catalogue images of all SKUs.
+
+    The ``catalogue`` protocol ranks SKUs by similarity to their catalogue images, so this loss
+    trains exactly that ranking: a photo must be closer to its own SKU's catalogue image (the
+    best one, when a SKU has several) than to any other SKU's, by ``margin``. Photos of SKUs
+    without a catalogue image are left out.
+    """
+    similarity = embeddings.float() @ anchors.float().T
+    per_sku = torch.full((len(embeddings), n_classes), -1.0, device=embeddings.device, dtype=similarity.dtype)
+    per_sku = per_sku.scatter_reduce(1, anchor_labels.expand(len(embeddings), -1), similarity, reduce="amax",
+                                     include_self=False)
+    has_anchor = torch.zeros(n_classes, dtype=torch.bool, device=embeddings.device)
+    has_anchor[anchor_labels] = True
+    keep = has_anchor[labels]
+    if not keep.any():
+        return embeddings.sum() * 0.0
+    per_sku, labels = per_sku[keep][:, has_anchor], labels[keep]
+    # Column of each kept label among the SKUs that have anchors.
+    labels = torch.cumsum(has_anchor.long(), 0)[labels] - 1
+    target = per_sku.gather(1, labels[:, None]) - margin
+    return F.cross_entropy(per_sku.scatter(1, labels[:, None], target) * scale, labels)
+
+
+@dataclass
+class CachedFeatures:
+    """Backbone features of the frozen stage.
+
+    ``train_views``: ``(views, n_train, dim)``; view 0 is the image as is, view 1 mirrored, the
+    rest shelf-augmented. ``catalogue_views``: ``(views, n_catalogue, dim)``, extra augmented
+    views of the (few) catalogue images, view 0 as is. ``evaluation``: one row per evaluation
+    image, in ``evaluation_paths`` order.
+    """
+
+    train_views: np.ndarray
+    catalogue_views: np.ndarray
+    evaluation: np.ndarray
+    evaluation_paths: list[str]
+
+
+def _features_fingerprint(params: Params, data_version: str | None, paths: list[str]) -> str:
+    shaping = {"model": params.model.model_dump(), "views": params.train.cached_views,
+               "catalogue_views": params.train.catalogue_views, "augment": params.train.augment,
+               "seed": params.train.seed, "data_version": data_version,
+               "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[str], catalogue_rows: np.ndarray,
+                   evaluation_paths: list[str], params: Params, device: torch.device, data_version: str | None,
+                   progress: bool = False) -> CachedFeatures:
+    """Compute (or read back) the frozen stage's features.
+
+    They depend only on the backbone, the images and the view settings, so they are stored as
+    safetensors under ``train.checkpoint_dir`` and reused by any run that differs only in how
+    the head trains (loss, margin, learning rate, epochs): the expensive part is paid once.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    cfg = params.train
+    all_paths = train_paths + evaluation_paths
+    target = Path(cfg.checkpoint_dir) / f"features-{_features_fingerprint(params, data_version, all_paths)}.safetensors"
+    if target.exists():
+        LOGGER.info("reusing cached backbone features %s", target)
+        stored = load_file(str(target))
+        return CachedFeatures(stored["train_views"], stored["catalogue_views"], stored["evaluation"], evaluation_paths)
+
+    def features(paths: list[str], transform) -> np.ndarray:
+        return embed_images(encoder, transform, paths, params.evaluate.batch_size, device, features_only=True,
+                            progress=progress)
+
+    rng = random.Random(cfg.seed)
+    shelf = ShelfAugment(preprocess, rng)
+    view_transforms = [preprocess, _Mirrored(preprocess)] + [shelf] * max(0, cfg.cached_views - 2)
+    train_views = np.stack([features(train_paths, t) for t in view_transforms[:cfg.cached_views]])
+    catalogue_paths = [train_paths[i] for i in catalogue_rows]
+    catalogue_views = np.stack([train_views[0, catalogue_rows]] + [
+        features(catalogue_paths, shelf) for _ in range(cfg.catalogue_views - 1)]) if len(catalogue_paths) else \
+        np.zeros((1, 0, train_views.shape[-1]), dtype=np.float32)
+    evaluation = features(evaluation_paths, preprocess)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"train_views": train_views, "catalogue_views": catalogue_views, "evaluation": evaluation}, str(target))
+    return CachedFeatures(train_views, catalogue_views, evaluation, evaluation_paths)
+
+
+class _Mirrored:
+    """Preprocessing of the horizontally mirrored image."""
+
+    def __init__(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.preprocess(image).flip(-1)
+
+
 @dataclass
 class TrainResult:
     """What a training run produced."""
@@ -269,21 +365,17 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
     tracker.log_params({"train.device_resolved": device.type, "train.skus": str(len(sku_ids)),
                         "train.images": str(len(training_rows)), "data.version": data_version or "unknown"})
 
-    # Frozen stage: cache backbone features of every image once (training images also mirrored).
-    feature_cache: dict[str, np.ndarray] = {}
-    mirrored: np.ndarray | None = None
+    # Frozen stage: backbone features of every image, plus augmented views of the training
+    # images, computed once (or read from disk) so the head trains in seconds per epoch.
+    catalogue_rows = np.flatnonzero(training_rows["role"].to_numpy() == "catalogue")
+    cached: CachedFeatures | None = None
     if start_epoch < cfg.frozen_epochs:
-        all_paths = sorted(set(training_rows["image_path"]).union(
-            eval_sets.queries["image_path"], *(g["image_path"] for g in eval_sets.galleries.values())))
-        features = embed_images(encoder, preprocess, all_paths, params.evaluate.batch_size, device, features_only=True,
-                                progress=progress)
-        feature_cache = dict(zip(all_paths, features))
-        mirrored = embed_images(encoder, _Mirrored(preprocess), list(training_rows["image_path"]), params.evaluate.batch_size,
-                                device, features_only=True, progress=progress)
+        eval_paths = sorted(set(eval_sets.queries["image_path"]).union(*(g["image_path"] for g in eval_sets.galleries.values())))
+        cached = cache_features(encoder, preprocess, list(training_rows["image_path"]), catalogue_rows, eval_paths,
+                                params, device, data_version, progress)
         if resumed is None:
             with torch.no_grad():
-                base = torch.from_numpy(np.stack([feature_cache[p] for p in training_rows["image_path"]])).to(device)
-                embedded = encoder.embed_features(base)
+                embedded = encoder.embed_features(torch.from_numpy(cached.train_views[0]).to(device))
                 prototypes = torch.stack([embedded[torch.from_numpy(labels == i).to(device)].mean(0) for i in range(len(sku_ids))])
             head.init_from_prototypes(prototypes)
 
@@ -304,14 +396,19 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
             targets = torch.from_numpy(labels[batch]).to(device)
             with autocast_for(device):
                 if frozen:
-                    use_mirror = rng.random(len(batch)) < 0.5
-                    rows = [mirrored[i] if m else feature_cache[training_rows["image_path"].iat[i]]
-                            for i, m in zip(batch, use_mirror)]
-                    embeddings = encoder.embed_features(torch.from_numpy(np.stack(rows)).to(device))
+                    views = rng.integers(0, len(cached.train_views), len(batch))
+                    embeddings = encoder.embed_features(torch.from_numpy(cached.train_views[views, batch]).to(device))
                 else:
                     pixels = torch.stack([augment(load_rgb(training_rows["image_path"].iat[i])) for i in batch]).to(device)
                     embeddings = encoder(pixels)
                 loss = head(embeddings, targets)
+                if frozen and cfg.catalogue_anchor_weight > 0 and len(catalogue_rows):
+                    views = rng.integers(0, len(cached.catalogue_views), len(catalogue_rows))
+                    anchors = encoder.embed_features(
+                        torch.from_numpy(cached.catalogue_views[views, np.arange(len(catalogue_rows))]).to(device))
+                    loss = loss + cfg.catalogue_anchor_weight * catalogue_anchor_loss(
+                        embeddings, targets, anchors, torch.from_numpy(labels[catalogue_rows]).to(device),
+                        len(sku_ids), cfg.margin, cfg.scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -322,9 +419,8 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
             encoder.eval()
             if frozen:
                 with torch.no_grad():
-                    paths = list(feature_cache)
-                    vectors = encoder.embed_features(torch.from_numpy(np.stack([feature_cache[p] for p in paths])).to(device))
-                embeddings_by_path = dict(zip(paths, vectors.float().cpu().numpy()))
+                    vectors = encoder.embed_features(torch.from_numpy(cached.evaluation).to(device))
+                embeddings_by_path = dict(zip(cached.evaluation_paths, vectors.float().cpu().numpy()))
             else:
                 paths = sorted(set(eval_sets.queries["image_path"]).union(*(g["image_path"] for g in eval_sets.galleries.values())))
                 embeddings_by_path = dict(zip(paths, embed_images(encoder, preprocess, paths, params.evaluate.batch_size, device)))
@@ -346,14 +442,3 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
                        history=[{k: v for k, v in h.items() if not k.startswith("_")} for h in history],
                        wall_time_s=time.perf_counter() - started, device=device.type, resumed_from_epoch=resumed,
                        sku_ids=sku_ids)
-
-
-class _Mirrored:
-    """Preprocessing of the horizontally mirrored image (the cached second view)."""
-
-    def __init__(self, preprocess: Preprocess) -> None:
-        self.preprocess = preprocess
-        self.image_size = preprocess.image_size
-
-    def __call__(self, image) -> torch.Tensor:
-        return self.preprocess(image).flip(-1)

@@ -204,7 +204,10 @@ def test_other_params_never_resume_a_foreign_checkpoint(tmp_path, tiny_clip_dir,
     result = train_encoder(other, manifest, tracker=tracker, progress=False)
     assert result.resumed_from_epoch is None
     assert tracker.steps == [0, 1]
-    assert len(list(Path(first.train.checkpoint_dir).iterdir())) == 2  # one folder per fingerprint
+    folder = Path(first.train.checkpoint_dir)
+    assert len([p for p in folder.iterdir() if p.is_dir()]) == 2  # one checkpoint folder per fingerprint
+    # ... but the backbone features, which a margin does not change, were computed once and shared.
+    assert len(list(folder.glob("features-*.safetensors"))) == 1
     # Another data version is another run too.
     assert run_fingerprint(first, "a.dir") != run_fingerprint(first, "b.dir")
 
@@ -303,3 +306,18 @@ def test_pk_batches_are_reproducible_from_the_seed():
     a = pk_batches(labels, 3, 2, np.random.default_rng(7))
     b = pk_batches(labels, 3, 2, np.random.default_rng(7))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_catalogue_anchor_loss_prefers_the_own_catalogue_image():
+    from components.train import catalogue_anchor_loss
+
+    anchors = torch.nn.functional.normalize(torch.eye(4)[:3], dim=-1)  # SKUs 0..2 have catalogue images, 3 has none
+    anchor_labels = torch.tensor([0, 1, 2])
+    near_own = torch.nn.functional.normalize(torch.eye(4)[:3] + 0.1, dim=-1)
+    labels = torch.tensor([0, 1, 2])
+    right = catalogue_anchor_loss(near_own, labels, anchors, anchor_labels, 4, 0.2, 30.0)
+    wrong = catalogue_anchor_loss(near_own, torch.tensor([1, 2, 0]), anchors, anchor_labels, 4, 0.2, 30.0)
+    assert torch.isfinite(right) and right < wrong
+    # A photo of a SKU without a catalogue image is left out: no anchor to rank it against.
+    alone = catalogue_anchor_loss(near_own[:1], torch.tensor([3]), anchors, anchor_labels, 4, 0.2, 30.0)
+    assert alone.item() == 0.0

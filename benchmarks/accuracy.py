@@ -1,0 +1,161 @@
+"""Accuracy benchmark: zero-shot backbone vs the fine-tuned model, both protocols, in one run.
+
+    python -m benchmarks.accuracy --data ../shared/datasets/grocery-store --queries val
+    python -m benchmarks.accuracy --queries val --ablation          # also the recipe ablation
+
+The baseline (the pretrained backbone's own features, no training) and the fine-tuned model are
+measured in the same run on the same data, so the ratio between them is meaningful whatever the
+machine. Figures go to ``benchmarks/results/accuracy.md`` with the machine noted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from components.config import Params, load_params
+from components.data import data_version, load_manifest
+from components.evaluate import evaluate_encoder, protocol_sets
+from components.model import build_encoder, load_encoder, resolve_device
+from components.train import train_encoder
+
+LOGGER = logging.getLogger("benchmarks.accuracy")
+RESULTS = Path(__file__).parent / "results" / "accuracy.md"
+METRIC_COLUMNS = ("top1", "top3", "top5", "delta_similarity", "map")
+
+# What each ablation row changes from the default recipe (params.yaml).
+ABLATION: dict[str, list[str]] = {
+    "head only (frozen backbone, cached features)": ["train.epochs=10", "train.frozen_epochs=10"],
+}
+
+
+def machine() -> str:
+    """One line naming the hardware and software the figures come from."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def _evaluate(encoder, preprocess, manifest, params: Params, query_split: str) -> tuple[dict, float]:
+    """Metrics of both protocols and the embedding throughput (images/s) of that evaluation."""
+    sets = protocol_sets(manifest, query_split, params.data.train_split)
+    n_images = len(set(sets.queries["image_path"]).union(*(g["image_path"] for g in sets.galleries.values())))
+    device = resolve_device(params.train.device)
+    started = time.perf_counter()
+    metrics = evaluate_encoder(encoder.to(device), preprocess, manifest, query_split, params.data.train_split,
+                               params.evaluate, device=device)
+    return metrics, n_images / (time.perf_counter() - started)
+
+
+def zero_shot(params: Params, manifest, query_split: str) -> dict:
+    """The pretrained backbone's own (pooled, normalised) features, with no projection and no training."""
+    raw = params.model.model_copy(update={"embed_dim": 0})
+    encoder, preprocess = build_encoder(raw)
+    metrics, throughput = _evaluate(encoder, preprocess, manifest, params, query_split)
+    return {"metrics": metrics, "images_per_s": throughput, "train_wall_time_s": 0.0}
+
+
+def fine_tuned(params: Params, manifest, query_split: str, version: str) -> dict:
+    """Train with the recipe from scratch (fresh checkpoint folder) and evaluate the saved model."""
+    with tempfile.TemporaryDirectory(prefix="skumatch-bench-") as scratch:
+        run = params.model_copy(update={"train": params.train.model_copy(update={
+            "checkpoint_dir": f"{scratch}/checkpoints", "output_dir": f"{scratch}/model", "resume": False})})
+        result = train_encoder(run, manifest, data_version=version, progress=False)
+        encoder, preprocess, _ = load_encoder(result.model_dir)
+        metrics, throughput = _evaluate(encoder, preprocess, manifest, params, query_split)
+    return {"metrics": metrics, "images_per_s": throughput, "train_wall_time_s": result.wall_time_s}
+
+
+def _row(name: str, result: dict) -> str:
+    cells = [name]
+    for protocol in ("catalogue", "nn"):
+        cells += [f"{result['metrics'][protocol][m]:.3f}" for m in METRIC_COLUMNS]
+    cells += [f"{result['train_wall_time_s'] / 60:.1f}", f"{result['images_per_s']:.1f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def render(results: dict[str, dict], ablation: dict[str, dict], params: Params, query_split: str,
+           version: str, n_queries: int) -> str:
+    """The results file: the recipe, the machine, the comparison and the ablation table."""
+    header = ("| model | cat top-1 | cat top-3 | cat top-5 | cat Δsim | cat mAP | nn top-1 | nn top-3 | nn top-5 "
+              "| nn Δsim | nn mAP | train min | eval img/s |\n" + "|---" * 13 + "|")
+    base, tuned = results["zero-shot backbone"], results["fine-tuned (default recipe)"]
+    ratios = ", ".join(
+        f"{protocol} top-1 ×{tuned['metrics'][protocol]['top1'] / max(base['metrics'][protocol]['top1'], 1e-9):.2f}"
+        for protocol in ("catalogue", "nn"))
+    lines = [
+        "# Accuracy benchmark",
+        "",
+        f"- Run: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, `python -m benchmarks.accuracy "
+        f"--queries {query_split}{' --ablation' if ablation else ''}`",
+        f"- Machine: {machine()}",
+        f"- Data: `{params.data.root}` (DVC hash `{version}`), queries = `{query_split}` ({n_queries} photos), "
+        f"`nn` gallery = `{params.data.train_split}`, `catalogue` gallery = the catalogue images",
+        f"- Backbone: `{params.model.backbone}`, image size {params.model.image_size or 'native'}, "
+        f"embedding {params.model.embed_dim}",
+        f"- Recipe (`train` in params.yaml): `{json.dumps(params.train.model_dump(exclude={'checkpoint_dir', 'output_dir'}))}`",
+        "",
+        "Top-k over distinct SKUs; Δsim = similarity to the true SKU minus the mean similarity to the other SKUs.",
+        "",
+        header,
+        *(_row(name, result) for name, result in results.items()),
+        "",
+        f"Fine-tuned vs zero-shot in this run: {ratios}.",
+    ]
+    if ablation:
+        lines += ["", "## Ablation (each row: the default recipe with one change, same run)", "", header,
+                  *(_row(name, result) for name, result in ablation.items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write the results file."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="dataset root (default: data.root of params.yaml)")
+    parser.add_argument("--queries", default=None, help="query split: any <name>.txt of the layout (default: data.query_split)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", "-S", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    parser.add_argument("--ablation", action="store_true", help="also train and evaluate the ablation variants")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    overrides = args.overrides + ([f"data.root={args.data}"] if args.data else [])
+    params = load_params(args.params, overrides)
+    query_split = args.queries or params.data.query_split
+    params = params.model_copy(update={"data": params.data.model_copy(update={"query_split": query_split})})
+    manifest = load_manifest(params.data.root, params.data.layout, params.data.max_images_per_sku)
+    n_queries = len(protocol_sets(manifest, query_split, params.data.train_split).queries)
+    version = data_version(params.data.root)
+
+    results = {"zero-shot backbone": zero_shot(params, manifest, query_split),
+               "fine-tuned (default recipe)": fine_tuned(params, manifest, query_split, version)}
+    ablation = {}
+    if args.ablation:
+        for name, changes in ABLATION.items():
+            variant = load_params(args.params, overrides + changes)
+            ablation[name] = fine_tuned(variant, manifest, query_split, version)
+    text = render(results, ablation, params, query_split, version, n_queries)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
