@@ -104,6 +104,9 @@ class EvaluateParams(_Section):
     # How much worse than @champion (absolute, on the same data) a challenger may be.
     champion_tolerance: float = Field(default=0.01, ge=0, le=1)
     metrics_path: str = "reports/metrics.json"
+    # Queries within this many bits (of 64) of a gallery image's perceptual hash, or with the
+    # same bytes, are leaks: reported and left out of the metrics. null skips the check.
+    leak_max_distance: int | None = Field(default=4, ge=0, le=64)
 
 
 class IndexParams(_Section):

@@ -107,16 +107,67 @@ def retrieval_metrics(query_embeddings: np.ndarray, query_skus: np.ndarray, gall
     return result
 
 
+def perceptual_hashes(paths: list[str]) -> tuple[np.ndarray, list[str]]:
+    """A 64-bit difference hash (dHash) and a SHA-256 of the bytes of each image.
+
+    The dHash compares neighbouring pixels of a 9x8 grey thumbnail, so re-encoded, resized or
+    slightly recoloured copies of a photo land within a few bits of each other.
+    """
+    import hashlib
+
+    from PIL import Image
+
+    hashes, digests = np.zeros(len(paths), dtype=np.uint64), []
+    for row, path in enumerate(paths):
+        data = Path(path).read_bytes()
+        digests.append(hashlib.sha256(data).hexdigest())
+        with Image.open(path) as image:
+            image.draft("L", (64, 64))  # JPEG decodes straight at a small scale: fast
+            pixels = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+        bits = (pixels[:, 1:] > pixels[:, :-1]).flatten()
+        hashes[row] = np.packbits(bits).view(">u8")[0]
+    return hashes, digests
+
+
+def find_leaks(gallery: pd.DataFrame, queries: pd.DataFrame, max_distance: int = 4) -> pd.DataFrame:
+    """Queries whose image also stands in the gallery: exactly (same bytes) or nearly (dHash).
+
+    Returns:
+        One row per leaking (query, gallery) pair: ``query_path, gallery_path, kind``
+        (``exact`` or ``near``) and ``distance`` (Hamming distance of the hashes, in bits).
+    """
+    columns = ["query_path", "gallery_path", "kind", "distance"]
+    if gallery.empty or queries.empty:
+        return pd.DataFrame(columns=columns)
+    gallery_hashes, gallery_digests = perceptual_hashes(list(gallery["image_path"]))
+    query_hashes, query_digests = perceptual_hashes(list(queries["image_path"]))
+    differing = np.bitwise_xor(query_hashes[:, None], gallery_hashes[None, :])
+    distance = np.unpackbits(differing.view(np.uint8), axis=-1).reshape(len(query_hashes), len(gallery_hashes), 64).sum(-1)
+    same_bytes = np.asarray(query_digests)[:, None] == np.asarray(gallery_digests)[None, :]
+    rows = []
+    for q, g in zip(*np.nonzero(same_bytes | (distance <= max_distance))):
+        rows.append({"query_path": queries["image_path"].iat[q], "gallery_path": gallery["image_path"].iat[g],
+                     "kind": "exact" if same_bytes[q, g] else "near", "distance": int(distance[q, g])})
+    return pd.DataFrame(rows, columns=columns)
+
+
 @dataclass(frozen=True)
 class ProtocolSets:
-    """Which manifest rows are gallery and queries for each protocol."""
+    """Which manifest rows are gallery and queries for each protocol, and which queries leak."""
 
     queries: pd.DataFrame
     galleries: dict[str, pd.DataFrame]
+    leaks: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-def protocol_sets(manifest: pd.DataFrame, query_split: str, train_split: str = "train") -> ProtocolSets:
+def protocol_sets(manifest: pd.DataFrame, query_split: str, train_split: str = "train",
+                  leak_max_distance: int | None = None) -> ProtocolSets:
     """Select queries (the ``query_split`` photos) and the gallery of each protocol.
+
+    Args:
+        leak_max_distance: queries within this many dHash bits of a gallery image (or with the
+            same bytes) are leaks, reported and left out of that protocol's metrics; None skips
+            the check.
 
     Raises:
         DatasetError: a split that is not in the manifest.
@@ -126,7 +177,14 @@ def protocol_sets(manifest: pd.DataFrame, query_split: str, train_split: str = "
         "nn": select(manifest, split=train_split, role="query"),
         "catalogue": select(manifest, role="catalogue"),
     }
-    return ProtocolSets(queries, galleries)
+    leaks = {}
+    if leak_max_distance is not None:
+        for protocol, gallery in galleries.items():
+            leaks[protocol] = find_leaks(gallery, queries, leak_max_distance)
+            if len(leaks[protocol]):
+                LOGGER.warning("%s protocol: %d queries have an exact or near-duplicate image in the gallery; "
+                               "they are left out of its metrics", protocol, leaks[protocol]["query_path"].nunique())
+    return ProtocolSets(queries, galleries, leaks)
 
 
 def evaluate_embeddings(embeddings: dict[str, np.ndarray], sets: ProtocolSets, ks: list[int],
@@ -136,14 +194,17 @@ def evaluate_embeddings(embeddings: dict[str, np.ndarray], sets: ProtocolSets, k
     def stack(rows: pd.DataFrame) -> np.ndarray:
         return np.stack([embeddings[p] for p in rows["image_path"]])
 
-    query_vectors = stack(sets.queries)
     metrics = {}
     for protocol, gallery in sets.galleries.items():
         if gallery.empty:
             LOGGER.warning("protocol %s has an empty gallery; skipped", protocol)
             continue
-        metrics[protocol] = retrieval_metrics(query_vectors, sets.queries["sku_id"].to_numpy(), stack(gallery),
+        # A query whose photo is also in the gallery would be matched by its own copy: drop it.
+        leaked = set(sets.leaks[protocol]["query_path"]) if protocol in sets.leaks else set()
+        queries = sets.queries[~sets.queries["image_path"].isin(leaked)]
+        metrics[protocol] = retrieval_metrics(stack(queries), queries["sku_id"].to_numpy(), stack(gallery),
                                               gallery["sku_id"].to_numpy(), ks, similarity_fn)
+        metrics[protocol]["leaked_queries"] = len(leaked)
     return metrics
 
 
@@ -157,7 +218,7 @@ def evaluate_encoder(encoder, preprocess, manifest: pd.DataFrame, query_split: s
     """
     from components.model import embed_images
 
-    sets = protocol_sets(manifest, query_split, train_split)
+    sets = protocol_sets(manifest, query_split, train_split, params.leak_max_distance)
     paths = sorted(set(sets.queries["image_path"]).union(*(g["image_path"] for g in sets.galleries.values())))
     vectors = embed_images(encoder, preprocess, paths, params.batch_size, device=device, progress=progress)
     return evaluate_embeddings(dict(zip(paths, vectors)), sets, params.ks, similarity_fn)

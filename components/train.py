@@ -346,7 +346,8 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
     if len(sku_ids) < 2:
         raise ValueError(f"training needs at least 2 SKUs, got {len(sku_ids)}")
     labels = training_rows["sku_id"].map({s: i for i, s in enumerate(sku_ids)}).to_numpy()
-    eval_sets = protocol_sets(manifest, params.data.query_split, params.data.train_split)
+    eval_sets = protocol_sets(manifest, params.data.query_split, params.data.train_split,
+                              params.evaluate.leak_max_distance)
 
     encoder, preprocess = build_encoder(params.model)
     encoder.to(device)

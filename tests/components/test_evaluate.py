@@ -240,8 +240,10 @@ def test_evaluate_encoder_on_the_synthetic_dataset(synthetic_dataset, tiny_model
                              similarity_fn=brute_force_similarity)
     assert set(fast) == {"nn", "catalogue"}
     for protocol in fast:
-        assert fast[protocol]["queries"] == 24
-        assert set(fast[protocol]) == {"top1", "top3", "delta_similarity", "map", "queries", "queries_without_gallery_sku"}
+        # Every query is either scored or left out as a leak (the synthetic images are simple
+        # enough that a val drawing can land within 4 dHash bits of a gallery one).
+        assert fast[protocol]["queries"] + fast[protocol]["leaked_queries"] == 24
+        assert set(fast[protocol]) == {"top1", "top3", "delta_similarity", "map", "queries", "queries_without_gallery_sku", "leaked_queries"}
         assert 0.0 <= fast[protocol]["top1"] <= fast[protocol]["top3"] <= 1.0
         for key, value in exact[protocol].items():
             assert fast[protocol][key] == pytest.approx(value, abs=1e-6)
@@ -335,3 +337,39 @@ def test_write_metrics_writes_json(tmp_path):
     assert json.loads(path.read_text()) == metrics
     write_metrics({"catalogue": {"top1": 0.1}}, path)  # overwrites
     assert json.loads(path.read_text()) == {"catalogue": {"top1": 0.1}}
+
+
+def test_leaks_are_found_reported_and_left_out(synthetic_dataset, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from components.data import load_manifest
+    from components.evaluate import evaluate_embeddings, find_leaks, protocol_sets
+
+    root = shutil.copytree(synthetic_dataset, tmp_path / "leaky")
+    manifest = load_manifest(root)
+    val = manifest[manifest["split"] == "val"].reset_index(drop=True)
+    train = manifest[manifest["split"] == "train"].reset_index(drop=True)
+    catalogue = manifest[manifest["role"] == "catalogue"].reset_index(drop=True)
+    # An exact copy of a catalogue image, and a re-encoded, slightly resized train photo, as queries.
+    exact_query, near_query = val["image_path"].iat[0], val["image_path"].iat[1]
+    shutil.copy(catalogue["image_path"].iat[0], exact_query)
+    Image.open(train["image_path"].iat[3]).save(near_query, quality=75)
+
+    leaks = find_leaks(catalogue, val)
+    assert leaks.to_dict("records") == [{"query_path": exact_query, "gallery_path": catalogue["image_path"].iat[0],
+                                         "kind": "exact", "distance": 0}]
+    near = find_leaks(train, val)
+    assert near["query_path"].tolist() == [near_query] and near["kind"].tolist() == ["near"]
+    assert near["gallery_path"].tolist() == [train["image_path"].iat[3]]
+
+    sets = protocol_sets(manifest, "val", "train", leak_max_distance=4)
+    rng = np.random.default_rng(0)
+    embeddings = {p: rng.standard_normal(8).astype(np.float32) for p in manifest["image_path"]}
+    metrics = evaluate_embeddings(embeddings, sets, [1])
+    assert metrics["catalogue"]["leaked_queries"] == 1 and metrics["nn"]["leaked_queries"] == 1
+    assert metrics["catalogue"]["queries"] == len(val) - 1 == metrics["nn"]["queries"]
+    # With the check off, every query counts.
+    unchecked = evaluate_embeddings(embeddings, protocol_sets(manifest, "val", "train", None), [1])
+    assert unchecked["catalogue"]["queries"] == len(val)
