@@ -205,6 +205,9 @@ def evaluate_embeddings(embeddings: dict[str, np.ndarray], sets: ProtocolSets, k
         metrics[protocol] = retrieval_metrics(stack(queries), queries["sku_id"].to_numpy(), stack(gallery),
                                               gallery["sku_id"].to_numpy(), ks, similarity_fn)
         metrics[protocol]["leaked_queries"] = len(leaked)
+        if protocol == "catalogue" and gallery["sku_id"].nunique() >= 2:
+            metrics["open_set"] = open_set_metrics(stack(queries), queries["sku_id"].to_numpy(), stack(gallery),
+                                                   gallery["sku_id"].to_numpy(), similarity_fn=similarity_fn)
     return metrics
 
 
@@ -222,6 +225,74 @@ def evaluate_encoder(encoder, preprocess, manifest: pd.DataFrame, query_split: s
     paths = sorted(set(sets.queries["image_path"]).union(*(g["image_path"] for g in sets.galleries.values())))
     vectors = embed_images(encoder, preprocess, paths, params.batch_size, device=device, progress=progress)
     return evaluate_embeddings(dict(zip(paths, vectors)), sets, params.ks, similarity_fn)
+
+
+def calibrate_rejection(query_embeddings: np.ndarray, query_skus, gallery_embeddings: np.ndarray, gallery_skus,
+                        holdout_fraction: float = 0.25, seed: int = 0,
+                        similarity_fn: SimilarityFn = faiss_similarity) -> dict[str, float]:
+    """Find the similarity below which "no confident match" is the right answer.
+
+    A random ``holdout_fraction`` of the gallery's SKUs is taken out of the gallery; queries of
+    those SKUs now have no true match and should be rejected, the others should be accepted. The
+    threshold on the top-1 SKU score that best separates them (highest F1 of the rejection) is
+    returned with the rejection's precision and recall at that threshold.
+
+    Returns:
+        ``threshold``, ``precision``, ``recall``, ``f1``, ``unknown_queries``, ``known_queries``.
+    """
+    top_score, unknown = _holdout_scores(query_embeddings, query_skus, gallery_embeddings, gallery_skus,
+                                         holdout_fraction, seed, similarity_fn)
+    return {**rejection_at(top_score, unknown, _best_threshold(top_score, unknown)),
+            "unknown_queries": int(unknown.sum()), "known_queries": int((~unknown).sum())}
+
+
+def open_set_metrics(query_embeddings: np.ndarray, query_skus, gallery_embeddings: np.ndarray, gallery_skus,
+                     holdout_fraction: float = 0.25, similarity_fn: SimilarityFn = faiss_similarity) -> dict[str, float]:
+    """Calibrate the rejection threshold on one draw of held-out SKUs, report it on another.
+
+    Reporting on SKUs the threshold was not chosen with keeps the precision/recall honest.
+    """
+    calibration = calibrate_rejection(query_embeddings, query_skus, gallery_embeddings, gallery_skus,
+                                      holdout_fraction, 0, similarity_fn)
+    top_score, unknown = _holdout_scores(query_embeddings, query_skus, gallery_embeddings, gallery_skus,
+                                         holdout_fraction, 1, similarity_fn)
+    report = rejection_at(top_score, unknown, calibration["threshold"])
+    return {"threshold": calibration["threshold"], "calibration_f1": calibration["f1"],
+            "precision": report["precision"], "recall": report["recall"], "f1": report["f1"]}
+
+
+def _holdout_scores(query_embeddings, query_skus, gallery_embeddings, gallery_skus, holdout_fraction: float,
+                    seed: int, similarity_fn: SimilarityFn) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 SKU scores against the gallery minus a random set of SKUs, and which queries lost theirs."""
+    query_skus = np.asarray(query_skus).astype(str)
+    gallery_skus = np.asarray(gallery_skus).astype(str)
+    skus = np.unique(gallery_skus)
+    if len(skus) < 2:
+        raise ValueError("calibration needs at least two SKUs in the gallery")
+    rng = np.random.default_rng(seed)
+    held_out = rng.choice(skus, size=min(len(skus) - 1, max(1, int(round(len(skus) * holdout_fraction)))), replace=False)
+    kept = ~np.isin(gallery_skus, held_out)
+    _, scores = sku_scores(similarity_fn(query_embeddings, gallery_embeddings[kept]), gallery_skus[kept])
+    return scores.max(axis=1), np.isin(query_skus, held_out)
+
+
+def _best_threshold(top_score: np.ndarray, unknown: np.ndarray) -> float:
+    candidates = np.unique(top_score)
+    f1 = [rejection_at(top_score, unknown, t)["f1"] for t in candidates]
+    best = int(np.argmax(f1))
+    # Halfway to the next lower score: same decisions here, and a margin on both sides for
+    # queries the threshold was not chosen on.
+    return float((candidates[best] + candidates[best - 1]) / 2) if best > 0 else float(candidates[best])
+
+
+def rejection_at(top_score: np.ndarray, unknown: np.ndarray, threshold: float) -> dict[str, float]:
+    """Precision and recall of rejecting every query whose top-1 score is below ``threshold``."""
+    rejected = top_score < threshold
+    true_rejections = float((rejected & unknown).sum())
+    precision = true_rejections / rejected.sum() if rejected.any() else 1.0
+    recall = true_rejections / unknown.sum() if unknown.any() else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"threshold": float(threshold), "precision": float(precision), "recall": float(recall), "f1": float(f1)}
 
 
 def flatten_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -275,10 +275,22 @@ class ServedModel:
             pixels = torch.stack([self.preprocess(image) for image in images])
             return self.encoder(pixels).float().numpy()
 
+    @property
+    def reject_below(self) -> float | None:
+        """The calibrated open-set threshold: a score below it is no confident match."""
+        value = self.catalogue.meta.get("reject_below")
+        return None if value is None else float(value)
+
     def match(self, images: list, top_k: int = 5) -> list[list[dict[str, Any]]]:
-        """The ``top_k`` SKUs for each image, best first: ``[{"sku_id", "score"}, ...]``."""
+        """The ``top_k`` SKUs for each image, best first: ``[{"sku_id", "score", "confident"}, ...]``.
+
+        ``confident`` is False for a score below the calibrated threshold (always True when the
+        index carries none): the photo may show a product the catalogue does not have.
+        """
         results = self.catalogue.search(self.embed(images), top_k) if images else []
-        return [[{"sku_id": sku, "score": round(score, 6)} for sku, score in hits] for hits in results]
+        threshold = self.reject_below
+        return [[{"sku_id": sku, "score": round(score, 6), "confident": threshold is None or score >= threshold}
+                 for sku, score in hits] for hits in results]
 
 
 def load_served_model(encoder_dir: str | Path, index_dir: str | Path, model_name: str, version: str,

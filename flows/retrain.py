@@ -102,14 +102,20 @@ def register(client, params: Params, run_id: str, encoder_dir: Path, metrics: di
 
 
 @task(name="build-index", cache_policy=NO_CACHE)
-def build_index(encoder_dir: Path, params: Params, manifest: pd.DataFrame, version: str, out_dir: Path) -> str:
-    """Build the catalogue index from the registered version's encoder; returns its checksum."""
+def build_index(encoder_dir: Path, params: Params, manifest: pd.DataFrame, version: str, out_dir: Path,
+                reject_below: float | None = None) -> str:
+    """Build the catalogue index from the registered version's encoder; returns its checksum.
+
+    ``reject_below`` (the calibrated open-set threshold) travels in the index's checksummed
+    meta, so the service answers "no confident match" with the threshold of its own model.
+    """
     from components.model import load_encoder
 
     encoder, preprocess, _ = load_encoder(encoder_dir)
     catalogue = index_lib.build_catalogue_index(
         encoder, preprocess, data_lib.select(manifest, role="catalogue"), params.index.factory, params.index.use_gpu,
-        params.evaluate.batch_size, meta={"model_name": params.registry.model_name, "model_version": str(version)},
+        params.evaluate.batch_size, meta={"model_name": params.registry.model_name, "model_version": str(version),
+                                                             "reject_below": reject_below},
         nprobe=params.index.nprobe)
     return index_lib.save_index(catalogue, out_dir)
 
@@ -164,7 +170,8 @@ def retrain(params_path: str = "params.yaml", overrides: list[str] | None = None
         decision = apply_gate(metrics, champion, champion_version, params)
         mlflow.set_tag("gate", decision.summary())
         model_version = register(client, params, run_id, result.model_dir, metrics, version_of_data)
-    checksum = build_index(result.model_dir, params, manifest, model_version.version, work / "index")
+    checksum = build_index(result.model_dir, params, manifest, model_version.version, work / "index",
+                           metrics.get("open_set", {}).get("threshold"))
     promoted = publish_version(client, params, model_version.version, work / "index", checksum)
     summary = {
         "data_version": version_of_data, "run_id": run_id, "model_name": params.registry.model_name,

@@ -68,12 +68,17 @@ def _bad_request(message: str):
 class Match(BaseModel):
     sku_id: str
     score: float
+    # False below the open-set threshold calibrated for this model (no confident match).
+    confident: bool = True
 
 
 class MatchResponse(BaseModel):
     model_name: str
     model_version: str
     matches: list[Match]
+    # True when even the best SKU is below the threshold: likely a product not in the catalogue.
+    no_confident_match: bool = False
+    reject_below: Optional[float] = None
 
 
 class EmbedResponse(BaseModel):
@@ -141,7 +146,9 @@ class Matcher:
             return _bad_request(str(err))
         hits = self.model.match([picture], top_k or self.default_top_k)[0]
         return MatchResponse(model_name=self.model.model_name, model_version=self.model.version,
-                             matches=[Match(**hit) for hit in hits])
+                             matches=[Match(**hit) for hit in hits],
+                             no_confident_match=bool(hits) and not hits[0]["confident"],
+                             reject_below=self.model.reject_below)
 
     @bentoml.api(route="/embed")
     def embed(self, image: ImageUpload) -> EmbedResponse:

@@ -212,7 +212,7 @@ def test_protocol_sets_pick_galleries_and_queries():
 def test_evaluate_embeddings_reports_both_protocols():
     manifest, embeddings = small_manifest()
     metrics = evaluate_embeddings(embeddings, protocol_sets(manifest, "val", "train"), [1])
-    assert set(metrics) == {"nn", "catalogue"}
+    assert set(metrics) == {"nn", "catalogue", "open_set"}
     assert metrics["catalogue"]["top1"] == 1.0
     assert metrics["nn"]["top1"] == 0.0
     flat = flatten_metrics(metrics)
@@ -238,8 +238,8 @@ def test_evaluate_encoder_on_the_synthetic_dataset(synthetic_dataset, tiny_model
     fast = evaluate_encoder(encoder, preprocess, manifest, "val", "train", params.evaluate)
     exact = evaluate_encoder(encoder, preprocess, manifest, "val", "train", params.evaluate,
                              similarity_fn=brute_force_similarity)
-    assert set(fast) == {"nn", "catalogue"}
-    for protocol in fast:
+    assert set(fast) == {"nn", "catalogue", "open_set"}
+    for protocol in ("nn", "catalogue"):
         # Every query is either scored or left out as a leak (the synthetic images are simple
         # enough that a val drawing can land within 4 dHash bits of a gallery one).
         assert fast[protocol]["queries"] + fast[protocol]["leaked_queries"] == 24
@@ -373,3 +373,27 @@ def test_leaks_are_found_reported_and_left_out(synthetic_dataset, tmp_path):
     # With the check off, every query counts.
     unchecked = evaluate_embeddings(embeddings, protocol_sets(manifest, "val", "train", None), [1])
     assert unchecked["catalogue"]["queries"] == len(val)
+
+
+def test_rejection_threshold_separates_unknown_skus():
+    from components.evaluate import calibrate_rejection, open_set_metrics, rejection_at
+
+    # 8 SKUs on orthogonal axes; queries sit close to their own SKU's catalogue vector.
+    rng = np.random.default_rng(0)
+    gallery = np.eye(8, dtype=np.float32)
+    gallery_skus = np.array([f"s{i}" for i in range(8)])
+    query_skus = np.repeat(gallery_skus, 5)
+    queries = gallery[np.repeat(np.arange(8), 5)] + 0.15 * rng.standard_normal((40, 8)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+
+    calibrated = calibrate_rejection(queries, query_skus, gallery, gallery_skus, holdout_fraction=0.25, seed=0)
+    assert calibrated["unknown_queries"] == 10 and calibrated["known_queries"] == 30
+    # Known queries score ~0.99 with their own SKU, unknown ones only ~0.2 with the best other: perfectly separable.
+    assert calibrated["precision"] == 1.0 and calibrated["recall"] == 1.0
+    assert 0.2 < calibrated["threshold"] < 0.99
+    report = open_set_metrics(queries, query_skus, gallery, gallery_skus)
+    assert report["precision"] == 1.0 and report["recall"] == 1.0
+
+    # rejection_at by hand: scores 0.9 (known), 0.3 (unknown), 0.5 (known), threshold 0.6 rejects two.
+    at = rejection_at(np.array([0.9, 0.3, 0.5]), np.array([False, True, False]), 0.6)
+    assert at["precision"] == 0.5 and at["recall"] == 1.0

@@ -121,3 +121,22 @@ def test_cli_promote_rollback_and_champion(store, tiny_encoder_dir, synthetic_da
     assert result.exit_code == 1 and "no earlier champion" in result.output
     result = runner.invoke(app, ["promote", "42", *flags])
     assert result.exit_code == 1 and "'42'" in result.output
+
+
+def test_matches_below_the_calibrated_threshold_are_not_confident(tiny_encoder_dir, synthetic_dataset, tmp_path):
+    from PIL import Image
+
+    from components.index import load_index
+
+    model_dir, encoder, preprocess = tiny_encoder_dir
+    rows = pd.DataFrame({"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]})
+    rows["sku_id"] = [p.split("/")[-2] for p in rows["image_path"]]
+    catalogue = build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1", "reject_below": 0.999})
+    checksum = save_index(catalogue, tmp_path / "index")
+    served = registry.ServedModel(encoder, preprocess, load_index(tmp_path / "index", checksum, "1"), "m", "1")
+    exact = served.match([Image.open(rows["image_path"].iat[0])], top_k=2)[0]
+    assert exact[0]["confident"] and exact[0]["score"] >= 0.999
+    assert not exact[1]["confident"]  # the runner-up SKU is another product
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    assert not served.match([noise], top_k=1)[0][0]["confident"]

@@ -33,7 +33,7 @@ def test_evaluate_a_model_folder_on_any_split(encoder_dir, synthetic_dataset, tm
                                  "--metrics-out", "reports/metrics.json"])
     assert result.exit_code == 0, result.output
     metrics = _json_tail(result.output)
-    assert set(metrics) == {"nn", "catalogue"}
+    assert set(metrics) == {"nn", "catalogue", "open_set"}
     assert {"top1", "top3", "top5", "delta_similarity", "map"} <= set(metrics["catalogue"])
     assert json.loads((tmp_path / "reports/metrics.json").read_text()) == metrics
 

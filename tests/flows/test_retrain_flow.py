@@ -61,13 +61,16 @@ def test_first_run_registers_indexes_and_promotes(workspace):
     assert {"encoder", "index", "data_docs", "metrics.json"} <= artifacts
     # The DVC metrics file is written too.
     metrics_file = json.loads((workspace["root"] / "reports/metrics.json").read_text())
-    assert set(metrics_file) == {"nn", "catalogue"}
+    assert set(metrics_file) == {"nn", "catalogue", "open_set"}
 
     # The index verifies against the version and serves sensible matches.
     resolved = registry.download_version(client, "skumatch-encoder", "champion", workspace["root"] / "dl")
     served = registry.load_served_model(resolved.encoder_dir, resolved.index_dir, "skumatch-encoder",
                                         resolved.version, resolved.index_checksum)
     assert len(served.catalogue.sku_ids) == 6
+    # The open-set threshold calibrated in evaluation travels in the index meta (checksummed).
+    assert served.reject_below == pytest.approx(summary["metrics"]["open_set"]["threshold"])
+    assert {"precision", "recall", "threshold"} <= set(summary["metrics"]["open_set"])
 
 
 def test_worse_challenger_is_refused_and_champion_kept(workspace):
