@@ -68,6 +68,25 @@ def evaluate_model(encoder_dir: Path, params: Params, manifest: pd.DataFrame) ->
                                          params.data.train_split, params.evaluate)
 
 
+@task(name="plots", cache_policy=NO_CACHE)
+def log_plots(encoder_dir: Path, params: Params, manifest: pd.DataFrame, history: list[dict], run_id: str) -> list[str]:
+    """Training curves, a t-SNE map and the worst confusions, stored with the MLflow run."""
+    from mlflow import MlflowClient
+    from matplotlib import pyplot as plt
+
+    from components.model import load_encoder
+    from components.report import run_figures
+
+    encoder, preprocess, _ = load_encoder(encoder_dir)
+    figures = run_figures(encoder, preprocess, manifest, params.data.query_split, params.data.train_split, history,
+                          params.evaluate.batch_size)
+    client = MlflowClient()
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, f"plots/{name}")
+        plt.close(figure)
+    return sorted(figures)
+
+
 @task(name="evaluate-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def evaluate_champion(params: Params, manifest: pd.DataFrame, client) -> tuple[str | None, dict | None]:
     """Re-evaluate ``@champion`` on this run's data, so the gate compares like with like."""
@@ -166,6 +185,7 @@ def retrain(params_path: str = "params.yaml", overrides: list[str] | None = None
         mlflow.log_metrics({f"eval.{k}": v for k, v in evaluate_lib.flatten_metrics(metrics).items()})
         mlflow.log_dict(metrics, "metrics.json")
         evaluate_lib.write_metrics(metrics, params.evaluate.metrics_path)
+        log_plots(result.model_dir, params, manifest, result.history, run_id)
         champion_version, champion = evaluate_champion(params, manifest, client)
         decision = apply_gate(metrics, champion, champion_version, params)
         mlflow.set_tag("gate", decision.summary())

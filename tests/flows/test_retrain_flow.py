@@ -58,7 +58,9 @@ def test_first_run_registers_indexes_and_promotes(workspace):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train.loss")] == [0, 1, 2, 3]
     assert len(client.get_metric_history(run.info.run_id, "val.catalogue.top3")) == 4
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"encoder", "index", "data_docs", "metrics.json"} <= artifacts
+    assert {"encoder", "index", "data_docs", "metrics.json", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/training_curves.png", "plots/embedding_map.png", "plots/worst_confusions.png"}
     # The DVC metrics file is written too.
     metrics_file = json.loads((workspace["root"] / "reports/metrics.json").read_text())
     assert set(metrics_file) == {"nn", "catalogue", "open_set"}
