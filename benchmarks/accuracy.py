@@ -37,7 +37,7 @@ ABLATION: dict[str, list[str]] = {
     "no catalogue-anchor loss": ["train.catalogue_anchor_weight=0"],
     "CosFace instead of ArcFace": ["train.loss=cosface"],
     "sub-center ArcFace (3)": ["train.loss=subcenter-arcface"],
-    "2 cached views (as is + mirrored)": ["train.cached_views=2"],
+    "EfficientNet-Lite2 backbone (260 px)": ["model.backbone=efficientnet-lite2"],
 }
 
 
