@@ -230,14 +230,14 @@ def serve(bento: Annotated[Optional[str], typer.Option(help="Bento tag (default:
           port: Annotated[Optional[int], typer.Option(help="port (default serve.port)")] = None,
           params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
     """Serve a Bento on localhost (foreground, like ``bentoml serve``)."""
-    import subprocess
-
     from serving.build import serve_command
 
     cfg = _params(params, overrides)
     command = serve_command(bento, port or cfg.serve.port)
-    typer.echo(" ".join(command))
-    raise typer.Exit(subprocess.call(command))
+    typer.echo(" ".join(command), err=True)
+    # Become the server process, so a signal sent to this PID (Ctrl-C, a supervisor, the
+    # quickstart's cleanup) stops the server instead of leaving it orphaned.
+    os.execv(command[0], command)
 
 
 @app.command()
