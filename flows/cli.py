@@ -161,19 +161,30 @@ def index(
                            "ntotal": len(catalogue.sku_ids)}))
 
 
+def _move_champion(params: Path, overrides: list[str] | None, move) -> None:
+    """Run a registry action that moves ``@champion`` and print ``from -> to``.
+
+    Args:
+        move: ``(client, model_name) -> (from_version, to_version)``.
+    """
+    from components import registry
+
+    cfg = _params(params, overrides)
+    client = registry.connect(cfg.registry)
+    try:
+        before, after = move(client, cfg.registry.model_name)
+    except registry.RegistryError as err:
+        _fail(str(err))
+    typer.echo(f"@champion of {cfg.registry.model_name}: {before} -> {after}")
+
+
 @app.command()
 def promote(version: Annotated[str, typer.Argument(help="the model version to make @champion")],
             params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
     """Point ``@champion`` at VERSION (the previous champion is kept for rollback)."""
     from components import registry
 
-    cfg = _params(params, overrides)
-    client = registry.connect(cfg.registry)
-    try:
-        previous = registry.promote(client, cfg.registry.model_name, version)
-    except registry.RegistryError as err:
-        _fail(str(err))
-    typer.echo(f"@champion of {cfg.registry.model_name}: {previous} -> {version}")
+    _move_champion(params, overrides, lambda client, model: (registry.promote(client, model, version), version))
 
 
 @app.command()
@@ -181,13 +192,7 @@ def rollback(params: ParamsOption = Path("params.yaml"), overrides: SetOption = 
     """Point ``@champion`` back at the previous champion."""
     from components import registry
 
-    cfg = _params(params, overrides)
-    client = registry.connect(cfg.registry)
-    try:
-        current, previous = registry.rollback(client, cfg.registry.model_name)
-    except registry.RegistryError as err:
-        _fail(str(err))
-    typer.echo(f"@champion of {cfg.registry.model_name}: {current} -> {previous}")
+    _move_champion(params, overrides, registry.rollback)
 
 
 @app.command()

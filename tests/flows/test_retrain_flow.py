@@ -11,7 +11,6 @@ from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from components import registry
-from components.config import load_params
 from components.evaluate import GateFailedError
 from components.validation import DataValidationError
 from flows.retrain import retrain
