@@ -84,6 +84,15 @@ class TrainParams(_Section):
     # Weight of the loss that ranks each photo's catalogue image above other SKUs' (the
     # catalogue protocol's own task); 0 turns it off.
     catalogue_anchor_weight: float = Field(default=1.0, ge=0)
+    # Unfrozen stage (see components.train._FineTuningStage): crop size (None = the model's
+    # input size), batch size (full backprop through the backbone), backbone lr warm-up steps,
+    # how often the catalogue anchors are re-embedded, and whether BatchNorm keeps its
+    # pretrained statistics.
+    image_size: int | None = Field(default=None, ge=8)
+    unfrozen_batch_size: int = Field(default=32, ge=2)
+    warmup_steps: int = Field(default=50, ge=0)
+    anchor_refresh_steps: int = Field(default=20, ge=1)
+    freeze_batchnorm: bool = True
     num_workers: int = Field(default=0, ge=0)
     checkpoint_dir: str = "checkpoints"
     output_dir: str = "models/encoder"

@@ -51,6 +51,10 @@ class Preprocess:
     std: tuple[float, float, float]
 
     def __call__(self, image) -> torch.Tensor:
+        return self.normalize(self.resize_crop(image))
+
+    def resize_crop(self, image) -> torch.Tensor:
+        """The resized, centre-cropped image as a uint8 CHW tensor (4x smaller than floats)."""
         from PIL import Image
 
         image = image.convert("RGB")
@@ -63,11 +67,14 @@ class Preprocess:
         left = (resized.width - self.image_size) // 2
         top = (resized.height - self.image_size) // 2
         cropped = resized.crop((left, top, left + self.image_size, top + self.image_size))
-        array = np.asarray(cropped, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (tensor - mean) / std
+        return torch.from_numpy(np.array(cropped, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (or 0-1 float) pixels, CHW or NCHW, -> the normalised float input of the backbone."""
+        values = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
+        mean = torch.tensor(self.mean, device=values.device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=values.device).view(3, 1, 1)
+        return (values - mean) / std
 
 
 class EfficientNetLiteBackbone(nn.Module):

@@ -6,6 +6,7 @@ synthetic data; the experiment tracker is injected (a recorder), nothing is mock
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,13 @@ from components.config import Params, load_params
 from components.data import load_manifest
 from components.evaluate import evaluate_encoder
 from components.model import build_encoder, load_encoder
-from components.train import MarginHead, TrainResult, pk_batches, run_fingerprint, train_encoder
+from components.train import (
+    MarginHead,
+    TrainResult,
+    pk_batches,
+    run_fingerprint,
+    train_encoder,
+)
 
 EPOCH_KEYS = {"train.loss", "train.frozen_backbone", "val.catalogue.top1", "val.catalogue.top3",
               "val.catalogue.delta_similarity", "val.catalogue.map", "val.nn.top1", "val.nn.top3",
@@ -321,3 +328,88 @@ def test_catalogue_anchor_loss_prefers_the_own_catalogue_image():
     # A photo of a SKU without a catalogue image is left out: no anchor to rank it against.
     alone = catalogue_anchor_loss(near_own[:1], torch.tensor([3]), anchors, anchor_labels, 4, 0.2, 30.0)
     assert alone.item() == 0.0
+
+
+# --- the unfrozen stage -----------------------------------------------------------------------
+
+def test_shelf_augment_crops_tensors_and_photos_alike_and_keeps_hue():
+    import random
+
+    from PIL import Image
+
+    from components.model import Preprocess
+    from components.train import ShelfAugment
+
+    preprocess = Preprocess(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    augment = ShelfAugment(preprocess, random.Random(0), out_size=16)
+    red = Image.new("RGB", (40, 30), (200, 30, 30))
+    stored = augment.store.resize_crop(red)
+    assert stored.dtype == torch.uint8 and tuple(stored.shape) == (3, 18, 18)  # 16 px x the store margin
+    views = [augment(stored) for _ in range(4)] + [augment(red)]
+    for view in views:
+        assert view.dtype == torch.float32 and tuple(view.shape) == (3, 16, 16)
+        red_mean, green_mean, blue_mean = view.mean(dim=(1, 2)).tolist()
+        # Brightness, contrast and saturation move, the hue does not: a red pack stays red.
+        assert red_mean > green_mean + 0.5 and red_mean > blue_mean + 0.5
+    textured = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    first, second = augment(textured), augment(textured)
+    assert not torch.allclose(first, second)
+
+
+def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
+    """A real _FineTuningStage over the synthetic dataset with an untrained EfficientNet-Lite0."""
+    import pandas as pd
+
+    from components.data import select
+    from components.train import _FineTuningStage
+
+    params = load_params(None, ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.image_size=32",
+                                "model.embed_dim=16", "train.unfrozen_batch_size=12", "train.images_per_sku=2",
+                                "train.epochs=3", "train.frozen_epochs=1", "train.warmup_steps=2",
+                                f"data.root={synthetic_dataset}", *extra])
+    rows = pd.concat([select(manifest, split="train", role="query"), select(manifest, role="catalogue")]).reset_index(drop=True)
+    sku_ids = sorted(rows["sku_id"].unique())
+    labels = rows["sku_id"].map({s: i for i, s in enumerate(sku_ids)}).to_numpy()
+    catalogue_rows = np.flatnonzero(rows["role"].to_numpy() == "catalogue")
+    encoder, preprocess = build_encoder(params.model)
+    head = MarginHead(encoder.embed_dim, len(sku_ids), "arcface", 0.2, 30.0)
+    optimizer = torch.optim.AdamW([{"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": 1e-3},
+                                   {"params": list(encoder.backbone.parameters()), "lr": 1e-3}])
+    stage = _FineTuningStage(encoder, preprocess, list(rows["image_path"]), catalogue_rows, params, torch.device("cpu"))
+    return params, stage, encoder, head, optimizer, labels, torch.from_numpy(labels[catalogue_rows])
+
+
+def test_unfrozen_stage_trains_the_backbone_but_keeps_batchnorm_statistics(tmp_path, synthetic_dataset, manifest):
+    _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(tmp_path, synthetic_dataset, manifest)
+    assert stage.images.dtype == torch.uint8 and stage.images.shape[-1] == round(32 * 1.15)
+    batchnorm = encoder.backbone.net._bn0
+    conv = encoder.backbone.net._conv_stem.weight
+    stats_before, weights_before = batchnorm.running_mean.clone(), conv.detach().clone()
+    losses = stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False)
+    assert len(losses) == stage.steps_per_epoch and all(math.isfinite(loss) for loss in losses)
+    assert not torch.equal(conv.detach(), weights_before)  # the backbone learned
+    assert torch.equal(batchnorm.running_mean, stats_before)  # with its pretrained statistics
+
+
+def test_unfrozen_stage_with_batch_statistics_updates_them(tmp_path, synthetic_dataset, manifest):
+    _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
+        tmp_path, synthetic_dataset, manifest, "train.freeze_batchnorm=false")
+    batchnorm = encoder.backbone.net._bn0
+    before = batchnorm.running_mean.clone()
+    stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False)
+    assert not torch.equal(batchnorm.running_mean, before)
+
+
+def test_backbone_lr_warms_up_then_decays_to_zero_by_the_last_step(tmp_path, synthetic_dataset, manifest):
+    params, stage, *_ = fine_tuning_stage(tmp_path, synthetic_dataset, manifest)
+    peak = params.train.backbone_lr
+    schedule = [stage.backbone_lr(step) for step in range(stage.total_steps + 1)]
+    assert schedule[0] == pytest.approx(peak / 2 * 0.5 * (1 + math.cos(0)))  # half-way through a 2-step warm-up
+    assert max(schedule) <= peak and schedule[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in itertools.pairwise(schedule[1:]))  # monotone after the warm-up
+
+
+def test_clip_refuses_a_training_size_other_than_its_own(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.image_size=24")
+    with pytest.raises(ValueError, match="CLIP vision tower takes only its own input size"):
+        train_encoder(params, manifest, progress=False)
