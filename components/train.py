@@ -423,7 +423,7 @@ class _FineTuningStage:
       statistics sent the loss from 5 to 15 at the switch) and stochastic depth is off.
     """
 
-    def __init__(self, encoder: Encoder, preprocess: Preprocess, paths: list[str], catalogue_rows: np.ndarray,
+    def __init__(self, preprocess: Preprocess, paths: list[str], catalogue_rows: np.ndarray,
                  params: Params, device: torch.device) -> None:
         cfg = params.train
         self.params, self.device, self.preprocess = params, device, preprocess
@@ -568,7 +568,7 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
                                    pk_batches(labels, skus_per_batch, cfg.images_per_sku, rng), rng, device)
         else:
             # Built at the first unfrozen epoch (also after a resume): decoding is paid once.
-            fine_tuning = fine_tuning or _FineTuningStage(encoder, preprocess, list(training_rows["image_path"]),
+            fine_tuning = fine_tuning or _FineTuningStage(preprocess, list(training_rows["image_path"]),
                                                           catalogue_rows, params, device)
             losses = fine_tuning.run_epoch(epoch, encoder, head, optimizer, labels, catalogue_labels, rng, progress)
 

@@ -375,7 +375,7 @@ def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
     head = MarginHead(encoder.embed_dim, len(sku_ids), "arcface", 0.2, 30.0)
     optimizer = torch.optim.AdamW([{"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": 1e-3},
                                    {"params": list(encoder.backbone.parameters()), "lr": 1e-3}])
-    stage = _FineTuningStage(encoder, preprocess, list(rows["image_path"]), catalogue_rows, params, torch.device("cpu"))
+    stage = _FineTuningStage(preprocess, list(rows["image_path"]), catalogue_rows, params, torch.device("cpu"))
     return params, stage, encoder, head, optimizer, labels, torch.from_numpy(labels[catalogue_rows])
 
 
