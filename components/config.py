@@ -71,9 +71,13 @@ class TrainParams(_Section):
     lr: float = Field(default=1e-3, gt=0)
     backbone_lr: float = Field(default=1e-4, ge=0)
     weight_decay: float = Field(default=1e-4, ge=0)
-    # Epochs with the backbone frozen (its features are cached, only the head trains);
-    # after that the backbone's last `unfreeze_blocks` blocks train too (-1 = all of it).
+    # Epochs with the backbone frozen (only the projection and head train); after that the
+    # backbone's last `unfreeze_blocks` stages train too (-1 = all of it).
     frozen_epochs: int = Field(default=8, ge=0)
+    # What the frozen epochs train on: "cached" backbone features of a few views per image,
+    # computed once (seconds per epoch after the caching pass), or live augmented "crops"
+    # through the frozen backbone, the same input the unfrozen epochs see.
+    frozen_stage: Literal["cached", "crops"] = "cached"
     unfreeze_blocks: int = Field(default=-1, ge=-1)
     loss: Literal["arcface", "subcenter-arcface", "cosface"] = "arcface"
     margin: float = Field(default=0.2, ge=0)
@@ -87,11 +91,13 @@ class TrainParams(_Section):
     # Weight of the loss that ranks each photo's catalogue image above other SKUs' (the
     # catalogue protocol's own task); 0 turns it off.
     catalogue_anchor_weight: float = Field(default=1.0, ge=0)
-    # Unfrozen stage (see components.train._FineTuningStage): crop size (None = the model's
+    # Unfrozen stage (see components.train._CropTraining): crop size (None = the model's
     # input size), batch size (full backprop through the backbone), backbone lr warm-up steps,
     # how often the catalogue anchors are re-embedded, and whether BatchNorm keeps its
     # pretrained statistics.
     image_size: int | None = Field(default=None, ge=8)
+    # Add each batch SKU's catalogue image (augmented) to every batch on crops.
+    catalogue_in_batches: bool = False
     unfrozen_batch_size: int = Field(default=32, ge=2)
     warmup_steps: int = Field(default=50, ge=0)
     anchor_refresh_steps: int = Field(default=20, ge=1)

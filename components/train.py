@@ -191,6 +191,18 @@ def pk_batches(labels: np.ndarray, skus_per_batch: int, images_per_sku: int, rng
     return batches
 
 
+def with_catalogue_images(batches: list[np.ndarray], labels: np.ndarray, catalogue_rows: np.ndarray) -> list[np.ndarray]:
+    """Each batch plus the catalogue image of every SKU in it (SKUs without one are left as is).
+
+    Trained with gradient on augmented crops, the studio shot and the shelf photos of a SKU
+    meet in the backbone itself, not only through the frozen anchors.
+    """
+    catalogue_row_of = dict(zip(labels[catalogue_rows].tolist(), catalogue_rows.tolist()))
+    return [np.concatenate([batch, np.array([catalogue_row_of[label] for label in np.unique(labels[batch])
+                                             if label in catalogue_row_of], dtype=batch.dtype)])
+            for batch in batches]
+
+
 def catalogue_anchor_loss(embeddings: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor,
                           anchor_labels: torch.Tensor, n_classes: int, margin: float, scale: float) -> torch.Tensor:
     """Margin softmax of photos against the embedded catalogue images of all SKUs.
@@ -391,6 +403,11 @@ def _frozen_epoch(encoder: Encoder, head: MarginHead, optimizer: torch.optim.Opt
     return losses
 
 
+def _sku_means(embeddings: torch.Tensor, labels: np.ndarray, n_skus: int) -> torch.Tensor:
+    """Mean embedding of each SKU's images: the margin head's starting class weights."""
+    return torch.stack([embeddings[torch.from_numpy(labels == i).to(embeddings.device)].mean(0) for i in range(n_skus)])
+
+
 def _optimisation_step(head: MarginHead, optimizer: torch.optim.Optimizer, embeddings: torch.Tensor,
                        targets: torch.Tensor, anchors: torch.Tensor | None, catalogue_labels: torch.Tensor,
                        params: Params) -> float:
@@ -406,16 +423,19 @@ def _optimisation_step(head: MarginHead, optimizer: torch.optim.Optimizer, embed
     return float(loss.detach())
 
 
-class _FineTuningStage:
-    """The unfrozen stage: the backbone trains on augmented crops of the training images.
+class _CropTraining:
+    """Epochs on live augmented crops of the training images.
+
+    The unfrozen stage always runs here; the frozen epochs do too with ``frozen_stage: crops``
+    (the backbone then only runs forward, and only the projection and head learn).
 
     - Every image is decoded once into a uint8 tensor (about 145 KB per image at 220 px) and
       augmented in torch, so no epoch re-reads JPEGs.
     - Crops are ``train.image_size`` (below the evaluation size: training at a lower resolution
       than testing suits random-resized crops, as FixRes showed, and costs half the compute).
     - The backbone's learning rate warms up for ``warmup_steps`` and then follows a cosine to
-      zero at the last epoch; it is computed from the step number, so a resumed run continues
-      the same schedule.
+      zero at the last unfrozen epoch; it is computed from the step number, so a resumed run
+      continues the same schedule.
     - The catalogue-anchor loss compares photos with the current embeddings of the catalogue
       images, re-embedded (without gradients) every ``anchor_refresh_steps`` steps.
     - With ``freeze_batchnorm`` the backbone runs in eval mode: BatchNorm keeps its ImageNet
@@ -452,11 +472,11 @@ class _FineTuningStage:
         return batch.to(self.device, memory_format=torch.channels_last)
 
     @torch.no_grad()
-    def anchors(self, encoder: Encoder) -> torch.Tensor:
-        """The catalogue images' current embeddings (centre crop, no augmentation)."""
+    def embed_rows(self, encoder: Encoder, rows: np.ndarray) -> torch.Tensor:
+        """Current embeddings of some training images (centre crop, no augmentation)."""
         was_training = encoder.training
         encoder.eval()
-        centre = self.preprocess.normalize(self.images[torch.from_numpy(self.catalogue_rows)])
+        centre = self.preprocess.normalize(self.images[torch.from_numpy(rows)])
         if centre.shape[-1] != self.out_size:
             centre = F.interpolate(centre, size=(self.out_size, self.out_size), mode="bilinear", antialias=True)
         outputs = []
@@ -469,22 +489,26 @@ class _FineTuningStage:
 
     def run_epoch(self, epoch: int, encoder: Encoder, head: MarginHead, optimizer: torch.optim.Optimizer,
                   labels: np.ndarray, catalogue_labels: torch.Tensor, rng: np.random.Generator,
-                  progress: bool) -> list[float]:
+                  progress: bool, backbone_frozen: bool = False) -> list[float]:
+        """One epoch of P x K batches of augmented crops; returns the per-step losses."""
         from tqdm.auto import tqdm
 
         cfg = self.params.train
         use_anchors = cfg.catalogue_anchor_weight > 0 and len(self.catalogue_rows) > 0
         batches = pk_batches(labels, max(2, cfg.unfrozen_batch_size // cfg.images_per_sku), cfg.images_per_sku, rng)
         losses, anchors = [], None
+        if cfg.catalogue_in_batches:
+            batches = with_catalogue_images(batches, labels, self.catalogue_rows)
         for index, batch in enumerate(tqdm(batches[:self.steps_per_epoch], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                                            disable=None if progress else True, leave=False)):
-            step = (epoch - cfg.frozen_epochs) * self.steps_per_epoch + index
-            if use_anchors and (anchors is None or step % cfg.anchor_refresh_steps == 0):
-                anchors = self.anchors(encoder)
+            # The projection moves every step, so the anchors go stale even with a frozen backbone.
+            if use_anchors and index % cfg.anchor_refresh_steps == 0:
+                anchors = self.embed_rows(encoder, self.catalogue_rows)
             encoder.train()
-            if cfg.freeze_batchnorm:
+            if cfg.freeze_batchnorm or backbone_frozen:
                 encoder.backbone.eval()
-            optimizer.param_groups[1]["lr"] = self.backbone_lr(step)
+            if not backbone_frozen:
+                optimizer.param_groups[1]["lr"] = self.backbone_lr((epoch - cfg.frozen_epochs) * self.steps_per_epoch + index)
             with autocast_for(self.device):
                 embeddings = encoder(self.pixels(batch))
             losses.append(_optimisation_step(head, optimizer, embeddings, torch.from_numpy(labels[batch]).to(self.device),
@@ -541,49 +565,56 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
     tracker.log_params({"train.device_resolved": device.type, "train.skus": str(len(sku_ids)),
                         "train.images": str(len(training_rows)), "data.version": data_version or "unknown"})
 
-    # Frozen stage: backbone features of every image, plus augmented views of the training
-    # images, computed once (or read from disk) so the head trains in seconds per epoch.
     catalogue_rows = np.flatnonzero(training_rows["role"].to_numpy() == "catalogue")
     cached: CachedFeatures | None = None
-    if start_epoch < cfg.frozen_epochs:
+    crops: _CropTraining | None = None
+
+    def crop_training() -> _CropTraining:
+        # Built at the first epoch that needs it (also after a resume): decoding is paid once.
+        nonlocal crops
+        crops = crops or _CropTraining(preprocess, list(training_rows["image_path"]), catalogue_rows, params, device)
+        return crops
+
+    if start_epoch < cfg.frozen_epochs and cfg.frozen_stage == "cached":
+        # Backbone features of every image, plus augmented views of the training images,
+        # computed once (or read from disk) so the head trains in seconds per epoch.
         eval_paths = sorted(set(eval_sets.queries["image_path"]).union(*(g["image_path"] for g in eval_sets.galleries.values())))
         cached = cache_features(encoder, preprocess, list(training_rows["image_path"]), catalogue_rows, eval_paths,
                                 params, device, data_version, progress)
         if resumed is None:
             with torch.no_grad():
-                embedded = encoder.embed_features(torch.from_numpy(cached.train_views[0]).to(device))
-                prototypes = torch.stack([embedded[torch.from_numpy(labels == i).to(device)].mean(0) for i in range(len(sku_ids))])
-            head.init_from_prototypes(prototypes)
+                head.init_from_prototypes(_sku_means(
+                    encoder.embed_features(torch.from_numpy(cached.train_views[0]).to(device)), labels, len(sku_ids)))
+    elif start_epoch < cfg.frozen_epochs and resumed is None:
+        head.init_from_prototypes(_sku_means(crop_training().embed_rows(encoder, np.arange(len(labels))),
+                                             labels, len(sku_ids)))
 
     rng = np.random.default_rng(cfg.seed + start_epoch)
     skus_per_batch = max(2, cfg.batch_size // cfg.images_per_sku)
     catalogue_labels = torch.from_numpy(labels[catalogue_rows]).to(device)
-    fine_tuning: _FineTuningStage | None = None
     metrics: dict[str, dict[str, float]] = history[-1].get("_metrics", {}) if history else {}
     for epoch in range(start_epoch, cfg.epochs):
         frozen = epoch < cfg.frozen_epochs
         _set_trainable(encoder, cfg.unfreeze_blocks, backbone_trainable=not frozen and cfg.backbone_lr > 0)
-        if frozen:
+        if frozen and cached is not None:
             losses = _frozen_epoch(encoder, head, optimizer, cached, labels, catalogue_labels, params,
                                    pk_batches(labels, skus_per_batch, cfg.images_per_sku, rng), rng, device)
         else:
-            # Built at the first unfrozen epoch (also after a resume): decoding is paid once.
-            fine_tuning = fine_tuning or _FineTuningStage(preprocess, list(training_rows["image_path"]),
-                                                          catalogue_rows, params, device)
-            losses = fine_tuning.run_epoch(epoch, encoder, head, optimizer, labels, catalogue_labels, rng, progress)
+            losses = crop_training().run_epoch(epoch, encoder, head, optimizer, labels, catalogue_labels, rng,
+                                               progress, backbone_frozen=frozen)
 
         record: dict[str, Any] = {"epoch": epoch, "train.loss": float(np.mean(losses)), "train.frozen_backbone": float(frozen)}
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every_epochs == 0 or last:
             encoder.eval()
-            if frozen:
+            if frozen and cached is not None:
                 with torch.no_grad():
                     vectors = encoder.embed_features(torch.from_numpy(cached.evaluation).to(device))
                 epoch_sets = eval_sets
                 embeddings_by_path = dict(zip(cached.evaluation_paths, vectors.float().cpu().numpy()))
             else:
-                # Embedding every gallery image each epoch costs minutes on a CPU, so unfrozen
-                # epochs measure the gate's protocol and the last epoch measures them all.
+                # Embedding every gallery image each epoch costs minutes on a CPU, so epochs
+                # without cached features measure the gate's protocol, and the last one all.
                 gate = params.evaluate.gate_protocol
                 epoch_sets = eval_sets if last or gate not in eval_sets.galleries else ProtocolSets(
                     eval_sets.queries, {gate: eval_sets.galleries[gate]}, eval_sets.leaks)

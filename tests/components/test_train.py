@@ -25,6 +25,7 @@ from components.train import (
     pk_batches,
     run_fingerprint,
     train_encoder,
+    with_catalogue_images,
 )
 
 EPOCH_KEYS = {"train.loss", "train.frozen_backbone", "val.catalogue.top1", "val.catalogue.top3",
@@ -315,6 +316,14 @@ def test_pk_batches_are_reproducible_from_the_seed():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def test_with_catalogue_images_adds_each_batch_skus_catalogue_image_once():
+    labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])  # rows 6 and 7 are the catalogue images of SKUs 0 and 1
+    catalogue_rows = np.array([6, 7])
+    batches = with_catalogue_images([np.array([0, 1, 2]), np.array([4, 5])], labels, catalogue_rows)
+    assert batches[0].tolist() == [0, 1, 2, 6, 7]
+    assert batches[1].tolist() == [4, 5]  # SKU 2 has no catalogue image
+
+
 def test_catalogue_anchor_loss_prefers_the_own_catalogue_image():
     from components.train import catalogue_anchor_loss
 
@@ -357,11 +366,11 @@ def test_shelf_augment_crops_tensors_and_photos_alike_and_keeps_hue():
 
 
 def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
-    """A real _FineTuningStage over the synthetic dataset with an untrained EfficientNet-Lite0."""
+    """A real _CropTraining over the synthetic dataset with an untrained EfficientNet-Lite0."""
     import pandas as pd
 
     from components.data import select
-    from components.train import _FineTuningStage
+    from components.train import _CropTraining
 
     params = load_params(None, ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.image_size=32",
                                 "model.embed_dim=16", "train.unfrozen_batch_size=12", "train.images_per_sku=2",
@@ -375,7 +384,7 @@ def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
     head = MarginHead(encoder.embed_dim, len(sku_ids), "arcface", 0.2, 30.0)
     optimizer = torch.optim.AdamW([{"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": 1e-3},
                                    {"params": list(encoder.backbone.parameters()), "lr": 1e-3}])
-    stage = _FineTuningStage(preprocess, list(rows["image_path"]), catalogue_rows, params, torch.device("cpu"))
+    stage = _CropTraining(preprocess, list(rows["image_path"]), catalogue_rows, params, torch.device("cpu"))
     return params, stage, encoder, head, optimizer, labels, torch.from_numpy(labels[catalogue_rows])
 
 
@@ -398,6 +407,42 @@ def test_unfrozen_stage_with_batch_statistics_updates_them(tmp_path, synthetic_d
     before = batchnorm.running_mean.clone()
     stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False)
     assert not torch.equal(batchnorm.running_mean, before)
+
+
+def test_frozen_epoch_on_crops_trains_only_the_projection_and_head(tmp_path, synthetic_dataset, manifest):
+    # Batch statistics requested, yet a frozen backbone must not move them either.
+    _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
+        tmp_path, synthetic_dataset, manifest, "train.freeze_batchnorm=false")
+    for parameter in encoder.backbone.parameters():
+        parameter.requires_grad = False
+    backbone_before = {k: v.clone() for k, v in encoder.backbone.state_dict().items()}
+    projection_before = encoder.projection.weight.detach().clone()
+    backbone_lr_before = optimizer.param_groups[1]["lr"]
+    losses = stage.run_epoch(0, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False,
+                             backbone_frozen=True)
+    assert len(losses) == stage.steps_per_epoch and all(math.isfinite(loss) for loss in losses)
+    assert all(torch.equal(value, backbone_before[key]) for key, value in encoder.backbone.state_dict().items())
+    assert not torch.equal(encoder.projection.weight.detach(), projection_before)
+    assert optimizer.param_groups[1]["lr"] == backbone_lr_before  # the backbone schedule starts with stage 2
+
+
+def test_frozen_stage_on_crops_runs_end_to_end_and_resumes(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.frozen_stage=crops",
+                          "train.unfrozen_batch_size=12")
+    crashing = RecordingTracker(fail_at_step=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_encoder(params, manifest, tracker=crashing, progress=False)
+    tracker = RecordingTracker()
+    result = train_encoder(params, manifest, tracker=tracker, progress=False)
+    assert result.resumed_from_epoch == 1 and tracker.steps == [2]
+    assert [record["train.frozen_backbone"] for record in result.history] == [1.0, 1.0, 0.0]
+    # No cached features: a frozen epoch measures the gate's protocol, the last epoch both.
+    assert "val.catalogue.top1" in result.history[0] and "val.nn.top1" not in result.history[0]
+    assert EPOCH_KEYS <= set(result.history[-1])
+    assert not list((tmp_path / "checkpoints").glob("features-*"))  # nothing was cached
+    untrained, preprocess = build_encoder(params.model)
+    before = evaluate_encoder(untrained, preprocess, manifest, "val", "train", params.evaluate)
+    assert result.metrics["catalogue"]["delta_similarity"] > before["catalogue"]["delta_similarity"] + 0.05, (before["catalogue"], result.metrics["catalogue"])
 
 
 def test_backbone_lr_warms_up_then_decays_to_zero_by_the_last_step(tmp_path, synthetic_dataset, manifest):
