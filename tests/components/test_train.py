@@ -400,6 +400,15 @@ def test_unfrozen_stage_trains_the_backbone_but_keeps_batchnorm_statistics(tmp_p
     assert torch.equal(batchnorm.running_mean, stats_before)  # with its pretrained statistics
 
 
+def test_unfrozen_stage_with_catalogue_images_in_batches_trains(tmp_path, synthetic_dataset, manifest):
+    _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
+        tmp_path, synthetic_dataset, manifest, "train.catalogue_in_batches=true")
+    weights_before = encoder.backbone.net._conv_stem.weight.detach().clone()
+    losses = stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False)
+    assert len(losses) == stage.steps_per_epoch and all(math.isfinite(loss) for loss in losses)
+    assert not torch.equal(encoder.backbone.net._conv_stem.weight.detach(), weights_before)
+
+
 def test_unfrozen_stage_with_batch_statistics_updates_them(tmp_path, synthetic_dataset, manifest):
     _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
         tmp_path, synthetic_dataset, manifest, "train.freeze_batchnorm=false")
