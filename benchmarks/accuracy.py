@@ -38,7 +38,9 @@ METRIC_COLUMNS = ("top1", "top3", "top5", "delta_similarity", "map")
 # here. Exploration beyond these is recorded by hand in the results file's notes.
 ABLATION: dict[str, list[str]] = {
     "head only: no backbone fine-tuning (stage 1 alone)": ["train.epochs=10"],
-    "BatchNorm on batch statistics in stage 2": ["train.freeze_batchnorm=false"],
+    "stage 1 on live crops (2 epochs) instead of cached features": [
+        "train.frozen_stage=crops", "train.epochs=10", "train.frozen_epochs=2"],
+    "catalogue images with gradient in every stage-2 batch": ["train.catalogue_in_batches=true"],
 }
 
 
