@@ -595,8 +595,9 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
     metrics: dict[str, dict[str, float]] = history[-1].get("_metrics", {}) if history else {}
     for epoch in range(start_epoch, cfg.epochs):
         frozen = epoch < cfg.frozen_epochs
+        on_cached_features = frozen and cached is not None
         _set_trainable(encoder, cfg.unfreeze_blocks, backbone_trainable=not frozen and cfg.backbone_lr > 0)
-        if frozen and cached is not None:
+        if on_cached_features:
             losses = _frozen_epoch(encoder, head, optimizer, cached, labels, catalogue_labels, params,
                                    pk_batches(labels, skus_per_batch, cfg.images_per_sku, rng), rng, device)
         else:
@@ -607,7 +608,7 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every_epochs == 0 or last:
             encoder.eval()
-            if frozen and cached is not None:
+            if on_cached_features:
                 with torch.no_grad():
                     vectors = encoder.embed_features(torch.from_numpy(cached.evaluation).to(device))
                 epoch_sets = eval_sets
