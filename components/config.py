@@ -102,7 +102,9 @@ class TrainParams(_Section):
     warmup_steps: int = Field(default=50, ge=0)
     anchor_refresh_steps: int = Field(default=20, ge=1)
     freeze_batchnorm: bool = True
-    num_workers: int = Field(default=0, ge=0)
+    # Exponential moving average of the encoder's weights over the unfrozen steps (0 = off): the
+    # average, not the last step's weights, is evaluated and saved. 0.995 spans about 200 steps.
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
     checkpoint_dir: str = "checkpoints"
     output_dir: str = "models/encoder"
     resume: bool = True

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from components.config import Params
 from components.data import load_rgb, select
@@ -316,14 +317,14 @@ def run_fingerprint(params: Params, data_version: str | None) -> str:
     """A short hash of everything that shapes a training run (checkpoint folder name)."""
     # Not hashed: how long to train (epochs), where files go, how often to evaluate, the device:
     # a run asked for more epochs continues the shorter run's checkpoints.
-    not_shaping = {"resume", "device", "epochs", "output_dir", "checkpoint_dir", "eval_every_epochs", "num_workers"}
+    not_shaping = {"resume", "device", "epochs", "output_dir", "checkpoint_dir", "eval_every_epochs"}
     shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude=not_shaping),
                "data": params.data.model_dump(), "data_version": data_version}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _save_checkpoint(folder: Path, epoch: int, encoder: Encoder, head: MarginHead, optimizer: torch.optim.Optimizer,
-                     history: list[dict[str, float]]) -> None:
+                     history: list[dict[str, float]], averaged: AveragedModel | None) -> None:
     from safetensors.torch import save_file
 
     target = folder / f"epoch-{epoch:04d}"
@@ -332,6 +333,9 @@ def _save_checkpoint(folder: Path, epoch: int, encoder: Encoder, head: MarginHea
     partial.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(partial / "encoder.safetensors"))
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(partial / "head.safetensors"))
+    if averaged is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in averaged.state_dict().items()},
+                  str(partial / "averaged.safetensors"))
     opt_state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for param_id, values in opt_state["state"].items():
@@ -351,8 +355,9 @@ def _save_checkpoint(folder: Path, epoch: int, encoder: Encoder, head: MarginHea
         shutil.rmtree(old)
 
 
-def _load_latest_checkpoint(folder: Path, encoder: Encoder, head: MarginHead,
-                            optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, float]]] | None:
+def _load_latest_checkpoint(folder: Path, encoder: Encoder, head: MarginHead, optimizer: torch.optim.Optimizer
+                            ) -> tuple[int, list[dict[str, float]], dict[str, torch.Tensor] | None] | None:
+    """Restore the newest checkpoint in place; returns its epoch, history and weight-average state."""
     from safetensors.torch import load_file
 
     checkpoints = sorted(folder.glob("epoch-*"))
@@ -367,8 +372,10 @@ def _load_latest_checkpoint(folder: Path, encoder: Encoder, head: MarginHead,
         param_id, key = name.split(".", 1)
         opt_state["state"].setdefault(int(param_id), {})[key] = value
     optimizer.load_state_dict(opt_state)
+    averaged_file = latest / "averaged.safetensors"
+    averaged_state = load_file(str(averaged_file)) if averaged_file.exists() else None
     LOGGER.info("resumed from checkpoint %s", latest)
-    return int(state["epoch"]), state["history"]
+    return int(state["epoch"]), state["history"], averaged_state
 
 
 def _set_trainable(encoder: Encoder, unfreeze_blocks: int, backbone_trainable: bool) -> None:
@@ -489,8 +496,11 @@ class _CropTraining:
 
     def run_epoch(self, epoch: int, encoder: Encoder, head: MarginHead, optimizer: torch.optim.Optimizer,
                   labels: np.ndarray, catalogue_labels: torch.Tensor, rng: np.random.Generator,
-                  progress: bool, backbone_frozen: bool = False) -> list[float]:
-        """One epoch of P x K batches of augmented crops; returns the per-step losses."""
+                  progress: bool, backbone_frozen: bool = False, averaged: AveragedModel | None = None) -> list[float]:
+        """One epoch of P x K batches of augmented crops; returns the per-step losses.
+
+        ``averaged``, when given, takes the encoder's weights into its moving average after every step.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.params.train
@@ -513,6 +523,8 @@ class _CropTraining:
                 embeddings = encoder(self.pixels(batch))
             losses.append(_optimisation_step(head, optimizer, embeddings, torch.from_numpy(labels[batch]).to(self.device),
                                              anchors, catalogue_labels, self.params))
+            if averaged is not None:
+                averaged.update_parameters(encoder)
         return losses
 
 
@@ -557,11 +569,19 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
         {"params": backbone_params, "lr": cfg.backbone_lr},
     ], weight_decay=cfg.weight_decay)
 
+    def weight_average() -> AveragedModel:
+        # use_buffers: BatchNorm statistics are averaged too, for runs that let them move.
+        return AveragedModel(encoder, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
     checkpoint_folder = Path(cfg.checkpoint_dir) / run_fingerprint(params, data_version)
     start_epoch, history, resumed = 0, [], None
+    averaged: AveragedModel | None = None
     if cfg.resume and (loaded := _load_latest_checkpoint(checkpoint_folder, encoder, head, optimizer)):
-        resumed, history = loaded
+        resumed, history, averaged_state = loaded
         start_epoch = resumed + 1
+        if averaged_state is not None:
+            averaged = weight_average()
+            averaged.load_state_dict(averaged_state)
     tracker.log_params({"train.device_resolved": device.type, "train.skus": str(len(sku_ids)),
                         "train.images": str(len(training_rows)), "data.version": data_version or "unknown"})
 
@@ -597,17 +617,21 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
         frozen = epoch < cfg.frozen_epochs
         on_cached_features = frozen and cached is not None
         _set_trainable(encoder, cfg.unfreeze_blocks, backbone_trainable=not frozen and cfg.backbone_lr > 0)
+        if not frozen and cfg.ema_decay > 0 and averaged is None:
+            averaged = weight_average()  # starts from the weights the frozen stage ended with
         if on_cached_features:
             losses = _frozen_epoch(encoder, head, optimizer, cached, labels, catalogue_labels, params,
                                    pk_batches(labels, skus_per_batch, cfg.images_per_sku, rng), rng, device)
         else:
             losses = crop_training().run_epoch(epoch, encoder, head, optimizer, labels, catalogue_labels, rng,
-                                               progress, backbone_frozen=frozen)
+                                               progress, backbone_frozen=frozen, averaged=averaged)
+        # What is evaluated and saved: the weight average once there is one.
+        trained = averaged.module if averaged is not None else encoder
 
         record: dict[str, Any] = {"epoch": epoch, "train.loss": float(np.mean(losses)), "train.frozen_backbone": float(frozen)}
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every_epochs == 0 or last:
-            encoder.eval()
+            trained.eval()
             if on_cached_features:
                 with torch.no_grad():
                     vectors = encoder.embed_features(torch.from_numpy(cached.evaluation).to(device))
@@ -620,20 +644,21 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
                 epoch_sets = eval_sets if last or gate not in eval_sets.galleries else ProtocolSets(
                     eval_sets.queries, {gate: eval_sets.galleries[gate]}, eval_sets.leaks)
                 paths = sorted(set(epoch_sets.queries["image_path"]).union(*(g["image_path"] for g in epoch_sets.galleries.values())))
-                embeddings_by_path = dict(zip(paths, embed_images(encoder, preprocess, paths, params.evaluate.batch_size, device)))
+                embeddings_by_path = dict(zip(paths, embed_images(trained, preprocess, paths, params.evaluate.batch_size, device)))
             epoch_metrics = evaluate_embeddings(embeddings_by_path, epoch_sets, params.evaluate.ks)
             record.update({f"val.{k}": v for k, v in flatten_metrics(epoch_metrics).items()})
             if epoch_sets is eval_sets:
                 metrics = record["_metrics"] = epoch_metrics
         history.append(record)
         # Checkpoint first: a tracker that fails (a network hiccup) must not cost the epoch.
-        _save_checkpoint(checkpoint_folder, epoch, encoder, head, optimizer, history)
+        _save_checkpoint(checkpoint_folder, epoch, encoder, head, optimizer, history, averaged)
         tracker.log_metrics({k: v for k, v in record.items() if not k.startswith("_") and k != "epoch"}, step=epoch)
         LOGGER.info("epoch %d/%d loss %.4f %s", epoch + 1, cfg.epochs, record["train.loss"],
                     " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith(("top1", "top3"))))
 
-    encoder.eval()
-    model_dir = save_encoder(encoder, preprocess, params.model, cfg.output_dir, extra={
+    trained = averaged.module if averaged is not None else encoder
+    trained.eval()
+    model_dir = save_encoder(trained, preprocess, params.model, cfg.output_dir, extra={
         "train": cfg.model_dump(), "data_version": data_version, "sku_ids": sku_ids,
         "metrics": metrics, "run_fingerprint": run_fingerprint(params, data_version)})
     return TrainResult(model_dir=model_dir, metrics=metrics,

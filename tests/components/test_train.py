@@ -467,3 +467,43 @@ def test_clip_refuses_a_training_size_other_than_its_own(tmp_path, tiny_clip_dir
     params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.image_size=24")
     with pytest.raises(ValueError, match="CLIP vision tower takes only its own input size"):
         train_encoder(params, manifest, progress=False)
+
+
+def test_unfrozen_epoch_feeds_the_weight_average_every_step(tmp_path, synthetic_dataset, manifest):
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(tmp_path, synthetic_dataset, manifest)
+    averaged = AveragedModel(encoder, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    start = encoder.backbone.net._conv_stem.weight.detach().clone()
+    stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False,
+                    averaged=averaged)
+    assert int(averaged.n_averaged) == stage.steps_per_epoch
+    average = averaged.module.backbone.net._conv_stem.weight
+    # Neither where the epoch started nor where it ended: between the two.
+    assert not torch.equal(average, start) and not torch.equal(average, encoder.backbone.net._conv_stem.weight)
+
+
+def test_weight_average_is_what_is_saved_and_survives_a_resume(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
+    from safetensors.torch import load_file
+
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=4", "train.ema_decay=0.5",
+                          "train.unfrozen_batch_size=12")
+    crashing = RecordingTracker(fail_at_step=2)  # after epoch 2, the first unfrozen one, is checkpointed
+    with pytest.raises(KeyboardInterrupt):
+        train_encoder(params, manifest, tracker=crashing, progress=False)
+    folder = tmp_path / "checkpoints" / run_fingerprint(params, None)
+    # Frozen epochs keep no average; the first unfrozen epoch starts it.
+    assert not (folder / "epoch-0001" / "averaged.safetensors").exists()
+    steps = int(load_file(str(folder / "epoch-0002" / "averaged.safetensors"))["n_averaged"])
+    assert steps > 0
+
+    result = train_encoder(params, manifest, progress=False)
+    assert result.resumed_from_epoch == 2
+    last = folder / "epoch-0003"
+    averaged = load_file(str(last / "averaged.safetensors"))
+    assert int(averaged["n_averaged"]) == 2 * steps  # the resumed average went on, not over
+    live = load_file(str(last / "encoder.safetensors"))
+    saved, _, _ = load_encoder(result.model_dir)
+    for key, value in saved.state_dict().items():
+        assert torch.equal(value, averaged[f"module.{key}"]), key
+    assert any(not torch.equal(value, live[key]) for key, value in saved.state_dict().items())
