@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -57,6 +57,11 @@ class ModelParams(_Section):
     # At inference (evaluation, index, service) average each image's embedding with its
     # mirror image's: measured +2.7 points catalogue top-1 on val, for twice the compute.
     flip_tta: bool = True
+    # Query-side test-time zooms: a query photo (evaluation queries, the service's /match) is
+    # embedded from the centre `zoom` of its short side at each zoom, and the embeddings are
+    # averaged; gallery images stay at zoom 1. Shelf photos frame the product looser than the
+    # training crops (35-100% of the area) do. Measured: benchmarks/results/accuracy.md.
+    query_zooms: list[Annotated[float, Field(gt=0, le=1)]] = Field(default=[1.0], min_length=1)
 
 
 class TrainParams(_Section):

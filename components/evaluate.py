@@ -188,11 +188,17 @@ def protocol_sets(manifest: pd.DataFrame, query_split: str, train_split: str = "
 
 
 def evaluate_embeddings(embeddings: dict[str, np.ndarray], sets: ProtocolSets, ks: list[int],
-                        similarity_fn: SimilarityFn = faiss_similarity) -> dict[str, dict[str, float]]:
-    """Metrics of both protocols from embeddings keyed by image path."""
+                        similarity_fn: SimilarityFn = faiss_similarity,
+                        query_embeddings: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics of both protocols from embeddings keyed by image path.
 
-    def stack(rows: pd.DataFrame) -> np.ndarray:
-        return np.stack([embeddings[p] for p in rows["image_path"]])
+    ``query_embeddings``, when given, holds the queries' embeddings (embedded as queries, see
+    :func:`components.model.embed_batch`); ``embeddings`` then needs only the gallery images.
+    """
+    query_embeddings = embeddings if query_embeddings is None else query_embeddings
+
+    def stack(rows: pd.DataFrame, source: dict[str, np.ndarray] = embeddings) -> np.ndarray:
+        return np.stack([source[p] for p in rows["image_path"]])
 
     metrics = {}
     for protocol, gallery in sets.galleries.items():
@@ -202,11 +208,12 @@ def evaluate_embeddings(embeddings: dict[str, np.ndarray], sets: ProtocolSets, k
         # A query whose photo is also in the gallery would be matched by its own copy: drop it.
         leaked = set(sets.leaks[protocol]["query_path"]) if protocol in sets.leaks else set()
         queries = sets.queries[~sets.queries["image_path"].isin(leaked)]
-        metrics[protocol] = retrieval_metrics(stack(queries), queries["sku_id"].to_numpy(), stack(gallery),
+        query_vectors = stack(queries, query_embeddings)
+        metrics[protocol] = retrieval_metrics(query_vectors, queries["sku_id"].to_numpy(), stack(gallery),
                                               gallery["sku_id"].to_numpy(), ks, similarity_fn)
         metrics[protocol]["leaked_queries"] = len(leaked)
         if protocol == "catalogue" and gallery["sku_id"].nunique() >= 2:
-            metrics["open_set"] = open_set_metrics(stack(queries), queries["sku_id"].to_numpy(), stack(gallery),
+            metrics["open_set"] = open_set_metrics(query_vectors, queries["sku_id"].to_numpy(), stack(gallery),
                                                    gallery["sku_id"].to_numpy(), similarity_fn=similarity_fn)
     return metrics
 
@@ -219,12 +226,22 @@ def evaluate_encoder(encoder, preprocess, manifest: pd.DataFrame, query_split: s
     Returns:
         ``{"nn": {...}, "catalogue": {...}}`` as from :func:`retrieval_metrics`.
     """
+    sets = protocol_sets(manifest, query_split, train_split, params.leak_max_distance)
+    gallery, queries = embed_protocol_sets(encoder, preprocess, sets, params.batch_size, device, progress)
+    return evaluate_embeddings(gallery, sets, params.ks, similarity_fn, query_embeddings=queries)
+
+
+def embed_protocol_sets(encoder, preprocess, sets: ProtocolSets, batch_size: int, device=None,
+                        progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(gallery, queries)`` embeddings keyed by path: every gallery image once, the queries as queries."""
     from components.model import embed_images
 
-    sets = protocol_sets(manifest, query_split, train_split, params.leak_max_distance)
-    paths = sorted(set(sets.queries["image_path"]).union(*(g["image_path"] for g in sets.galleries.values())))
-    vectors = embed_images(encoder, preprocess, paths, params.batch_size, device=device, progress=progress)
-    return evaluate_embeddings(dict(zip(paths, vectors)), sets, params.ks, similarity_fn)
+    gallery_paths = sorted(set().union(*(g["image_path"] for g in sets.galleries.values())))
+    query_paths = sorted(set(sets.queries["image_path"]))
+    gallery = embed_images(encoder, preprocess, gallery_paths, batch_size, device=device, progress=progress)
+    queries = embed_images(encoder, preprocess, query_paths, batch_size, device=device, progress=progress,
+                           as_queries=True)
+    return dict(zip(gallery_paths, gallery)), dict(zip(query_paths, queries))
 
 
 def calibrate_rejection(query_embeddings: np.ndarray, query_skus, gallery_embeddings: np.ndarray, gallery_skus,

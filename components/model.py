@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,16 @@ LITE_NATIVE_SIZE = {"efficientnet-lite0": 224, "efficientnet-lite2": 260}
 
 @dataclass(frozen=True)
 class Preprocess:
-    """PIL image -> normalised CHW float tensor: resize the short side, centre-crop a square."""
+    """PIL image -> normalised CHW float tensor: resize the short side, centre-crop a square.
+
+    ``zoom`` below 1 keeps only the centre ``zoom`` of the short side (resized to ``image_size``):
+    the zoomed views of query-side test-time augmentation (``model.query_zooms``).
+    """
 
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    zoom: float = 1.0
 
     def __call__(self, image) -> torch.Tensor:
         return self.normalize(self.resize_crop(image))
@@ -59,7 +64,7 @@ class Preprocess:
 
         image = image.convert("RGB")
         width, height = image.size
-        scale = self.image_size / min(width, height)
+        scale = self.image_size / (self.zoom * min(width, height))
         resized = image.resize(
             (max(self.image_size, round(width * scale)), max(self.image_size, round(height * scale))),
             Image.Resampling.BICUBIC,
@@ -129,12 +134,15 @@ class Encoder(nn.Module):
 
     With ``flip_average`` an encoder in eval mode embeds each image together with its mirror
     image and returns the normalised mean (flip test-time augmentation); training is unchanged.
+    ``query_zooms`` are the centre zooms a query photo is seen at (see :func:`embed_batch`).
     """
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, flip_average: bool = False) -> None:
+    def __init__(self, backbone: nn.Module, embed_dim: int, flip_average: bool = False,
+                 query_zooms: tuple[float, ...] = (1.0,)) -> None:
         super().__init__()
         self.backbone = backbone
         self.flip_average = flip_average
+        self.query_zooms = tuple(query_zooms)
         self.feature_dim = backbone.feature_dim
         self.embed_dim = embed_dim or backbone.feature_dim
         self.projection: nn.Module = nn.Linear(self.feature_dim, embed_dim) if embed_dim else nn.Identity()
@@ -203,7 +211,7 @@ def build_encoder(params: ModelParams, architecture: dict[str, Any] | None = Non
         backbone: nn.Module = _build_clip(params, architecture)
     else:
         backbone = EfficientNetLiteBackbone(params.backbone, pretrained=params.pretrained and architecture is None)
-    encoder = Encoder(backbone, params.embed_dim, flip_average=params.flip_tta)
+    encoder = Encoder(backbone, params.embed_dim, flip_average=params.flip_tta, query_zooms=tuple(params.query_zooms))
     if params.embed_dim:
         # Start the projection as a random orthogonal map so the untrained encoder already
         # preserves backbone similarities (a zero-shot baseline worth comparing against).
@@ -252,8 +260,8 @@ def load_encoder(model_dir: str | Path, device: str | torch.device = "cpu") -> t
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder} is not a saved encoder: {name} is missing")
     description = json.loads((folder / ENCODER_FILE).read_text())
-    # Encoders saved before flip_tta existed were embedded (and indexed) without it.
-    params = ModelParams.model_validate({"flip_tta": False, **description["model"]})
+    # Encoders saved before flip_tta and query_zooms existed were evaluated without them.
+    params = ModelParams.model_validate({"flip_tta": False, "query_zooms": [1.0], **description["model"]})
     encoder, _ = build_encoder(params, architecture=description["architecture"])
     encoder.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     pre = description["preprocess"]
@@ -283,10 +291,33 @@ def autocast_for(device: torch.device):
 
 
 @torch.no_grad()
+def embed_batch(encoder: Encoder, preprocess: Preprocess, images: list, device: torch.device | None = None,
+                as_queries: bool = False) -> torch.Tensor:
+    """Unit-norm embeddings of PIL images, one row each (float32, on the CPU).
+
+    With ``as_queries`` each image is embedded at every zoom of ``encoder.query_zooms`` and the
+    normalised mean is returned: a query photo is framed looser than the crops the model trained
+    on, and catalogue (gallery) images fill their frame, so only queries are zoomed.
+    """
+    device = device or next(encoder.parameters()).device
+    encoder.eval()
+    total = None
+    for view in [replace(preprocess, zoom=zoom) for zoom in encoder.query_zooms] if as_queries else [preprocess]:
+        pixels = torch.stack([view(image) for image in images]).to(device)
+        with autocast_for(device):
+            embedded = encoder(pixels).float()
+        total = embedded if total is None else total + embedded
+    return F.normalize(total, dim=-1).cpu()
+
+
+@torch.no_grad()
 def embed_images(encoder: Encoder, preprocess: Preprocess, paths: list[str], batch_size: int = 64,
                  device: torch.device | None = None, features_only: bool = False,
-                 progress: bool = False) -> np.ndarray:
-    """Embed image files (or backbone features when ``features_only``) as float32 rows."""
+                 progress: bool = False, as_queries: bool = False) -> np.ndarray:
+    """Embed image files (or backbone features when ``features_only``) as float32 rows.
+
+    ``as_queries`` embeds them as :func:`embed_batch` embeds queries (the encoder's query zooms).
+    """
     from tqdm.auto import tqdm
 
     from components.data import load_rgb
@@ -296,9 +327,12 @@ def embed_images(encoder: Encoder, preprocess: Preprocess, paths: list[str], bat
     outputs = []
     batches = range(0, len(paths), batch_size)
     for start in tqdm(batches, desc="embedding", disable=None if progress else True, leave=False):
-        pixels = torch.stack([preprocess(load_rgb(p)) for p in paths[start:start + batch_size]]).to(device)
-        with autocast_for(device):
-            out = encoder.features(pixels) if features_only else encoder(pixels)
-        outputs.append(out.float().cpu().numpy())
+        images = [load_rgb(p) for p in paths[start:start + batch_size]]
+        if features_only:
+            pixels = torch.stack([preprocess(image) for image in images]).to(device)
+            with autocast_for(device):
+                outputs.append(encoder.features(pixels).float().cpu().numpy())
+        else:
+            outputs.append(embed_batch(encoder, preprocess, images, device, as_queries).numpy())
     dim = encoder.feature_dim if features_only else encoder.embed_dim
     return np.concatenate(outputs) if outputs else np.zeros((0, dim), dtype=np.float32)

@@ -265,15 +265,14 @@ class ServedModel:
         self.model_name, self.version = model_name, version
 
     def embed(self, images: list) -> "np.ndarray":
-        """Unit-norm embeddings of PIL images, one row each."""
+        """Unit-norm query embeddings of PIL images, one row each (what :meth:`match` searches with)."""
         import numpy as np
-        import torch
+
+        from components.model import embed_batch
 
         if not images:
             return np.zeros((0, self.encoder.embed_dim), dtype=np.float32)
-        with torch.no_grad():
-            pixels = torch.stack([self.preprocess(image) for image in images])
-            return self.encoder(pixels).float().numpy()
+        return embed_batch(self.encoder, self.preprocess, images, as_queries=True).numpy()
 
     @property
     def reject_below(self) -> float | None:

@@ -104,8 +104,9 @@ def run_figures(encoder, preprocess, manifest, query_split: str, train_split: st
 
     sets = protocol_sets(manifest, query_split, train_split)
     queries, catalogue = sets.queries, sets.galleries["catalogue"]
-    vectors = embed_images(encoder, preprocess, list(queries["image_path"]) + list(catalogue["image_path"]), batch_size)
-    query_vectors, catalogue_vectors = vectors[:len(queries)], vectors[len(queries):]
+    query_vectors = embed_images(encoder, preprocess, list(queries["image_path"]), batch_size, as_queries=True)
+    catalogue_vectors = embed_images(encoder, preprocess, list(catalogue["image_path"]), batch_size)
+    vectors = np.concatenate([query_vectors, catalogue_vectors])
     skus, scores = sku_scores(brute_force_similarity(query_vectors, catalogue_vectors), catalogue["sku_id"].to_numpy())
     true_skus = queries["sku_id"].to_numpy()
     predicted = skus[scores.argmax(axis=1)]

@@ -42,6 +42,7 @@ from components.config import Params
 from components.data import load_rgb, select
 from components.evaluate import (
     ProtocolSets,
+    embed_protocol_sets,
     evaluate_embeddings,
     flatten_metrics,
     protocol_sets,
@@ -636,16 +637,20 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
                 with torch.no_grad():
                     vectors = encoder.embed_features(torch.from_numpy(cached.evaluation).to(device))
                 epoch_sets = eval_sets
+                # Cached features hold one centred view per image: queries get no flip or zoom
+                # views here, so these frozen-epoch figures run slightly below the saved model's.
                 embeddings_by_path = dict(zip(cached.evaluation_paths, vectors.float().cpu().numpy()))
+                query_embeddings = None
             else:
                 # Embedding every gallery image each epoch costs minutes on a CPU, so epochs
                 # without cached features measure the gate's protocol, and the last one all.
                 gate = params.evaluate.gate_protocol
                 epoch_sets = eval_sets if last or gate not in eval_sets.galleries else ProtocolSets(
                     eval_sets.queries, {gate: eval_sets.galleries[gate]}, eval_sets.leaks)
-                paths = sorted(set(epoch_sets.queries["image_path"]).union(*(g["image_path"] for g in epoch_sets.galleries.values())))
-                embeddings_by_path = dict(zip(paths, embed_images(trained, preprocess, paths, params.evaluate.batch_size, device)))
-            epoch_metrics = evaluate_embeddings(embeddings_by_path, epoch_sets, params.evaluate.ks)
+                embeddings_by_path, query_embeddings = embed_protocol_sets(trained, preprocess, epoch_sets,
+                                                                           params.evaluate.batch_size, device)
+            epoch_metrics = evaluate_embeddings(embeddings_by_path, epoch_sets, params.evaluate.ks,
+                                                query_embeddings=query_embeddings)
             record.update({f"val.{k}": v for k, v in flatten_metrics(epoch_metrics).items()})
             if epoch_sets is eval_sets:
                 metrics = record["_metrics"] = epoch_metrics

@@ -152,7 +152,7 @@ class Matcher:
 
     @bentoml.api(route="/embed")
     def embed(self, image: ImageUpload) -> EmbedResponse:
-        """The unit-norm embedding of an image."""
+        """The unit-norm embedding of an image as a query: the vector ``/match`` searches the index with."""
         try:
             picture = decode_image(image)
         except BadImage as err:

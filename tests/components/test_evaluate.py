@@ -220,6 +220,30 @@ def test_evaluate_embeddings_reports_both_protocols():
     assert flat["catalogue.queries"] == 2.0
 
 
+def test_queries_embedded_as_queries_are_scored_from_their_own_embeddings():
+    manifest, embeddings = small_manifest()
+    sets = protocol_sets(manifest, "val", "train")
+    # Query embeddings that point each val photo at the other SKU's catalogue image.
+    swapped = {"val/A1.jpg": embeddings["val/B1.jpg"], "val/B1.jpg": embeddings["val/A1.jpg"]}
+    gallery_only = {path: vector for path, vector in embeddings.items() if not path.startswith("val/")}
+    metrics = evaluate_embeddings(gallery_only, sets, [1], query_embeddings=swapped)
+    assert metrics["catalogue"]["top1"] == 0.0 and metrics["nn"]["top1"] == 1.0
+    assert evaluate_embeddings(embeddings, sets, [1])["catalogue"]["top1"] == 1.0
+
+
+def test_evaluate_encoder_embeds_queries_at_the_encoders_query_zooms(synthetic_dataset, tiny_model_overrides):
+    from components.model import build_encoder
+
+    manifest = load_manifest(synthetic_dataset)
+    plain = load_params(None, tiny_model_overrides + ["evaluate.ks=[1,3]"])
+    zoomed = load_params(None, tiny_model_overrides + ["evaluate.ks=[1,3]", "model.query_zooms=[1.0,0.5]"])
+    encoder, preprocess = build_encoder(plain.model)
+    base = evaluate_encoder(encoder, preprocess, manifest, "val", "train", plain.evaluate)
+    encoder.query_zooms = tuple(zoomed.model.query_zooms)  # same weights, queries seen at two zooms
+    with_zooms = evaluate_encoder(encoder, preprocess, manifest, "val", "train", zoomed.evaluate)
+    assert with_zooms["catalogue"]["delta_similarity"] != pytest.approx(base["catalogue"]["delta_similarity"], abs=1e-6)
+
+
 def test_empty_gallery_protocol_is_skipped():
     manifest, embeddings = small_manifest()
     no_catalogue = manifest[manifest["role"] != "catalogue"].reset_index(drop=True)

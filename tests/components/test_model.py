@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from components.model import (
     Preprocess,
     autocast_for,
     build_encoder,
+    embed_batch,
     embed_images,
     load_encoder,
     resolve_device,
@@ -188,6 +190,18 @@ def test_preprocess_centre_crops_the_long_side():
     assert tensor[1].min() > 0.9 and tensor[0].max() < 0.1 and tensor[2].max() < 0.1
 
 
+def test_preprocess_zoom_keeps_the_centre_of_the_short_side():
+    # A red frame around a green centre half: zoom 1 sees the frame, zoom 0.4 only green.
+    pixels = np.zeros((40, 40, 3), dtype=np.uint8)
+    pixels[..., 0] = 255
+    pixels[10:30, 10:30] = (0, 255, 0)
+    full = Preprocess(10, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert full(Image.fromarray(pixels))[0, 0, 0] > 0.9  # a red corner
+    zoomed = replace(full, zoom=0.4)(Image.fromarray(pixels))
+    assert zoomed.shape == (3, 10, 10)
+    assert zoomed[1].min() > 0.9 and zoomed[0].max() < 0.1
+
+
 def test_preprocess_converts_grey_and_rgba():
     preprocess = Preprocess(8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     assert preprocess(Image.new("L", (12, 9), 128)).shape == (3, 8, 8)
@@ -260,3 +274,34 @@ def test_encoders_saved_before_flip_tta_load_without_it(clip_params, tmp_path):
     assert loaded.flip_average is False  # its index was built from single-view embeddings
     assert load_encoder(save_encoder(encoder, preprocess, clip_params.model_copy(update={"flip_tta": True}),
                                      tmp_path / "new"))[0].flip_average is True
+
+
+def test_queries_average_their_zoomed_views_and_gallery_images_keep_zoom_one(clip_params, image_paths):
+    encoder, preprocess = build_encoder(clip_params.model_copy(update={"query_zooms": [1.0, 0.6]}))
+    assert encoder.query_zooms == (1.0, 0.6)
+    images = [Image.open(path) for path in image_paths]
+    whole = embed_batch(encoder, preprocess, images)
+    zoomed = embed_batch(encoder, replace(preprocess, zoom=0.6), images)
+    queries = embed_batch(encoder, preprocess, images, as_queries=True)
+    torch.testing.assert_close(queries, torch.nn.functional.normalize(whole + zoomed, dim=-1))
+    assert not torch.allclose(queries, whole, atol=1e-4)
+    np.testing.assert_allclose(embed_images(encoder, preprocess, image_paths, 2, as_queries=True), queries.numpy(),
+                               atol=1e-6)
+    np.testing.assert_allclose(embed_images(encoder, preprocess, image_paths, 2), whole.numpy(), atol=1e-6)
+
+
+def test_query_zooms_travel_with_the_saved_encoder(clip_params, tmp_path):
+    params = clip_params.model_copy(update={"query_zooms": [1.0, 0.8]})
+    encoder, preprocess = build_encoder(params)
+    assert load_encoder(save_encoder(encoder, preprocess, params, tmp_path / "new"))[0].query_zooms == (1.0, 0.8)
+    folder = save_encoder(encoder, preprocess, params, tmp_path / "old")
+    description = json.loads((folder / "encoder.json").read_text())
+    del description["model"]["query_zooms"]  # as written by an older skumatch
+    (folder / "encoder.json").write_text(json.dumps(description))
+    assert load_encoder(folder)[0].query_zooms == (1.0,)  # it was evaluated without zooms
+
+
+@pytest.mark.parametrize("zooms", ["[]", "[0]", "[1.5]", "[1.0,-0.5]"])
+def test_query_zooms_outside_0_to_1_are_refused(zooms):
+    with pytest.raises(ValueError, match="query_zooms"):
+        load_params(None, [f"model.query_zooms={zooms}"])

@@ -123,6 +123,29 @@ def test_cli_promote_rollback_and_champion(store, tiny_encoder_dir, synthetic_da
     assert result.exit_code == 1 and "'42'" in result.output
 
 
+def test_served_model_embeds_photos_as_queries_at_the_saved_query_zooms(tiny_clip_dir, synthetic_dataset, tmp_path):
+    from PIL import Image
+
+    from components.index import load_index
+    from components.model import embed_batch, load_encoder
+
+    params = ModelParams(backbone="hf-clip", hf_model_id=str(tiny_clip_dir), embed_dim=16, image_size=16,
+                         query_zooms=[1.0, 0.5])
+    encoder, preprocess = build_encoder(params)
+    encoder, preprocess, _ = load_encoder(save_encoder(encoder, preprocess, params, tmp_path / "encoder"))
+    rows = pd.DataFrame({"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]})
+    rows["sku_id"] = [p.split("/")[-2] for p in rows["image_path"]]
+    checksum = save_index(build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1"}), tmp_path / "index")
+    served = registry.ServedModel(encoder, preprocess, load_index(tmp_path / "index", checksum, "1"), "m", "1")
+    photo = Image.open(rows["image_path"].iat[0])
+    query = embed_batch(encoder, preprocess, [photo], as_queries=True).numpy()
+    np.testing.assert_allclose(served.embed([photo]), query, atol=1e-6)
+    # The index holds the catalogue image at zoom 1; the same image as a query is seen zoomed too.
+    indexed = embed_batch(encoder, preprocess, [photo]).numpy()
+    best = served.match([photo], top_k=1)[0][0]
+    assert best["score"] == pytest.approx(float(query[0] @ indexed[0]), abs=1e-5) and best["score"] < 0.9999
+
+
 def test_matches_below_the_calibrated_threshold_are_not_confident(tiny_encoder_dir, synthetic_dataset, tmp_path):
     from PIL import Image
 
