@@ -42,6 +42,13 @@ ABLATION: dict[str, list[str]] = {
         "train.frozen_stage=crops", "train.epochs=10", "train.frozen_epochs=2"],
     "catalogue images with gradient in every stage-2 batch": ["train.catalogue_in_batches=true"],
 }
+# Rows that change only how the trained model embeds at inference (test-time augmentation): they
+# re-evaluate the default row's model, so each costs an evaluation, not a training run.
+INFERENCE_ABLATION: dict[str, list[str]] = {
+    "queries at zoom 1 only (model.query_zooms=[1.0])": ["model.query_zooms=[1.0]"],
+    "no test-time augmentation (no flip, no query zooms)": ["model.flip_tta=false", "model.query_zooms=[1.0]"],
+}
+INFERENCE_ONLY = {"flip_tta", "query_zooms"}
 
 
 def machine() -> str:
@@ -88,7 +95,24 @@ def fine_tuned(params: Params, manifest, query_split: str, version: str, scratch
     result = train_encoder(run, manifest, data_version=version, progress=False)
     encoder, preprocess, _ = load_encoder(result.model_dir)
     metrics, throughput = _evaluate(encoder, preprocess, manifest, params, query_split)
-    return {"metrics": metrics, "images_per_s": throughput, "train_wall_time_s": result.wall_time_s}
+    return {"metrics": metrics, "images_per_s": throughput, "train_wall_time_s": result.wall_time_s,
+            "model_dir": result.model_dir}
+
+
+def check_inference_only(name: str, params: Params, variant: Params) -> None:
+    """Refuse a test-time row that changes more than test-time settings: its figures would be wrong."""
+    changed = {key for key, value in variant.model.model_dump().items() if value != getattr(params.model, key)}
+    if not changed <= INFERENCE_ONLY or variant.train != params.train or variant.data != params.data:
+        raise ValueError(f"inference ablation {name!r} changes more than model.{sorted(INFERENCE_ONLY)}: "
+                         "it would need a training run of its own")
+
+
+def re_evaluated(model_dir: Path, variant: Params, manifest, query_split: str) -> dict:
+    """A trained model evaluated with the variant's test-time settings (flip, query zooms); no training."""
+    encoder, preprocess, _ = load_encoder(model_dir)
+    encoder.flip_average, encoder.query_zooms = variant.model.flip_tta, tuple(variant.model.query_zooms)
+    metrics, throughput = _evaluate(encoder, preprocess, manifest, variant, query_split)
+    return {"metrics": metrics, "images_per_s": throughput, "train_wall_time_s": 0.0}
 
 
 def _row(name: str, result: dict) -> str:
@@ -100,7 +124,7 @@ def _row(name: str, result: dict) -> str:
 
 
 def render(results: dict[str, dict], ablation: dict[str, dict], params: Params, query_split: str,
-           version: str, n_queries: int) -> str:
+           version: str, n_queries: int, training_ablation: bool = False) -> str:
     """The results file: the recipe, the machine, the comparison and the ablation table."""
     header = ("| model | cat top-1 | cat top-3 | cat top-5 | cat Δsim | cat mAP | nn top-1 | nn top-3 | nn top-5 "
               "| nn Δsim | nn mAP | train min | eval img/s |\n" + "|---" * 13 + "|")
@@ -112,12 +136,13 @@ def render(results: dict[str, dict], ablation: dict[str, dict], params: Params, 
         "# Accuracy benchmark",
         "",
         f"- Run: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, `python -m benchmarks.accuracy "
-        f"--queries {query_split}{' --ablation' if ablation else ''}`",
+        f"--queries {query_split}{' --ablation' if training_ablation else ''}`",
         f"- Machine: {machine()}",
         f"- Data: `{params.data.root}` (DVC hash `{version}`), queries = `{query_split}` ({n_queries} photos), "
         f"`nn` gallery = `{params.data.train_split}`, `catalogue` gallery = the catalogue images",
         f"- Backbone: `{params.model.backbone}`, image size {params.model.image_size or 'native'}, "
         f"embedding {params.model.embed_dim}",
+        f"- Test time (every row): flip TTA {params.model.flip_tta}, query zooms {params.model.query_zooms}",
         f"- Recipe (`train` in params.yaml): `{json.dumps(params.train.model_dump(exclude={'checkpoint_dir', 'output_dir'}))}`",
         "",
         "Top-k over distinct SKUs; Δsim = similarity to the true SKU minus the mean similarity to the other SKUs.",
@@ -128,7 +153,9 @@ def render(results: dict[str, dict], ablation: dict[str, dict], params: Params, 
         f"Fine-tuned vs zero-shot in this run: {ratios}.",
     ]
     if ablation:
-        lines += ["", "## Ablation (each row: the default recipe with one change, same run)", "", header,
+        heading = ("## Ablation (each row: the default recipe with one change, same run; \"train min\" 0.0 = "
+                   "the default row's model re-evaluated)")
+        lines += ["", heading, "", header,
                   *(_row(name, result) for name, result in ablation.items())]
     return "\n".join(lines) + "\n"
 
@@ -151,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", default=None, help="query split: any <name>.txt of the layout (default: data.query_split)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", "-S", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
-    parser.add_argument("--ablation", action="store_true", help="also train and evaluate the ablation variants")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also train and evaluate the training ablation variants (the test-time rows always run)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -168,11 +196,17 @@ def main(argv: list[str] | None = None) -> int:
         results = {"zero-shot backbone": zero_shot(params, manifest, query_split),
                    "fine-tuned (default recipe)": fine_tuned(params, manifest, query_split, version, scratch)}
         ablation = {}
+        for name, changes in INFERENCE_ABLATION.items():
+            variant = load_params(args.params, overrides + changes + [f"data.query_split={query_split}"])
+            check_inference_only(name, params, variant)
+            # Before the training rows: they overwrite the default row's model in scratch.
+            ablation[name] = re_evaluated(results["fine-tuned (default recipe)"]["model_dir"], variant, manifest,
+                                          query_split)
         if args.ablation:
             for name, changes in ABLATION.items():
                 variant = load_params(args.params, overrides + changes + [f"data.query_split={query_split}"])
                 ablation[name] = fine_tuned(variant, manifest, query_split, version, scratch)
-    text = render(results, ablation, params, query_split, version, n_queries) + kept_notes(Path(args.out))
+    text = render(results, ablation, params, query_split, version, n_queries, args.ablation) + kept_notes(Path(args.out))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
