@@ -38,9 +38,9 @@ METRIC_COLUMNS = ("top1", "top3", "top5", "delta_similarity", "map")
 # here. Exploration beyond these is recorded by hand in the results file's notes.
 ABLATION: dict[str, list[str]] = {
     "head only: no backbone fine-tuning (stage 1 alone)": ["train.epochs=10"],
-    "stage 1 on live crops (2 epochs) instead of cached features": [
-        "train.frozen_stage=crops", "train.epochs=10", "train.frozen_epochs=2"],
-    "catalogue images with gradient in every stage-2 batch": ["train.catalogue_in_batches=true"],
+    # Measured in earlier runs, kept in the results file's notes with the run they come from:
+    # "train.frozen_stage=crops train.epochs=10 train.frozen_epochs=2", "train.catalogue_in_batches=true",
+    # "train.freeze_batchnorm=false", "train.ema_decay=0.995".
 }
 # Rows that change only how the trained model embeds at inference (test-time augmentation): they
 # re-evaluate the default row's model, so each costs an evaluation, not a training run.
