@@ -40,7 +40,8 @@ def test_results_file_compares_zero_shot_with_the_fine_tuned_model(results_file)
     assert "Machine:" in text and "query zooms [1.0, 0.8]" in text
     assert "Fine-tuned vs zero-shot in this run: catalogue top-1 ×" in text
     assert text.endswith("## Notes (by hand)\n\n- kept across runs\n")  # hand-written notes survive a rerun
-    assert table["fine-tuned (default recipe)"][10] > 0  # its training wall time is reported
+    # The fine-tuned row measures the trained model, not the backbone again (column 3: catalogue Δsim).
+    assert table["fine-tuned (default recipe)"][3] > table["zero-shot backbone"][3] + 0.1
 
 
 def test_test_time_rows_re_evaluate_the_default_model_without_training(results_file):
