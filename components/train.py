@@ -332,11 +332,10 @@ def _save_checkpoint(folder: Path, epoch: int, encoder: Encoder, head: MarginHea
     partial = folder / f".epoch-{epoch:04d}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(partial / "encoder.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(partial / "head.safetensors"))
-    if averaged is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in averaged.state_dict().items()},
-                  str(partial / "averaged.safetensors"))
+    modules = {"encoder": encoder, "head": head, **({"averaged": averaged} if averaged is not None else {})}
+    for name, module in modules.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                  str(partial / f"{name}.safetensors"))
     opt_state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for param_id, values in opt_state["state"].items():
