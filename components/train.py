@@ -133,8 +133,9 @@ class ShelfAugment:
     ``STORE_MARGIN`` times ``out_size``). Returns the normalised ``out_size`` square input.
     """
 
-    def __init__(self, preprocess: Preprocess, rng: random.Random, out_size: int | None = None) -> None:
-        self.preprocess, self.rng = preprocess, rng
+    def __init__(self, preprocess: Preprocess, rng: random.Random, out_size: int | None = None,
+                 crop_area: tuple[float, float] | list[float] = (0.35, 1.0)) -> None:
+        self.preprocess, self.rng, self.crop_area = preprocess, rng, tuple(crop_area)
         self.out_size = out_size or preprocess.image_size
         self.store = replace(preprocess, image_size=round(self.out_size * STORE_MARGIN))
 
@@ -142,8 +143,9 @@ class ShelfAugment:
         pixels = image if torch.is_tensor(image) else self.store.resize_crop(image)
         rng = self.rng
         height, width = pixels.shape[-2:]
-        # Random-resized crop: 35-100% of the area, aspect 3:4 to 4:3 (a product partly in frame).
-        area = height * width * rng.uniform(0.35, 1.0)
+        # Random-resized crop of `crop_area` of the image (train.crop_area), aspect 3:4 to 4:3: a
+        # product partly in frame.
+        area = height * width * rng.uniform(*self.crop_area)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         crop_w, crop_h = min(width, round(math.sqrt(area * aspect))), min(height, round(math.sqrt(area / aspect)))
         left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
@@ -249,6 +251,7 @@ class CachedFeatures:
 def _features_fingerprint(params: Params, data_version: str | None, paths: list[str]) -> str:
     shaping = {"model": params.model.model_dump(), "views": params.train.cached_views,
                "catalogue_views": params.train.catalogue_views, "augment": params.train.augment,
+               "crop_area": params.train.crop_area,
                "seed": params.train.seed, "augment_version": AUGMENT_VERSION, "data_version": data_version,
                "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
@@ -278,7 +281,7 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
                             progress=progress)
 
     rng = random.Random(cfg.seed)
-    shelf = ShelfAugment(preprocess, rng)
+    shelf = ShelfAugment(preprocess, rng, crop_area=cfg.crop_area)
     view_transforms = [preprocess, _Mirrored(preprocess)] + [shelf] * max(0, cfg.cached_views - 2)
     train_views = np.stack([features(train_paths, t) for t in view_transforms[:cfg.cached_views]])
     catalogue_paths = [train_paths[i] for i in catalogue_rows]
@@ -458,7 +461,8 @@ class _CropTraining:
         if params.model.backbone == "hf-clip" and self.out_size != preprocess.image_size:
             raise ValueError(f"train.image_size={self.out_size}: a CLIP vision tower takes only its own input size "
                              f"({preprocess.image_size} px); set train.image_size to null")
-        self.augment = ShelfAugment(preprocess, random.Random(cfg.seed), self.out_size) if cfg.augment else None
+        self.augment = (ShelfAugment(preprocess, random.Random(cfg.seed), self.out_size, cfg.crop_area)
+                        if cfg.augment else None)
         store = self.augment.store if self.augment else replace(preprocess, image_size=self.out_size)
         self.images = torch.stack([store.resize_crop(load_rgb(path)) for path in paths])
         self.catalogue_rows = catalogue_rows

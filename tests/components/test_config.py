@@ -79,6 +79,10 @@ def test_unknown_key_in_a_file_is_rejected(tmp_path):
     ("evaluate.min_top1=1.5", "evaluate.min_top1"),  # le=1
     ("model.backbone=resnet50", "model.backbone"),  # not one of the literals
     ("evaluate.ks=fast", "evaluate.ks"),
+    ("train.crop_area=[0.5]", "train.crop_area"),  # [smallest, largest]
+    ("train.crop_area=[0,1]", "train.crop_area"),  # an empty crop
+    ("train.crop_area=[0.5,1.2]", "train.crop_area"),  # more than the image
+    ("train.crop_area=[0.8,0.3]", "train.crop_area"),  # reversed
 ])
 def test_wrong_type_or_range_is_rejected(override, path):
     with pytest.raises(ParamsError) as info:

@@ -365,6 +365,38 @@ def test_shelf_augment_crops_tensors_and_photos_alike_and_keeps_hue():
     assert not torch.allclose(first, second)
 
 
+def test_shelf_augment_crops_only_as_much_of_the_image_as_crop_area_allows():
+    import random
+
+    from PIL import Image
+
+    from components.model import Preprocess
+    from components.train import ShelfAugment
+
+    # Black left half, white right half: a crop of the whole image always shows both.
+    half_and_half = Image.fromarray(np.concatenate([np.zeros((64, 32, 3), np.uint8),
+                                                    np.full((64, 32, 3), 255, np.uint8)], axis=1))
+    preprocess = Preprocess(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    def single_coloured_crops(crop_area) -> int:
+        augment = ShelfAugment(preprocess, random.Random(0), out_size=32, crop_area=crop_area)
+        stored = augment.store.resize_crop(half_and_half)
+        return sum(float(augment(stored).std()) < 0.05 for _ in range(30))
+
+    assert single_coloured_crops((1.0, 1.0)) == 0
+    assert single_coloured_crops((0.05, 0.05)) >= 10  # a fifth of the side falls in one half most times
+
+
+def test_crop_area_is_part_of_the_cached_features_identity(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
+    # Stage 1's augmented views are cut with train.crop_area, so features cached with one area
+    # must not be reused by a run with another.
+    for area in ("[0.35,1.0]", "[0.6,1.0]"):
+        params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=2", "train.cached_views=3",
+                              f"train.crop_area={area}")
+        train_encoder(params, manifest, progress=False)
+    assert len(list((tmp_path / "checkpoints").glob("features-*.safetensors"))) == 2
+
+
 def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
     """A real _CropTraining over the synthetic dataset with an untrained EfficientNet-Lite0."""
     import pandas as pd
