@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from components.config import Params
+from components.config import Params, TrainParams
 from components.data import load_rgb, select
 from components.evaluate import (
     ProtocolSets,
@@ -125,6 +125,10 @@ STORE_MARGIN = 1.15
 AUGMENT_VERSION = 2
 
 
+# The augmentation crop's area range when a caller gives none: train.crop_area's default, one source.
+DEFAULT_CROP_AREA = tuple(TrainParams.model_fields["crop_area"].default)
+
+
 class ShelfAugment:
     """Turn clean images into shelf-like photos: crops, flips, tilt, colour casts, blur.
 
@@ -134,7 +138,7 @@ class ShelfAugment:
     """
 
     def __init__(self, preprocess: Preprocess, rng: random.Random, out_size: int | None = None,
-                 crop_area: tuple[float, float] | list[float] = (0.35, 1.0)) -> None:
+                 crop_area: tuple[float, float] | list[float] = DEFAULT_CROP_AREA) -> None:
         self.preprocess, self.rng, self.crop_area = preprocess, rng, tuple(crop_area)
         self.out_size = out_size or preprocess.image_size
         self.store = replace(preprocess, image_size=round(self.out_size * STORE_MARGIN))
