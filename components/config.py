@@ -114,6 +114,12 @@ class TrainParams(_Section):
     # Exponential moving average of the encoder's weights over the unfrozen steps (0 = off): the
     # average, not the last step's weights, is evaluated and saved. 0.995 spans about 200 steps.
     ema_decay: float = Field(default=0.0, ge=0, lt=1)
+    # Unfrozen stage: decoded training images kept in memory, in MiB (143 KiB per image at the
+    # default 192 px crops, so 8 GiB holds about 58k); images beyond it are decoded again each
+    # time they are drawn, by `loader_workers` background processes (0 = by the training loop).
+    # Neither changes the results, only speed and memory.
+    decoded_cache_mb: int = Field(default=8192, ge=0)
+    loader_workers: int = Field(default=0, ge=0)
     checkpoint_dir: str = "checkpoints"
     output_dir: str = "models/encoder"
     resume: bool = True

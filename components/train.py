@@ -325,7 +325,9 @@ def run_fingerprint(params: Params, data_version: str | None) -> str:
     """A short hash of everything that shapes a training run (checkpoint folder name)."""
     # Not hashed: how long to train (epochs), where files go, how often to evaluate, the device:
     # a run asked for more epochs continues the shorter run's checkpoints.
-    not_shaping = {"resume", "device", "epochs", "output_dir", "checkpoint_dir", "eval_every_epochs"}
+    # Nor how images are decoded: decoding is deterministic, so the cache and workers change only speed.
+    not_shaping = {"resume", "device", "epochs", "output_dir", "checkpoint_dir", "eval_every_epochs",
+                   "decoded_cache_mb", "loader_workers"}
     shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude=not_shaping),
                "data": params.data.model_dump(), "data_version": data_version}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
@@ -437,14 +439,60 @@ def _optimisation_step(head: MarginHead, optimizer: torch.optim.Optimizer, embed
     return float(loss.detach())
 
 
+class DecodedImages(torch.utils.data.Dataset):
+    """The training images as uint8 CHW tensors, decoded at ``store``'s size for the crop stage.
+
+    The first images, up to ``cache_bytes`` of them (3 x size x size bytes each: 143 KiB at the
+    221 px store of 192 px crops), are decoded once and kept; the rest are decoded again each
+    time they are drawn. All 3k Grocery Store images fit in 0.4 GiB, but a million would need
+    140 GiB, so the budget bounds memory for any training set. Decoding is deterministic: what
+    a batch holds depends neither on the budget nor on which process decodes it.
+    """
+
+    def __init__(self, paths: list[str], store: Preprocess, cache_bytes: int) -> None:
+        self.paths, self.store = list(paths), store
+        size = store.image_size
+        self.cached_count = min(len(self.paths), cache_bytes // (3 * size * size))
+        # Filled in place: stacking a list of decoded images would hold two copies at the peak.
+        self.cache = torch.empty((self.cached_count, 3, size, size), dtype=torch.uint8)
+        for row in range(self.cached_count):
+            self.cache[row] = self.decode(row)
+
+    def decode(self, row: int) -> torch.Tensor:
+        """Read and decode one image (not from the cache)."""
+        return self.store.resize_crop(load_rgb(self.paths[row]))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        return self.cache[row] if row < self.cached_count else self.decode(row)
+
+    def batch(self, rows: np.ndarray) -> torch.Tensor:
+        """The images of ``rows`` as one uint8 NCHW tensor."""
+        return torch.stack([self[int(row)] for row in rows])
+
+    def batches(self, row_batches: list[np.ndarray], workers: int) -> Any:
+        """Iterate over the uint8 batches of ``row_batches``, in order.
+
+        With images beyond the cache, ``workers`` processes decode the next batches while the
+        model trains on this one; with everything cached there is nothing for them to do.
+        """
+        if workers == 0 or self.cached_count == len(self):
+            return (self.batch(rows) for rows in row_batches)
+        return torch.utils.data.DataLoader(self, batch_sampler=[[int(row) for row in rows] for rows in row_batches],
+                                           num_workers=workers, collate_fn=torch.stack)
+
+
 class _CropTraining:
     """Epochs on live augmented crops of the training images.
 
     The unfrozen stage always runs here; the frozen epochs do too with ``frozen_stage: crops``
     (the backbone then only runs forward, and only the projection and head learn).
 
-    - Every image is decoded once into a uint8 tensor (about 145 KB per image at 220 px) and
-      augmented in torch, so no epoch re-reads JPEGs.
+    - Images are decoded into uint8 tensors (:class:`DecodedImages`: once, and kept, up to
+      ``train.decoded_cache_mb``; beyond it, again when drawn, by ``train.loader_workers``
+      processes) and augmented in torch.
     - Crops are ``train.image_size`` (below the evaluation size: training at a lower resolution
       than testing suits random-resized crops, as FixRes showed, and costs half the compute).
     - The backbone's learning rate warms up for ``warmup_steps`` and then follows a cosine to
@@ -468,7 +516,7 @@ class _CropTraining:
         self.augment = (ShelfAugment(preprocess, random.Random(cfg.seed), self.out_size, cfg.crop_area)
                         if cfg.augment else None)
         store = self.augment.store if self.augment else replace(preprocess, image_size=self.out_size)
-        self.images = torch.stack([store.resize_crop(load_rgb(path)) for path in paths])
+        self.images = DecodedImages(paths, store, cfg.decoded_cache_mb * 2**20)
         self.catalogue_rows = catalogue_rows
         self.steps_per_epoch = max(1, len(paths) // cfg.unfrozen_batch_size)
         self.total_steps = self.steps_per_epoch * max(1, cfg.epochs - cfg.frozen_epochs)
@@ -479,11 +527,12 @@ class _CropTraining:
         warmup = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         return cfg.backbone_lr * warmup * 0.5 * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
 
-    def pixels(self, rows: np.ndarray) -> torch.Tensor:
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch of decoded images -> the (augmented) normalised input on the device."""
         if self.augment:
-            batch = torch.stack([self.augment(self.images[row]) for row in rows])
+            batch = torch.stack([self.augment(image) for image in images])
         else:
-            batch = self.preprocess.normalize(self.images[torch.from_numpy(rows)])
+            batch = self.preprocess.normalize(images)
         return batch.to(self.device, memory_format=torch.channels_last)
 
     @torch.no_grad()
@@ -491,14 +540,14 @@ class _CropTraining:
         """Current embeddings of some training images (centre crop, no augmentation)."""
         was_training = encoder.training
         encoder.eval()
-        centre = self.preprocess.normalize(self.images[torch.from_numpy(rows)])
-        if centre.shape[-1] != self.out_size:
-            centre = F.interpolate(centre, size=(self.out_size, self.out_size), mode="bilinear", antialias=True)
         outputs = []
-        for start in range(0, len(centre), self.params.evaluate.batch_size):
+        # Chunk by chunk: the float input of every training image at once would be 4x the decoded images.
+        for start in range(0, len(rows), self.params.evaluate.batch_size):
+            centre = self.preprocess.normalize(self.images.batch(rows[start:start + self.params.evaluate.batch_size]))
+            if centre.shape[-1] != self.out_size:
+                centre = F.interpolate(centre, size=(self.out_size, self.out_size), mode="bilinear", antialias=True)
             with autocast_for(self.device):
-                chunk = centre[start:start + self.params.evaluate.batch_size]
-                outputs.append(encoder(chunk.to(self.device, memory_format=torch.channels_last)).float())
+                outputs.append(encoder(centre.to(self.device, memory_format=torch.channels_last)).float())
         encoder.train(was_training)
         return torch.cat(outputs)
 
@@ -517,8 +566,11 @@ class _CropTraining:
         losses, anchors = [], None
         if cfg.catalogue_in_batches:
             batches = with_catalogue_images(batches, labels, self.catalogue_rows)
-        for index, batch in enumerate(tqdm(batches[:self.steps_per_epoch], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                           disable=None if progress else True, leave=False)):
+        batches = batches[:self.steps_per_epoch]
+        decoded = self.images.batches(batches, cfg.loader_workers)
+        for index, (batch, images) in enumerate(tqdm(zip(batches, decoded), total=len(batches),
+                                                     desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                                     disable=None if progress else True, leave=False)):
             # The projection moves every step, so the anchors go stale even with a frozen backbone.
             if use_anchors and index % cfg.anchor_refresh_steps == 0:
                 anchors = self.embed_rows(encoder, self.catalogue_rows)
@@ -528,7 +580,7 @@ class _CropTraining:
             if not backbone_frozen:
                 optimizer.param_groups[1]["lr"] = self.backbone_lr((epoch - cfg.frozen_epochs) * self.steps_per_epoch + index)
             with autocast_for(self.device):
-                embeddings = encoder(self.pixels(batch))
+                embeddings = encoder(self.pixels(images))
             losses.append(_optimisation_step(head, optimizer, embeddings, torch.from_numpy(labels[batch]).to(self.device),
                                              anchors, catalogue_labels, self.params))
             if averaged is not None:

@@ -220,9 +220,10 @@ def test_other_params_never_resume_a_foreign_checkpoint(tmp_path, tiny_clip_dir,
     assert run_fingerprint(first, "a.dir") != run_fingerprint(first, "b.dir")
 
 
-def test_fingerprint_ignores_resume_and_device(tmp_path, tiny_clip_dir, synthetic_dataset):
+def test_fingerprint_ignores_resume_device_and_image_decoding(tmp_path, tiny_clip_dir, synthetic_dataset):
     base = train_params(tiny_clip_dir, synthetic_dataset, tmp_path)
-    same = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.resume=false", "train.device=cpu")
+    same = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.resume=false", "train.device=cpu",
+                        "train.decoded_cache_mb=0", "train.loader_workers=2")
     assert run_fingerprint(base, "v") == run_fingerprint(same, "v")
 
 
@@ -422,7 +423,7 @@ def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
 
 def test_unfrozen_stage_trains_the_backbone_but_keeps_batchnorm_statistics(tmp_path, synthetic_dataset, manifest):
     _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(tmp_path, synthetic_dataset, manifest)
-    assert stage.images.dtype == torch.uint8 and stage.images.shape[-1] == round(32 * 1.15)
+    assert stage.images.cache.dtype == torch.uint8 and stage.images.cache.shape[-1] == round(32 * 1.15)
     batchnorm = encoder.backbone.net._bn0
     conv = encoder.backbone.net._conv_stem.weight
     stats_before, weights_before = batchnorm.running_mean.clone(), conv.detach().clone()
@@ -484,6 +485,44 @@ def test_frozen_stage_on_crops_runs_end_to_end_and_resumes(tmp_path, tiny_clip_d
     untrained, preprocess = build_encoder(params.model)
     before = evaluate_encoder(untrained, preprocess, manifest, "val", "train", params.evaluate)
     assert result.metrics["catalogue"]["delta_similarity"] > before["catalogue"]["delta_similarity"] + 0.05, (before["catalogue"], result.metrics["catalogue"])
+
+
+def test_decoded_images_keep_only_what_the_budget_holds_and_decode_the_rest_alike(tmp_path, synthetic_dataset,
+                                                                                  manifest):
+    from components.model import Preprocess
+    from components.train import DecodedImages
+
+    paths = list(manifest["image_path"])
+    store = Preprocess(image_size=20, mean=(0.5,) * 3, std=(0.5,) * 3)
+    everything = DecodedImages(paths, store, cache_bytes=len(paths) * 3 * 20 * 20)
+    partly = DecodedImages(paths, store, cache_bytes=5 * 3 * 20 * 20 + 7)  # room for 5 images, not 6
+    nothing = DecodedImages(paths, store, cache_bytes=0)
+    assert (everything.cached_count, partly.cached_count, nothing.cached_count) == (len(paths), 5, 0)
+    assert partly.cache.shape == (5, 3, 20, 20) and partly.cache.dtype == torch.uint8
+    rows = np.array([len(paths) - 1, 0, 7, 4, 5, 3])
+    assert torch.equal(everything.batch(rows), partly.batch(rows))
+    assert torch.equal(everything.batch(rows), nothing.batch(rows))
+    # Worker processes decode the same batches, in the same order.
+    row_batches = [rows, rows[::-1].copy(), np.arange(8)]
+    in_process = list(everything.batches(row_batches, workers=0))
+    by_workers = list(nothing.batches(row_batches, workers=2))
+    assert len(by_workers) == 3 and all(torch.equal(a, b) for a, b in zip(in_process, by_workers))
+
+
+def test_unfrozen_epoch_trains_alike_whether_images_are_kept_or_decoded_by_workers(tmp_path, synthetic_dataset,
+                                                                                   manifest):
+    def one_epoch(*extra: str):
+        torch.manual_seed(0)
+        _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
+            tmp_path, synthetic_dataset, manifest, *extra)
+        losses = stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False)
+        return stage, losses, encoder.state_dict()
+
+    kept, kept_losses, kept_weights = one_epoch()
+    streamed, streamed_losses, streamed_weights = one_epoch("train.decoded_cache_mb=0", "train.loader_workers=1")
+    assert kept.images.cached_count == len(kept.images) and streamed.images.cached_count == 0
+    assert streamed_losses == kept_losses
+    assert all(torch.equal(kept_weights[name], streamed_weights[name]) for name in kept_weights)
 
 
 def test_backbone_lr_warms_up_then_decays_to_zero_by_the_last_step(tmp_path, synthetic_dataset, manifest):
