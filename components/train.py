@@ -27,6 +27,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -445,7 +446,7 @@ class DecodedImages(torch.utils.data.Dataset):
     The first images, up to ``cache_bytes`` of them (3 x size x size bytes each: 143 KiB at the
     221 px store of 192 px crops), are decoded once and kept; the rest are decoded again each
     time they are drawn. All 3k Grocery Store images fit in 0.4 GiB, but a million would need
-    140 GiB, so the budget bounds memory for any training set. Decoding is deterministic: what
+    136 GiB, so the budget bounds memory for any training set. Decoding is deterministic: what
     a batch holds depends neither on the budget nor on which process decodes it.
     """
 
@@ -472,7 +473,7 @@ class DecodedImages(torch.utils.data.Dataset):
         """The images of ``rows`` as one uint8 NCHW tensor."""
         return torch.stack([self[int(row)] for row in rows])
 
-    def batches(self, row_batches: list[np.ndarray], workers: int) -> Any:
+    def batches(self, row_batches: list[np.ndarray], workers: int) -> Iterable[torch.Tensor]:
         """Iterate over the uint8 batches of ``row_batches``, in order.
 
         With images beyond the cache, ``workers`` processes decode the next batches while the

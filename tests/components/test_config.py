@@ -82,6 +82,8 @@ def test_unknown_key_in_a_file_is_rejected(tmp_path):
     ("train.crop_area=[0.5]", "train.crop_area"),  # [smallest, largest]
     ("train.crop_area=[0,1]", "train.crop_area"),  # an empty crop
     ("train.crop_area=[0.5,1.2]", "train.crop_area"),  # more than the image
+    ("train.decoded_cache_mb=-1", "train.decoded_cache_mb"),  # ge=0
+    ("train.loader_workers=-1", "train.loader_workers"),  # ge=0
     ("train.crop_area=[0.8,0.3]", "train.crop_area"),  # reversed
 ])
 def test_wrong_type_or_range_is_rejected(override, path):
