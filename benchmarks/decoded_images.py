@@ -43,42 +43,30 @@ def measure_one(params_path: str, overrides: list[str], steps: int) -> dict:
     import resource
 
     import numpy as np
-    import pandas as pd
     import torch
 
     from components.config import load_params
-    from components.data import load_manifest, select
-    from components.model import build_encoder
-    from components.train import MarginHead, _CropTraining
+    from components.data import load_manifest
+    from components.train import _CropTraining, training_setup
 
     params = load_params(params_path, overrides)
     cfg = params.train
-    manifest = load_manifest(params.data.root)
-    rows = pd.concat([select(manifest, split=params.data.train_split, role="query"),
-                      select(manifest, role="catalogue")]).reset_index(drop=True)
-    sku_ids = sorted(rows["sku_id"].unique())
-    labels = rows["sku_id"].map({sku: i for i, sku in enumerate(sku_ids)}).to_numpy()
-    catalogue_rows = np.flatnonzero(rows["role"].to_numpy() == "catalogue")
     torch.manual_seed(cfg.seed)
-    encoder, preprocess = build_encoder(params.model)
-    encoder.to(memory_format=torch.channels_last)
-    head = MarginHead(encoder.embed_dim, len(sku_ids), cfg.loss, cfg.margin, cfg.scale, cfg.subcenters)
-    optimizer = torch.optim.AdamW([
-        {"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": cfg.lr},
-        {"params": list(encoder.backbone.parameters()), "lr": cfg.backbone_lr}], weight_decay=cfg.weight_decay)
+    setup = training_setup(params, load_manifest(params.data.root), torch.device("cpu"))
+    labels, catalogue_rows = setup.labels, setup.catalogue_rows
 
     before_build = _rss_mib()
     started = time.perf_counter()
-    stage = _CropTraining(preprocess, list(rows["image_path"]), catalogue_rows, params, torch.device("cpu"))
+    stage = _CropTraining(setup.preprocess, list(setup.rows["image_path"]), catalogue_rows, params, torch.device("cpu"))
     build_s = time.perf_counter() - started
     held_mib = _rss_mib() - before_build
     stage.steps_per_epoch = min(steps, stage.steps_per_epoch)  # a slice of an epoch is enough to time a step
     started = time.perf_counter()
-    stage.run_epoch(cfg.frozen_epochs, encoder, head, optimizer, labels, torch.from_numpy(labels[catalogue_rows]),
-                    np.random.default_rng(cfg.seed), progress=False)
+    stage.run_epoch(cfg.frozen_epochs, setup.encoder, setup.head, setup.optimizer, labels,
+                    torch.from_numpy(labels[catalogue_rows]), np.random.default_rng(cfg.seed), progress=False)
     step_s = (time.perf_counter() - started) / stage.steps_per_epoch
     # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN is the largest loader worker.
-    return {"images": len(rows), "cached": stage.images.cached_count, "store_px": stage.images.store.image_size,
+    return {"images": len(setup.rows), "cached": stage.images.cached_count, "store_px": stage.images.store.image_size,
             "build_s": build_s, "held_mib": held_mib, "step_s": step_s, "steps": stage.steps_per_epoch,
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}

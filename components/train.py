@@ -589,6 +589,45 @@ class _CropTraining:
         return losses
 
 
+@dataclass
+class TrainingSetup:
+    """What a fine-tuning run starts from: its images and labels, a fresh encoder, head and optimiser."""
+
+    rows: pd.DataFrame  # the training split's photos, then the catalogue images
+    sku_ids: list[str]  # label i is sku_ids[i]
+    labels: np.ndarray  # one label per row
+    catalogue_rows: np.ndarray  # positions of the catalogue images in ``rows``
+    encoder: Encoder
+    preprocess: Preprocess
+    head: MarginHead
+    optimizer: torch.optim.Optimizer
+
+
+def training_setup(params: Params, manifest: pd.DataFrame, device: torch.device) -> TrainingSetup:
+    """The rows, labels, encoder, margin head and optimiser that :func:`train_encoder` starts from.
+
+    Draws the encoder's and head's initial weights from torch's global generator, so seed it first.
+    Public so benchmarks time the exact objects training uses.
+    """
+    cfg = params.train
+    rows = pd.concat([select(manifest, split=params.data.train_split, role="query"),
+                      select(manifest, role="catalogue")]).reset_index(drop=True)
+    sku_ids = sorted(rows["sku_id"].unique())
+    if len(sku_ids) < 2:
+        raise ValueError(f"training needs at least 2 SKUs, got {len(sku_ids)}")
+    labels = rows["sku_id"].map({s: i for i, s in enumerate(sku_ids)}).to_numpy()
+    encoder, preprocess = build_encoder(params.model)
+    # channels_last: measured 61 against 94 ms/image for a Lite0 training step on this CPU.
+    encoder.to(device, memory_format=torch.channels_last)
+    head = MarginHead(encoder.embed_dim, len(sku_ids), cfg.loss, cfg.margin, cfg.scale, cfg.subcenters).to(device)
+    optimizer = torch.optim.AdamW([
+        {"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": cfg.lr},
+        {"params": list(encoder.backbone.parameters()), "lr": cfg.backbone_lr},
+    ], weight_decay=cfg.weight_decay)
+    return TrainingSetup(rows, sku_ids, labels, np.flatnonzero(rows["role"].to_numpy() == "catalogue"),
+                         encoder, preprocess, head, optimizer)
+
+
 def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | None = None,
                   data_version: str | None = None, progress: bool = True) -> TrainResult:
     """Fine-tune an encoder on a manifest's training split and catalogue images.
@@ -611,24 +650,12 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
 
-    training_rows = pd.concat([select(manifest, split=params.data.train_split, role="query"),
-                               select(manifest, role="catalogue")]).reset_index(drop=True)
-    sku_ids = sorted(training_rows["sku_id"].unique())
-    if len(sku_ids) < 2:
-        raise ValueError(f"training needs at least 2 SKUs, got {len(sku_ids)}")
-    labels = training_rows["sku_id"].map({s: i for i, s in enumerate(sku_ids)}).to_numpy()
+    setup = training_setup(params, manifest, device)
+    training_rows, sku_ids, labels = setup.rows, setup.sku_ids, setup.labels
+    catalogue_rows, encoder, preprocess = setup.catalogue_rows, setup.encoder, setup.preprocess
+    head, optimizer = setup.head, setup.optimizer
     eval_sets = protocol_sets(manifest, params.data.query_split, params.data.train_split,
                               params.evaluate.leak_max_distance)
-
-    encoder, preprocess = build_encoder(params.model)
-    # channels_last: measured 61 against 94 ms/image for a Lite0 training step on this CPU.
-    encoder.to(device, memory_format=torch.channels_last)
-    head = MarginHead(encoder.embed_dim, len(sku_ids), cfg.loss, cfg.margin, cfg.scale, cfg.subcenters).to(device)
-    backbone_params = list(encoder.backbone.parameters())
-    optimizer = torch.optim.AdamW([
-        {"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": cfg.lr},
-        {"params": backbone_params, "lr": cfg.backbone_lr},
-    ], weight_decay=cfg.weight_decay)
 
     def weight_average() -> AveragedModel:
         # use_buffers: BatchNorm statistics are averaged too, for runs that let them move.
@@ -646,7 +673,6 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
     tracker.log_params({"train.device_resolved": device.type, "train.skus": str(len(sku_ids)),
                         "train.images": str(len(training_rows)), "data.version": data_version or "unknown"})
 
-    catalogue_rows = np.flatnonzero(training_rows["role"].to_numpy() == "catalogue")
     cached: CachedFeatures | None = None
     crops: _CropTraining | None = None
 
