@@ -313,10 +313,12 @@ def embed_batch(encoder: Encoder, preprocess: Preprocess, images: list, device: 
 @torch.no_grad()
 def embed_images(encoder: Encoder, preprocess: Preprocess, paths: list[str], batch_size: int = 64,
                  device: torch.device | None = None, features_only: bool = False,
-                 progress: bool = False, as_queries: bool = False) -> np.ndarray:
+                 progress: bool = False, as_queries: bool = False, out: np.ndarray | None = None) -> np.ndarray:
     """Embed image files (or backbone features when ``features_only``) as float32 rows.
 
     ``as_queries`` embeds them as :func:`embed_batch` embeds queries (the encoder's query zooms).
+    ``out``, a ``(len(paths), dim)`` array such as a memory map, receives the rows batch by batch
+    and is returned, so a large set never sits in memory twice.
     """
     from tqdm.auto import tqdm
 
@@ -324,6 +326,9 @@ def embed_images(encoder: Encoder, preprocess: Preprocess, paths: list[str], bat
 
     device = device or next(encoder.parameters()).device
     encoder.eval()
+    dim = encoder.feature_dim if features_only else encoder.embed_dim
+    if out is not None and out.shape != (len(paths), dim):
+        raise ValueError(f"out has shape {out.shape}; {len(paths)} images of dimension {dim} need ({len(paths)}, {dim})")
     outputs = []
     batches = range(0, len(paths), batch_size)
     for start in tqdm(batches, desc="embedding", disable=None if progress else True, leave=False):
@@ -331,8 +336,13 @@ def embed_images(encoder: Encoder, preprocess: Preprocess, paths: list[str], bat
         if features_only:
             pixels = torch.stack([preprocess(image) for image in images]).to(device)
             with autocast_for(device):
-                outputs.append(encoder.features(pixels).float().cpu().numpy())
+                rows = encoder.features(pixels).float().cpu().numpy()
         else:
-            outputs.append(embed_batch(encoder, preprocess, images, device, as_queries).numpy())
-    dim = encoder.feature_dim if features_only else encoder.embed_dim
+            rows = embed_batch(encoder, preprocess, images, device, as_queries).numpy()
+        if out is None:
+            outputs.append(rows)
+        else:
+            out[start:start + len(rows)] = rows
+    if out is not None:
+        return out
     return np.concatenate(outputs) if outputs else np.zeros((0, dim), dtype=np.float32)

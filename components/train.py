@@ -237,20 +237,42 @@ def catalogue_anchor_loss(embeddings: torch.Tensor, labels: torch.Tensor, anchor
     return F.cross_entropy(per_sku.scatter(1, labels[:, None], target) * scale, labels)
 
 
+# Rows of cached features embedded at a time (320 MiB of 1280-d float32): bounds memory on
+# large sets, and data sets smaller than one chunk embed in one call, as they always did.
+FEATURE_CHUNK_ROWS = 65536
+
+
 @dataclass
 class CachedFeatures:
-    """Backbone features of the frozen stage.
+    """Backbone features of the frozen stage, memory-mapped from ``.npy`` files.
 
     ``train_views``: ``(views, n_train, dim)``; view 0 is the image as is, view 1 mirrored, the
     rest shelf-augmented. ``catalogue_views``: ``(views, n_catalogue, dim)``, extra augmented
     views of the (few) catalogue images, view 0 as is. ``evaluation``: one row per evaluation
-    image, in ``evaluation_paths`` order.
+    image, in ``evaluation_paths`` order. Memory maps, because at a million training images two
+    1280-d float32 views are 10 GiB: batches read the rows they draw, the OS caches what fits.
     """
 
     train_views: np.ndarray
     catalogue_views: np.ndarray
     evaluation: np.ndarray
     evaluation_paths: list[str]
+
+    @classmethod
+    def open(cls, folder: Path, evaluation_paths: list[str]) -> CachedFeatures:
+        """Memory-map the arrays that :func:`cache_features` wrote to ``folder``."""
+        def mapped(name: str) -> np.ndarray:
+            return np.load(folder / f"{name}.npy", mmap_mode="r")
+
+        return cls(mapped("train_views"), mapped("catalogue_views"), mapped("evaluation"), evaluation_paths)
+
+
+def embed_cached(encoder: Encoder, features: np.ndarray, device: torch.device,
+                 chunk_rows: int = FEATURE_CHUNK_ROWS) -> torch.Tensor:
+    """Embeddings of cached backbone features (rows of a possibly larger-than-RAM memory map), chunk by chunk."""
+    # np.array copies a chunk out of the read-only map, which torch.from_numpy cannot share.
+    return torch.cat([encoder.embed_features(torch.from_numpy(np.array(features[start:start + chunk_rows])).to(device))
+                      for start in range(0, max(len(features), 1), chunk_rows)])
 
 
 def _features_fingerprint(params: Params, data_version: str | None, paths: list[str]) -> str:
@@ -267,36 +289,51 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
                    progress: bool = False) -> CachedFeatures:
     """Compute (or read back) the frozen stage's features.
 
-    They depend only on the backbone, the images and the view settings, so they are stored as
-    safetensors under ``train.checkpoint_dir`` and reused by any run that differs only in how
-    the head trains (loss, margin, learning rate, epochs): the expensive part is paid once.
+    They depend only on the backbone, the images and the view settings, so they are stored
+    under ``train.checkpoint_dir`` and reused by any run that differs only in how the head
+    trains (loss, margin, learning rate, epochs): the expensive part is paid once. Each array is
+    written batch by batch into a memory-mapped ``.npy`` file (numpy's format, no pickles) in a
+    ``.partial`` folder that is renamed only when complete, so a crash never leaves a cache that
+    looks whole, and memory holds one batch, not the set.
     """
-    from safetensors.numpy import load_file, save_file
+    from numpy.lib.format import open_memmap
 
     cfg = params.train
     all_paths = train_paths + evaluation_paths
-    target = Path(cfg.checkpoint_dir) / f"features-{_features_fingerprint(params, data_version, all_paths)}.safetensors"
-    if target.exists():
-        LOGGER.info("reusing cached backbone features %s", target)
-        stored = load_file(str(target))
-        return CachedFeatures(stored["train_views"], stored["catalogue_views"], stored["evaluation"], evaluation_paths)
+    folder = Path(cfg.checkpoint_dir) / f"features-{_features_fingerprint(params, data_version, all_paths)}"
+    if folder.is_dir():
+        LOGGER.info("reusing cached backbone features %s", folder)
+        return CachedFeatures.open(folder, evaluation_paths)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a run that crashed while caching
+    partial.mkdir(parents=True)
+    dim = encoder.feature_dim
 
-    def features(paths: list[str], transform) -> np.ndarray:
-        return embed_images(encoder, transform, paths, params.evaluate.batch_size, device, features_only=True,
-                            progress=progress)
+    def array(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return open_memmap(partial / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
+
+    def features(paths: list[str], transform, out: np.ndarray) -> None:
+        embed_images(encoder, transform, paths, params.evaluate.batch_size, device, features_only=True,
+                     progress=progress, out=out)
 
     rng = random.Random(cfg.seed)
     shelf = ShelfAugment(preprocess, rng, crop_area=cfg.crop_area)
     view_transforms = [preprocess, _Mirrored(preprocess)] + [shelf] * max(0, cfg.cached_views - 2)
-    train_views = np.stack([features(train_paths, t) for t in view_transforms[:cfg.cached_views]])
+    train_views = array("train_views", (cfg.cached_views, len(train_paths), dim))
+    for view, transform in enumerate(view_transforms[:cfg.cached_views]):
+        features(train_paths, transform, train_views[view])
     catalogue_paths = [train_paths[i] for i in catalogue_rows]
-    catalogue_views = np.stack([train_views[0, catalogue_rows]] + [
-        features(catalogue_paths, shelf) for _ in range(cfg.catalogue_views - 1)]) if len(catalogue_paths) else \
-        np.zeros((1, 0, train_views.shape[-1]), dtype=np.float32)
-    evaluation = features(evaluation_paths, preprocess)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"train_views": train_views, "catalogue_views": catalogue_views, "evaluation": evaluation}, str(target))
-    return CachedFeatures(train_views, catalogue_views, evaluation, evaluation_paths)
+    catalogue_views = array("catalogue_views", (cfg.catalogue_views if catalogue_paths else 1, len(catalogue_paths), dim))
+    if catalogue_paths:
+        catalogue_views[0] = train_views[0, catalogue_rows]
+        for view in range(1, cfg.catalogue_views):
+            features(catalogue_paths, shelf, catalogue_views[view])
+    features(evaluation_paths, preprocess, array("evaluation", (len(evaluation_paths), dim)))
+    for written in (train_views, catalogue_views):
+        written.flush()
+    del train_views, catalogue_views  # close the maps before the folder moves
+    partial.rename(folder)
+    return CachedFeatures.open(folder, evaluation_paths)
 
 
 class _Mirrored:
@@ -690,8 +727,8 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
                                 params, device, data_version, progress)
         if resumed is None:
             with torch.no_grad():
-                head.init_from_prototypes(_sku_means(
-                    encoder.embed_features(torch.from_numpy(cached.train_views[0]).to(device)), labels, len(sku_ids)))
+                head.init_from_prototypes(_sku_means(embed_cached(encoder, cached.train_views[0], device),
+                                                     labels, len(sku_ids)))
     elif start_epoch < cfg.frozen_epochs and resumed is None:
         head.init_from_prototypes(_sku_means(crop_training().embed_rows(encoder, np.arange(len(labels))),
                                              labels, len(sku_ids)))
@@ -721,7 +758,7 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
             trained.eval()
             if on_cached_features:
                 with torch.no_grad():
-                    vectors = encoder.embed_features(torch.from_numpy(cached.evaluation).to(device))
+                    vectors = embed_cached(encoder, cached.evaluation, device)
                 epoch_sets = eval_sets
                 # Cached features hold one centred view per image: queries get no flip or zoom
                 # views here, so these frozen-epoch figures run slightly below the saved model's.

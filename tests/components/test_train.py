@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +19,13 @@ import torch
 from components.config import Params, load_params
 from components.data import load_manifest
 from components.evaluate import evaluate_encoder
-from components.model import build_encoder, load_encoder
+from components.model import build_encoder, embed_images, load_encoder
 from components.train import (
+    CachedFeatures,
     MarginHead,
     TrainResult,
+    cache_features,
+    embed_cached,
     pk_batches,
     run_fingerprint,
     train_encoder,
@@ -152,7 +156,11 @@ def test_checkpoints_are_safetensors_and_json_only(trained):
     # The last two epochs are kept, no half-written ones.
     assert sorted(p.name for p in folder.iterdir()) == ["epoch-0001", "epoch-0002"]
     files = [p for p in Path(params.train.checkpoint_dir).rglob("*") if p.is_file()]
-    assert files and {p.suffix for p in files} == {".safetensors", ".json"}
+    assert files and {p.suffix for p in files} == {".safetensors", ".json", ".npy"}
+    # .npy only for the cached backbone features: plain float arrays that load without pickles.
+    for array_file in (p for p in files if p.suffix == ".npy"):
+        assert array_file.parent.name.startswith("features-")
+        assert np.load(array_file, allow_pickle=False).dtype == np.float32
     assert sorted(p.name for p in (folder / "epoch-0002").iterdir()) == [
         "encoder.safetensors", "head.safetensors", "optimizer.safetensors", "state.json"]
     model_files = sorted(p.name for p in result.model_dir.iterdir())
@@ -213,9 +221,10 @@ def test_other_params_never_resume_a_foreign_checkpoint(tmp_path, tiny_clip_dir,
     assert result.resumed_from_epoch is None
     assert tracker.steps == [0, 1]
     folder = Path(first.train.checkpoint_dir)
-    assert len([p for p in folder.iterdir() if p.is_dir()]) == 2  # one checkpoint folder per fingerprint
+    runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("features-")]
+    assert len(runs) == 2  # one checkpoint folder per fingerprint
     # ... but the backbone features, which a margin does not change, were computed once and shared.
-    assert len(list(folder.glob("features-*.safetensors"))) == 1
+    assert len(list(folder.glob("features-*"))) == 1
     # Another data version is another run too.
     assert run_fingerprint(first, "a.dir") != run_fingerprint(first, "b.dir")
 
@@ -395,7 +404,7 @@ def test_crop_area_is_part_of_the_cached_features_identity(tmp_path, tiny_clip_d
         params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=2", "train.cached_views=3",
                               f"train.crop_area={area}")
         train_encoder(params, manifest, progress=False)
-    assert len(list((tmp_path / "checkpoints").glob("features-*.safetensors"))) == 2
+    assert len(list((tmp_path / "checkpoints").glob("features-*"))) == 2
 
 
 def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
@@ -578,3 +587,67 @@ def test_weight_average_is_what_is_saved_and_survives_a_resume(tmp_path, tiny_cl
     for key, value in saved.state_dict().items():
         assert torch.equal(value, averaged[f"module.{key}"]), key
     assert any(not torch.equal(value, live[key]) for key, value in saved.state_dict().items())
+
+
+def test_cached_features_are_memory_mapped_files_and_a_reuse_trains_identically(tmp_path, tiny_clip_dir,
+                                                                                   synthetic_dataset, manifest):
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=2", "train.resume=false")
+    computed = train_encoder(params, manifest, progress=False)
+    computed_weights = (Path(params.train.output_dir) / "model.safetensors").read_bytes()
+    [folder] = (tmp_path / "checkpoints").glob("features-*")
+    assert sorted(p.name for p in folder.iterdir()) == ["catalogue_views.npy", "evaluation.npy", "train_views.npy"]
+    # Read back as memory maps: a large training set's features need not fit in memory.
+    views = CachedFeatures.open(folder, evaluation_paths=[]).train_views
+    assert isinstance(views, np.memmap) and views.dtype == np.float32
+    assert views.shape[:2] == (params.train.cached_views, 6 * 9)  # 6 SKUs x (8 photos + 1 catalogue image)
+
+    reused = train_encoder(params, manifest, progress=False)  # same features: read, not computed
+    assert [h["train.loss"] for h in reused.history] == [h["train.loss"] for h in computed.history]
+    assert (Path(params.train.output_dir) / "model.safetensors").read_bytes() == computed_weights
+
+
+def test_a_crash_while_caching_features_leaves_no_cache_that_looks_complete(tmp_path, tiny_clip_dir,
+                                                                            synthetic_dataset, manifest):
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path)
+    encoder, preprocess = build_encoder(params.model)
+    train_paths = list(manifest["image_path"][:8])
+    evaluation_image = tmp_path / "moved-away.jpg"  # missing while the first run caches
+
+    def cache():
+        return cache_features(encoder, preprocess, train_paths, np.array([0]), [str(evaluation_image)], params,
+                              torch.device("cpu"), None)
+
+    with pytest.raises(FileNotFoundError):
+        cache()
+    checkpoints = tmp_path / "checkpoints"
+    [partial] = checkpoints.iterdir()
+    assert partial.name.endswith(".partial")  # nothing a later run would take for a finished cache
+
+    # The image is back; the retry starts the partial folder afresh and completes it.
+    shutil.copy(manifest["image_path"].iloc[9], evaluation_image)
+    cached = cache()
+    assert [p.name for p in checkpoints.iterdir()] == [partial.name.removesuffix(".partial")]
+    assert cached.evaluation.shape == (1, encoder.feature_dim) and np.isfinite(cached.evaluation).all()
+
+
+def test_embed_images_refuses_an_output_array_of_the_wrong_shape(tiny_clip_dir, synthetic_dataset, tmp_path, manifest):
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path)
+    encoder, preprocess = build_encoder(params.model)
+    paths = list(manifest["image_path"][:3])
+    with pytest.raises(ValueError, match=r"3 images of dimension 16 need \(3, 16\)"):
+        embed_images(encoder, preprocess, paths, out=np.zeros((2, 16), dtype=np.float32))
+    into = np.zeros((3, 16), dtype=np.float32)
+    assert embed_images(encoder, preprocess, paths, out=into) is into
+    np.testing.assert_array_equal(into, embed_images(encoder, preprocess, paths))
+
+
+def test_cached_features_embed_alike_in_one_chunk_or_many(tiny_clip_dir, synthetic_dataset, tmp_path):
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path)
+    encoder, _ = build_encoder(params.model)
+    features = np.random.default_rng(0).normal(size=(10, encoder.feature_dim)).astype(np.float32)
+    with torch.no_grad():
+        whole = embed_cached(encoder, features, torch.device("cpu"))
+        chunked = embed_cached(encoder, features, torch.device("cpu"), chunk_rows=3)
+        empty = embed_cached(encoder, features[:0], torch.device("cpu"))
+    assert whole.shape == (10, 16) and empty.shape == (0, 16)
+    torch.testing.assert_close(chunked, whole)
