@@ -11,7 +11,8 @@ TINY = ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.im
         "train.image_size=null", "train.unfrozen_batch_size=12", "train.images_per_sku=2"]
 
 
-def test_every_way_is_measured_in_its_own_process_against_the_kept_baseline(tmp_path, synthetic_dataset):
+def test_every_way_is_measured_in_its_own_process_against_the_kept_baseline(tmp_path, synthetic_dataset,
+                                                                            table_rows):
     out = tmp_path / "decoded_images.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
     argv = ["--data", str(synthetic_dataset), "--params", str(PARAMS), "--steps", "2", "--out", str(out)]
@@ -19,8 +20,7 @@ def test_every_way_is_measured_in_its_own_process_against_the_kept_baseline(tmp_
     text = out.read_text()
     assert "Machine:" in text and "2 fine-tuning steps" in text
     assert "an earlier run" not in text and text.endswith("## Notes (by hand)\n\n- kept across runs\n")
-    table = {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ") and not line.startswith("| way")
-             for cells in [[cell.strip() for cell in line.strip("|").split("|")]]}
+    table = table_rows(text)
     assert set(table) == set(decoded_images.WAYS)
     images = int(table[decoded_images.BASELINE][0])
     assert images > 0  # the baseline keeps every image; the other ways keep none
