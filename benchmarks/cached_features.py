@@ -61,6 +61,8 @@ def write_features(folder: Path, params, rows: int, catalogue_images: int, featu
     """Write random features in :func:`cache_features`'s layout; their size in MiB."""
     from numpy.lib.format import open_memmap
 
+    from components.train import FEATURE_CHUNK_ROWS
+
     rng = np.random.default_rng(0)
     shapes = {"train_views": (params.train.cached_views, rows, feature_dim),
               "catalogue_views": (params.train.catalogue_views, catalogue_images, feature_dim),
@@ -68,8 +70,8 @@ def write_features(folder: Path, params, rows: int, catalogue_images: int, featu
     folder.mkdir(parents=True, exist_ok=True)
     for name, shape in shapes.items():
         array = open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
-        for start in range(0, shape[-2], 65536):  # written in slices, so this process never holds it all
-            block = array[..., start:start + 65536, :]
+        for start in range(0, shape[-2], FEATURE_CHUNK_ROWS):  # in slices: this process never holds it all
+            block = array[..., start:start + FEATURE_CHUNK_ROWS, :]
             block[...] = rng.standard_normal(block.shape, dtype=np.float32)
         array.flush()
         del array
@@ -86,8 +88,7 @@ def measure_one(way: str, folder: Path, params_path: str, overrides: list[str], 
     from components.train import (
         CachedFeatures,
         _frozen_epoch,
-        _sku_means,
-        embed_cached,
+        init_head_from_cached,
         pk_batches,
         training_setup,
     )
@@ -106,9 +107,7 @@ def measure_one(way: str, folder: Path, params_path: str, overrides: list[str], 
     open_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    with torch.no_grad():
-        setup.head.init_from_prototypes(_sku_means(embed_cached(setup.encoder, cached.train_views[0], device),
-                                                   setup.labels, len(setup.sku_ids)))
+    init_head_from_cached(setup.encoder, setup.head, cached, setup.labels, device)
     init_s = time.perf_counter() - started
 
     rng = np.random.default_rng(cfg.seed)

@@ -457,6 +457,13 @@ def _frozen_epoch(encoder: Encoder, head: MarginHead, optimizer: torch.optim.Opt
     return losses
 
 
+@torch.no_grad()
+def init_head_from_cached(encoder: Encoder, head: MarginHead, cached: CachedFeatures, labels: np.ndarray,
+                          device: torch.device) -> None:
+    """Start the head's class weights at each SKU's mean embedding of its cached as-is views."""
+    head.init_from_prototypes(_sku_means(embed_cached(encoder, cached.train_views[0], device), labels, head.n_classes))
+
+
 def _sku_means(embeddings: torch.Tensor, labels: np.ndarray, n_skus: int) -> torch.Tensor:
     """Mean embedding of each SKU's images: the margin head's starting class weights."""
     return torch.stack([embeddings[torch.from_numpy(labels == i).to(embeddings.device)].mean(0) for i in range(n_skus)])
@@ -726,9 +733,7 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
         cached = cache_features(encoder, preprocess, list(training_rows["image_path"]), catalogue_rows, eval_paths,
                                 params, device, data_version, progress)
         if resumed is None:
-            with torch.no_grad():
-                head.init_from_prototypes(_sku_means(embed_cached(encoder, cached.train_views[0], device),
-                                                     labels, len(sku_ids)))
+            init_head_from_cached(encoder, head, cached, labels, device)
     elif start_epoch < cfg.frozen_epochs and resumed is None:
         head.init_from_prototypes(_sku_means(crop_training().embed_rows(encoder, np.arange(len(labels))),
                                              labels, len(sku_ids)))
