@@ -1,4 +1,4 @@
-"""Memory and speed of the head stage's cached features: memory-mapped (default) vs read into memory.
+"""Memory and speed of the head stage's cached features and catalogue anchors, against how they were held before.
 
     python -m benchmarks.cached_features --skus 10000 --images-per-sku 20 --batches 60
 
@@ -12,7 +12,14 @@ head (every training row embedded) and ``--batches`` real head-stage batches
 (:func:`components.train._frozen_epoch`: P x K draw, projection, margin head with catalogue
 anchors, AdamW), built by :func:`components.train.training_setup`.
 
-Baseline, in the same run: the arrays read whole into memory, as caches were held before.
+Three ways, in the same run:
+
+- baseline: the arrays read whole into memory, and every catalogue image an anchor in every
+  batch, as before 8ddbc58;
+- memory-mapped, every catalogue image an anchor (``train.anchor_sample=null``);
+- memory-mapped with sampled anchors (the params as given: ``train.anchor_sample``, 1024 by
+  default, so at 10,000 SKUs a batch ranks against 1024 catalogue images, not 10,000).
+
 Figures go to ``benchmarks/results/cached_features.md`` with the machine noted; its
 hand-written ``## Notes`` section is kept across runs.
 """
@@ -33,9 +40,13 @@ import numpy as np
 from benchmarks.accuracy import kept_notes, machine
 
 RESULTS = Path(__file__).parent / "results" / "cached_features.md"
-BASELINE = "read whole into memory (before)"
-MAPPED = "memory-mapped (default)"
-WAYS = (BASELINE, MAPPED)
+BASELINE = "read whole into memory, all anchors (before)"
+MAPPED_ALL_ANCHORS = "memory-mapped, all anchors"
+MAPPED = "memory-mapped, sampled anchors (default)"
+# Each way: whether its arrays are read whole into memory, and its params overrides (after the user's).
+WAYS = {BASELINE: (True, ["train.anchor_sample=null"]),
+        MAPPED_ALL_ANCHORS: (False, ["train.anchor_sample=null"]),
+        MAPPED: (False, [])}
 
 
 def synthetic_manifest(skus: int, images_per_sku: int, train_split: str = "train"):
@@ -93,7 +104,8 @@ def measure_one(way: str, folder: Path, params_path: str, overrides: list[str], 
         training_setup,
     )
 
-    params = load_params(params_path, overrides)
+    read_into_memory, way_overrides = WAYS[way]
+    params = load_params(params_path, overrides + way_overrides)
     cfg = params.train
     device = resolve_device(cfg.device)  # a CUDA machine measures batches on its GPU, as training would run them
     torch.manual_seed(cfg.seed)
@@ -101,7 +113,7 @@ def measure_one(way: str, folder: Path, params_path: str, overrides: list[str], 
     before = _process_memory()
     started = time.perf_counter()
     cached = CachedFeatures.open(folder, evaluation_paths=["unused"])
-    if way == BASELINE:
+    if read_into_memory:
         cached = CachedFeatures(np.array(cached.train_views), np.array(cached.catalogue_views),
                                 np.array(cached.evaluation), cached.evaluation_paths)
     open_s = time.perf_counter() - started
@@ -118,7 +130,7 @@ def measure_one(way: str, folder: Path, params_path: str, overrides: list[str], 
                            drawn, rng, device)
     batch_s = (time.perf_counter() - started) / len(drawn)
     after = _process_memory()
-    return {"device": device.type, "open_s": open_s, "init_s": init_s, "batch_s": batch_s, "batches": len(drawn),
+    return {"device": device.type, "anchor_sample": cfg.anchor_sample, "open_s": open_s, "init_s": init_s, "batch_s": batch_s, "batches": len(drawn),
             "mean_loss": float(np.mean(losses)), "anon_mib": after["RssAnon"] - before["RssAnon"],
             "file_mib": after["RssFile"] - before["RssFile"], "peak_mib": after["VmHWM"]}
 
@@ -132,7 +144,8 @@ def render(results: dict[str, dict], args: argparse.Namespace, features_mib: flo
             f"image), random float32 in `cache_features`' layout, {features_mib:,.0f} MiB on disk (just written, "
             "so in the OS page cache)")
     method = (f"- Each row: its own process ({base['device']}) opens the folder, initialises the head from every row's embedding, "
-              f"then runs {base['batches']} head-stage batches (`_frozen_epoch`). Memory is the growth from opening "
+              f"then runs {base['batches']} head-stage batches (`_frozen_epoch`, with `train.anchor_sample` "
+              f"{results[MAPPED]['anchor_sample']} in the default way). Memory is the growth from opening "
               "the folder to the end: anonymous (the process's own) and file-backed (mapped pages, which the OS "
               "can drop and re-read).")
     header = ("| way | open s | head init s | s/batch | anonymous MiB | file-backed MiB | peak RSS MiB | mean loss "

@@ -100,6 +100,10 @@ class TrainParams(_Section):
     # Weight of the loss that ranks each photo's catalogue image above other SKUs' (the
     # catalogue protocol's own task); 0 turns it off.
     catalogue_anchor_weight: float = Field(default=1.0, ge=0)
+    # Catalogue images each step's anchor loss ranks photos against: those of the step's own
+    # SKUs plus others drawn at random, up to this many (None = every catalogue image). Bounds
+    # the per-step cost on large catalogues; a catalogue of at most this many uses all of it.
+    anchor_sample: int | None = Field(default=1024, ge=1)
     # Unfrozen stage (see components.train._CropTraining): crop size (None = the model's
     # input size), batch size (full backprop through the backbone), backbone lr warm-up steps,
     # how often the catalogue anchors are re-embedded, and whether BatchNorm keeps its

@@ -213,28 +213,66 @@ def with_catalogue_images(batches: list[np.ndarray], labels: np.ndarray, catalog
 
 
 def catalogue_anchor_loss(embeddings: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor,
-                          anchor_labels: torch.Tensor, n_classes: int, margin: float, scale: float) -> torch.Tensor:
-    """Margin softmax of photos against the embedded catalogue images of all SKUs.
+                          anchor_labels: torch.Tensor, margin: float, scale: float) -> torch.Tensor:
+    """Margin softmax of photos against embedded catalogue images (the anchors) of many SKUs.
 
     The ``catalogue`` protocol ranks SKUs by similarity to their catalogue images, so this loss
     trains exactly that ranking: a photo must be closer to its own SKU's catalogue image (the
-    best one, when a SKU has several) than to any other SKU's, by ``margin``. Photos of SKUs
-    without a catalogue image are left out.
+    best one, when a SKU has several) than to any other anchor SKU's, by ``margin``. Photos of
+    SKUs without an anchor are left out. Its size is photos x anchor SKUs, whatever the number
+    of classes, so the anchors can be a sample of a large catalogue (:class:`CatalogueAnchors`).
     """
     similarity = embeddings.float() @ anchors.float().T
-    per_sku = torch.full((len(embeddings), n_classes), -1.0, device=embeddings.device, dtype=similarity.dtype)
-    per_sku = per_sku.scatter_reduce(1, anchor_labels.expand(len(embeddings), -1), similarity, reduce="amax",
+    anchor_skus, column_of_anchor = torch.unique(anchor_labels, sorted=True, return_inverse=True)
+    per_sku = torch.full((len(embeddings), len(anchor_skus)), -1.0, device=embeddings.device, dtype=similarity.dtype)
+    per_sku = per_sku.scatter_reduce(1, column_of_anchor.expand(len(embeddings), -1), similarity, reduce="amax",
                                      include_self=False)
-    has_anchor = torch.zeros(n_classes, dtype=torch.bool, device=embeddings.device)
-    has_anchor[anchor_labels] = True
-    keep = has_anchor[labels]
+    # Column of each photo's own SKU among the anchor SKUs, where it has one.
+    column = torch.searchsorted(anchor_skus, labels).clamp(max=len(anchor_skus) - 1)
+    keep = anchor_skus[column] == labels
     if not keep.any():
         return embeddings.sum() * 0.0
-    per_sku, labels = per_sku[keep][:, has_anchor], labels[keep]
-    # Column of each kept label among the SKUs that have anchors.
-    labels = torch.cumsum(has_anchor.long(), 0)[labels] - 1
-    target = per_sku.gather(1, labels[:, None]) - margin
-    return F.cross_entropy(per_sku.scatter(1, labels[:, None], target) * scale, labels)
+    per_sku, column = per_sku[keep], column[keep]
+    target = per_sku.gather(1, column[:, None]) - margin
+    return F.cross_entropy(per_sku.scatter(1, column[:, None], target) * scale, column)
+
+
+class CatalogueAnchors:
+    """Which catalogue images a step's anchor loss ranks its photos against.
+
+    All of them while the catalogue has at most ``sample`` images. Beyond that, those of the
+    step's own SKUs (the positives) plus a uniform draw of others (the negatives) up to
+    ``sample``: a sampled softmax, so that a step costs ``sample`` anchor embeddings, not the
+    catalogue's size (at 10,000 SKUs all anchors were 70% of a head-stage batch).
+    """
+
+    def __init__(self, labels: np.ndarray, sample: int | None) -> None:
+        self.labels, self.sample = labels, sample
+        # Sorted once, so finding a step's own SKUs costs a binary search, not a catalogue scan.
+        self._order = np.argsort(labels, kind="stable")
+        self._sorted_labels = labels[self._order]
+
+    @property
+    def whole(self) -> bool:
+        """Whether every step uses the whole catalogue."""
+        return self.sample is None or len(self.labels) <= self.sample
+
+    def positions(self, skus: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Sorted catalogue positions of the anchors for a step whose photos show ``skus``.
+
+        Draws from ``rng`` only when sampling, so a catalogue used whole trains exactly as it did.
+        """
+        if self.whole:
+            return np.arange(len(self.labels))
+        skus = np.unique(skus)
+        starts = np.searchsorted(self._sorted_labels, skus, side="left")
+        ends = np.searchsorted(self._sorted_labels, skus, side="right")
+        own = self._order[np.concatenate([np.arange(start, end) for start, end in zip(starts, ends)])]
+        others = max(0, self.sample - len(own))
+        # Distinct draws, as many more as there are positives, so that `others` are left once
+        # the positives among them are dropped: exactly `sample` anchors.
+        drawn = rng.choice(len(self.labels), size=others + len(own), replace=False) if others else own[:0]
+        return np.union1d(own, drawn[~np.isin(drawn, own)][:others])
 
 
 # Rows of cached features embedded at a time (320 MiB of 1280-d float32): bounds memory on
@@ -438,22 +476,27 @@ def _set_trainable(encoder: Encoder, unfreeze_blocks: int, backbone_trainable: b
 def _frozen_epoch(encoder: Encoder, head: MarginHead, optimizer: torch.optim.Optimizer, cached: CachedFeatures,
                   labels: np.ndarray, catalogue_labels: torch.Tensor, params: Params, batches: list[np.ndarray],
                   rng: np.random.Generator, device: torch.device) -> list[float]:
-    """One head-only epoch on cached backbone features (a random cached view per image)."""
+    """One head-only epoch on cached backbone features (a random cached view per image).
+
+    The catalogue anchors are a random cached view of each of the step's :class:`CatalogueAnchors`.
+    """
     cfg = params.train
     encoder.train()
     encoder.backbone.eval()
+    anchor_set = CatalogueAnchors(catalogue_labels.cpu().numpy(), cfg.anchor_sample)
     losses = []
     for batch in batches:
         with autocast_for(device):
             views = rng.integers(0, len(cached.train_views), len(batch))
             embeddings = encoder.embed_features(torch.from_numpy(cached.train_views[views, batch]).to(device))
-            anchors = None
+            anchors = anchor_labels = None
             if cfg.catalogue_anchor_weight > 0 and len(catalogue_labels):
-                views = rng.integers(0, len(cached.catalogue_views), len(catalogue_labels))
-                anchors = encoder.embed_features(
-                    torch.from_numpy(cached.catalogue_views[views, np.arange(len(catalogue_labels))]).to(device))
+                positions = anchor_set.positions(labels[batch], rng)
+                views = rng.integers(0, len(cached.catalogue_views), len(positions))
+                anchors = encoder.embed_features(torch.from_numpy(cached.catalogue_views[views, positions]).to(device))
+                anchor_labels = catalogue_labels[torch.from_numpy(positions).to(device)]
         losses.append(_optimisation_step(head, optimizer, embeddings, torch.from_numpy(labels[batch]).to(device),
-                                         anchors, catalogue_labels, params))
+                                         anchors, anchor_labels, params))
     return losses
 
 
@@ -470,14 +513,14 @@ def _sku_means(embeddings: torch.Tensor, labels: np.ndarray, n_skus: int) -> tor
 
 
 def _optimisation_step(head: MarginHead, optimizer: torch.optim.Optimizer, embeddings: torch.Tensor,
-                       targets: torch.Tensor, anchors: torch.Tensor | None, catalogue_labels: torch.Tensor,
+                       targets: torch.Tensor, anchors: torch.Tensor | None, anchor_labels: torch.Tensor | None,
                        params: Params) -> float:
-    """The margin loss, plus the catalogue-anchor loss when anchors are given; one optimiser step."""
+    """The margin loss, plus the catalogue-anchor loss when anchors (and their SKU labels) are given; one optimiser step."""
     cfg = params.train
     loss = head(embeddings, targets)
     if anchors is not None:
         loss = loss + cfg.catalogue_anchor_weight * catalogue_anchor_loss(
-            embeddings, targets, anchors, catalogue_labels, head.n_classes, cfg.margin, cfg.scale)
+            embeddings, targets, anchors, anchor_labels, cfg.margin, cfg.scale)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -544,7 +587,9 @@ class _CropTraining:
       zero at the last unfrozen epoch; it is computed from the step number, so a resumed run
       continues the same schedule.
     - The catalogue-anchor loss compares photos with the current embeddings of the catalogue
-      images, re-embedded (without gradients) every ``anchor_refresh_steps`` steps.
+      images, re-embedded (without gradients) every ``anchor_refresh_steps`` steps; on a
+      catalogue larger than ``anchor_sample``, of a sample that holds the SKUs of the steps
+      until the next refresh (:class:`CatalogueAnchors`).
     - With ``freeze_batchnorm`` the backbone runs in eval mode: BatchNorm keeps its ImageNet
       statistics (small P x K batches of few SKUs make poor batch statistics; measured, batch
       statistics sent the loss from 5 to 15 at the switch) and stochastic depth is off.
@@ -608,7 +653,8 @@ class _CropTraining:
         cfg = self.params.train
         use_anchors = cfg.catalogue_anchor_weight > 0 and len(self.catalogue_rows) > 0
         batches = pk_batches(labels, max(2, cfg.unfrozen_batch_size // cfg.images_per_sku), cfg.images_per_sku, rng)
-        losses, anchors = [], None
+        losses, anchors, anchor_labels = [], None, None
+        anchor_set = CatalogueAnchors(catalogue_labels.cpu().numpy(), cfg.anchor_sample)
         if cfg.catalogue_in_batches:
             batches = with_catalogue_images(batches, labels, self.catalogue_rows)
         batches = batches[:self.steps_per_epoch]
@@ -618,7 +664,10 @@ class _CropTraining:
                                                      disable=None if progress else True, leave=False)):
             # The projection moves every step, so the anchors go stale even with a frozen backbone.
             if use_anchors and index % cfg.anchor_refresh_steps == 0:
-                anchors = self.embed_rows(encoder, self.catalogue_rows)
+                upcoming = np.concatenate(batches[index:index + cfg.anchor_refresh_steps])
+                positions = anchor_set.positions(labels[upcoming], rng)
+                anchors = self.embed_rows(encoder, self.catalogue_rows[positions])
+                anchor_labels = catalogue_labels[torch.from_numpy(positions).to(self.device)]
             encoder.train()
             if cfg.freeze_batchnorm or backbone_frozen:
                 encoder.backbone.eval()
@@ -627,7 +676,7 @@ class _CropTraining:
             with autocast_for(self.device):
                 embeddings = encoder(self.pixels(images))
             losses.append(_optimisation_step(head, optimizer, embeddings, torch.from_numpy(labels[batch]).to(self.device),
-                                             anchors, catalogue_labels, self.params))
+                                             anchors, anchor_labels, self.params))
             if averaged is not None:
                 averaged.update_parameters(encoder)
         return losses

@@ -21,17 +21,21 @@ def run(tmp_path: Path, *extra: str) -> int:
     return cached_features.main(argv + [arg for override in TINY for arg in ("--set", override)])
 
 
-def test_both_ways_run_the_same_head_batches_in_their_own_processes(tmp_path, table_rows):
+def test_every_way_runs_the_head_batches_in_its_own_process(tmp_path, table_rows):
     out = tmp_path / "cached_features.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
-    assert run(tmp_path) == 0
+    # Batches of 2 SKUs x 4 photos; each ranks against 4 of the 12 catalogue images.
+    assert run(tmp_path, "--set", "train.batch_size=8", "--set", "train.anchor_sample=4") == 0
     text = out.read_text()
     assert "Machine:" in text and "60 training rows (12 SKUs x 4 photos + 1 catalogue image)" in text
+    assert "`train.anchor_sample` 4 in the default way" in text
     assert "an earlier run" not in text and text.endswith("## Notes (by hand)\n\n- kept across runs\n")
     table = table_rows(text)
     assert set(table) == set(cached_features.WAYS)
-    baseline, mapped = table[cached_features.BASELINE], table[cached_features.MAPPED]
-    assert baseline[6] == mapped[6]  # the same losses: how the features are held changes nothing learned
+    baseline, all_anchors = table[cached_features.BASELINE], table[cached_features.MAPPED_ALL_ANCHORS]
+    sampled = table[cached_features.MAPPED]
+    assert baseline[6] == all_anchors[6]  # the same losses: how the features are held changes nothing learned
+    assert sampled[6] != baseline[6]  # sampled anchors are a different loss
     assert baseline[7] == "×1.00"
     assert not any(p.name != "cached_features.md" for p in tmp_path.iterdir())  # the features folder is removed
 
@@ -47,7 +51,7 @@ def test_bad_arguments_and_bad_params_are_refused_before_anything_is_written(tmp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_failing_measuring_process_says_which_way_and_why(tmp_path):
-    with pytest.raises(RuntimeError, match=r"(?s)read whole into memory \(before\): the measuring process failed.*"
+    with pytest.raises(RuntimeError, match=r"(?s)read whole into memory, all anchors \(before\): the measuring process failed.*"
                                            r"torch sees no CUDA device"):
         run(tmp_path, "--set", "train.device=cuda")
     assert list(tmp_path.iterdir()) == []  # no half-written results file; the features folder is removed

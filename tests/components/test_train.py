@@ -341,12 +341,90 @@ def test_catalogue_anchor_loss_prefers_the_own_catalogue_image():
     anchor_labels = torch.tensor([0, 1, 2])
     near_own = torch.nn.functional.normalize(torch.eye(4)[:3] + 0.1, dim=-1)
     labels = torch.tensor([0, 1, 2])
-    right = catalogue_anchor_loss(near_own, labels, anchors, anchor_labels, 4, 0.2, 30.0)
-    wrong = catalogue_anchor_loss(near_own, torch.tensor([1, 2, 0]), anchors, anchor_labels, 4, 0.2, 30.0)
+    right = catalogue_anchor_loss(near_own, labels, anchors, anchor_labels, 0.2, 30.0)
+    wrong = catalogue_anchor_loss(near_own, torch.tensor([1, 2, 0]), anchors, anchor_labels, 0.2, 30.0)
     assert torch.isfinite(right) and right < wrong
     # A photo of a SKU without a catalogue image is left out: no anchor to rank it against.
-    alone = catalogue_anchor_loss(near_own[:1], torch.tensor([3]), anchors, anchor_labels, 4, 0.2, 30.0)
+    alone = catalogue_anchor_loss(near_own[:1], torch.tensor([3]), anchors, anchor_labels, 0.2, 30.0)
     assert alone.item() == 0.0
+
+
+def test_catalogue_anchor_loss_is_a_margin_softmax_over_the_anchor_skus_best_images():
+    from components.train import catalogue_anchor_loss
+
+    generator = torch.Generator().manual_seed(0)
+    photos = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    anchors = torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1)
+    # A sample of a large catalogue: SKU 40 has two catalogue images, in no particular order;
+    # the photo of SKU 9 has no anchor in the sample.
+    anchor_labels = torch.tensor([70, 40, 12, 40, 3])
+    labels = torch.tensor([40, 12, 70, 3, 9, 40])
+    margin, scale = 0.3, 16.0
+
+    # Written out: each anchor SKU scores its best image; the own SKU's score loses the margin.
+    skus = sorted(set(anchor_labels.tolist()))
+    terms = []
+    for photo, label in zip(photos, labels.tolist()):
+        if label not in skus:
+            continue
+        scores = torch.stack([max(photo @ anchors[i] for i in range(5) if anchor_labels[i] == sku) for sku in skus])
+        scores[skus.index(label)] -= margin
+        terms.append(torch.nn.functional.cross_entropy(scores[None] * scale, torch.tensor([skus.index(label)])))
+    expected = torch.stack(terms).mean()
+
+    assert torch.allclose(catalogue_anchor_loss(photos, labels, anchors, anchor_labels, margin, scale), expected)
+    order = torch.tensor([3, 0, 4, 2, 1])  # the anchors' order does not matter
+    assert torch.allclose(catalogue_anchor_loss(photos, labels, anchors[order], anchor_labels[order], margin, scale),
+                          expected)
+
+
+def test_catalogue_anchors_are_the_whole_catalogue_up_to_the_sample_size():
+    from components.train import CatalogueAnchors
+
+    labels = np.array([5, 3, 8, 3, 1])
+    for sample in (None, 5, 100):
+        rng = np.random.default_rng(0)
+        state = rng.bit_generator.state
+        assert CatalogueAnchors(labels, sample).positions(np.array([3]), rng).tolist() == [0, 1, 2, 3, 4]
+        assert rng.bit_generator.state == state  # no draw: training on a small catalogue is unchanged
+
+
+def test_sampled_catalogue_anchors_hold_the_steps_skus_and_random_others():
+    from components.train import CatalogueAnchors
+
+    labels = np.repeat(np.arange(500), 2)[:999]  # 500 SKUs, two catalogue images each (SKU 499 one)
+    anchor_set = CatalogueAnchors(labels, sample=64)
+    rng = np.random.default_rng(0)
+    step_skus = np.array([7, 7, 123, 499, 123])
+    draws = [anchor_set.positions(step_skus, rng) for _ in range(3)]
+    for positions in draws:
+        assert len(positions) == 64 and len(set(positions.tolist())) == len(positions)
+        assert positions.tolist() == sorted(positions.tolist())
+        own = np.flatnonzero(np.isin(labels, step_skus))
+        assert set(own.tolist()) <= set(positions.tolist())  # every image of the step's SKUs: the positives
+        assert 0 <= positions.min() and positions.max() < len(labels)
+    assert not np.array_equal(draws[0], draws[1])  # drawn afresh each step
+
+    # More positives than the sample size: all of them, no others.
+    many = np.arange(0, 500, 5)
+    assert anchor_set.positions(many, rng).tolist() == np.flatnonzero(np.isin(labels, many)).tolist()
+
+
+def test_training_samples_catalogue_anchors_beyond_the_sample_size(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
+    # 6 SKUs, one catalogue image each; batches of 2 SKUs x 2 images.
+    def run(name: str, sample: str):
+        params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path / name, "train.batch_size=4",
+                              "train.unfrozen_batch_size=4", "train.anchor_refresh_steps=1", f"train.anchor_sample={sample}")
+        result = train_encoder(params, manifest, progress=False)
+        return [h["train.loss"] for h in result.history], (Path(params.train.output_dir) / "model.safetensors").read_bytes()
+
+    whole_losses, whole_weights = run("whole", "null")
+    # A sample as large as the catalogue is the whole catalogue: the same training, to the byte.
+    assert run("as-large", "6") == (whole_losses, whole_weights)
+    # A smaller one (the 2 SKUs of the step + 1 other) trains on other anchors, in both stages.
+    sampled_losses, _ = run("sampled", "3")
+    assert all(math.isfinite(loss) for loss in sampled_losses)
+    assert sampled_losses[0] != whole_losses[0] and sampled_losses[-1] != whole_losses[-1]
 
 
 # --- the unfrozen stage -----------------------------------------------------------------------
@@ -440,6 +518,25 @@ def test_unfrozen_stage_trains_the_backbone_but_keeps_batchnorm_statistics(tmp_p
     assert len(losses) == stage.steps_per_epoch and all(math.isfinite(loss) for loss in losses)
     assert not torch.equal(conv.detach(), weights_before)  # the backbone learned
     assert torch.equal(batchnorm.running_mean, stats_before)  # with its pretrained statistics
+
+
+def test_unfrozen_stage_re_embeds_only_the_sampled_catalogue_anchors(tmp_path, synthetic_dataset, manifest):
+    _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
+        tmp_path, synthetic_dataset, manifest, "train.unfrozen_batch_size=4", "train.anchor_refresh_steps=1",
+        "train.anchor_sample=3")
+    embedded = []
+    embed_rows = stage.embed_rows
+
+    def recording_embed_rows(encoder, rows):
+        embedded.append(rows.tolist())
+        return embed_rows(encoder, rows)
+
+    stage.embed_rows = recording_embed_rows
+    losses = stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False)
+    assert len(losses) == stage.steps_per_epoch and all(math.isfinite(loss) for loss in losses)
+    # One refresh per step (2 SKUs + 1 other), never the whole catalogue of 6.
+    assert len(embedded) == stage.steps_per_epoch
+    assert all(len(rows) == 3 and set(rows) <= set(stage.catalogue_rows.tolist()) for rows in embedded)
 
 
 def test_unfrozen_stage_with_catalogue_images_in_batches_trains(tmp_path, synthetic_dataset, manifest):
