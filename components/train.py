@@ -592,7 +592,8 @@ class _CropTraining:
       until the next refresh (:class:`CatalogueAnchors`).
     - With ``freeze_batchnorm`` the backbone runs in eval mode: BatchNorm keeps its ImageNet
       statistics (small P x K batches of few SKUs make poor batch statistics; measured, batch
-      statistics sent the loss from 5 to 15 at the switch) and stochastic depth is off.
+      statistics sent the loss from 5 to 15 at the switch) and stochastic depth is off
+      (measured: switching it back on with BatchNorm still frozen lost 2.7 / 1.3 points of top-1).
     """
 
     def __init__(self, preprocess: Preprocess, paths: list[str], catalogue_rows: np.ndarray,
