@@ -93,6 +93,9 @@ class TrainParams(_Section):
     # cuts (stage 1's augmented views and stage 2's crops). Tight crops regularise: 60-100%
     # overfit and lost 6 / 4 points top-1 against 35-100% (benchmarks/results/accuracy.md).
     crop_area: list[Annotated[float, Field(gt=0, le=1)]] = Field(default=[0.35, 1.0], min_length=2, max_length=2)
+    # Largest per-channel gain change of the shelf augmentation's colour cast (0 = none): 0.1
+    # draws each of R, G and B's gains from [0.9, 1.1], a white-balance shift, not a hue turn.
+    colour_cast: float = Field(default=0.0, ge=0, lt=1)
     # Frozen stage: cached views per training image (1 = as is, 2 = + mirrored, more = + shelf
     # augmentations) and per catalogue image (the few catalogue images get many views).
     cached_views: int = Field(default=4, ge=1)

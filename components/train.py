@@ -131,7 +131,7 @@ DEFAULT_CROP_AREA = tuple(TrainParams.model_fields["crop_area"].default)
 
 
 class ShelfAugment:
-    """Turn clean images into shelf-like photos: crops, flips, tilt, colour casts, blur.
+    """Turn clean images into shelf-like photos: crops, flips, tilt, lighting, colour casts, blur.
 
     Works on uint8 CHW tensors (what :meth:`Preprocess.resize_crop` returns), so the fine-tuning
     stage decodes every JPEG once and augments in torch; a PIL image is accepted too (decoded at
@@ -139,8 +139,8 @@ class ShelfAugment:
     """
 
     def __init__(self, preprocess: Preprocess, rng: random.Random, out_size: int | None = None,
-                 crop_area: tuple[float, float] | list[float] = DEFAULT_CROP_AREA) -> None:
-        self.preprocess, self.rng, self.crop_area = preprocess, rng, tuple(crop_area)
+                 crop_area: tuple[float, float] | list[float] = DEFAULT_CROP_AREA, colour_cast: float = 0.0) -> None:
+        self.preprocess, self.rng, self.crop_area, self.colour_cast = preprocess, rng, tuple(crop_area), colour_cast
         self.out_size = out_size or preprocess.image_size
         self.store = replace(preprocess, image_size=round(self.out_size * STORE_MARGIN))
 
@@ -162,6 +162,12 @@ class ShelfAugment:
         if rng.random() < 0.3:
             crop = _rotate(crop, math.radians(rng.uniform(-15, 15)))
         crop = crop * rng.uniform(0.7, 1.3)  # brightness
+        if self.colour_cast:
+            # A white-balance shift (store light, phone camera): each channel's gain moves on its
+            # own by up to train.colour_cast. Drawn only when on, so a run without it keeps its
+            # random stream and its figures.
+            gains = [rng.uniform(1 - self.colour_cast, 1 + self.colour_cast) for _ in range(3)]
+            crop = crop * torch.tensor(gains, dtype=crop.dtype)[None, :, None, None]
         mean = crop.mean()
         crop = (crop - mean) * rng.uniform(0.7, 1.3) + mean  # contrast
         grey = crop.mean(1, keepdim=True)
@@ -316,7 +322,7 @@ def embed_cached(encoder: Encoder, features: np.ndarray, device: torch.device,
 def _features_fingerprint(params: Params, data_version: str | None, paths: list[str]) -> str:
     shaping = {"model": params.model.model_dump(), "views": params.train.cached_views,
                "catalogue_views": params.train.catalogue_views, "augment": params.train.augment,
-               "crop_area": params.train.crop_area,
+               "crop_area": params.train.crop_area, "colour_cast": params.train.colour_cast,
                "seed": params.train.seed, "augment_version": AUGMENT_VERSION, "data_version": data_version,
                "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
@@ -355,7 +361,7 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
                      progress=progress, out=out)
 
     rng = random.Random(cfg.seed)
-    shelf = ShelfAugment(preprocess, rng, crop_area=cfg.crop_area)
+    shelf = ShelfAugment(preprocess, rng, crop_area=cfg.crop_area, colour_cast=cfg.colour_cast)
     view_transforms = [preprocess, _Mirrored(preprocess)] + [shelf] * max(0, cfg.cached_views - 2)
     train_views = array("train_views", (cfg.cached_views, len(train_paths), dim))
     for view, transform in enumerate(view_transforms[:cfg.cached_views]):
@@ -604,7 +610,7 @@ class _CropTraining:
         if params.model.backbone == "hf-clip" and self.out_size != preprocess.image_size:
             raise ValueError(f"train.image_size={self.out_size}: a CLIP vision tower takes only its own input size "
                              f"({preprocess.image_size} px); set train.image_size to null")
-        self.augment = (ShelfAugment(preprocess, random.Random(cfg.seed), self.out_size, cfg.crop_area)
+        self.augment = (ShelfAugment(preprocess, random.Random(cfg.seed), self.out_size, cfg.crop_area, cfg.colour_cast)
                         if cfg.augment else None)
         store = self.augment.store if self.augment else replace(preprocess, image_size=self.out_size)
         self.images = DecodedImages(paths, store, cfg.decoded_cache_mb * 2**20)

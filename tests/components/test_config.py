@@ -86,6 +86,8 @@ def test_unknown_key_in_a_file_is_rejected(tmp_path):
     ("train.loader_workers=-1", "train.loader_workers"),  # ge=0
     ("train.crop_area=[0.8,0.3]", "train.crop_area"),  # reversed
     ("train.anchor_sample=0", "train.anchor_sample"),  # ge=1 (null = every catalogue image)
+    ("train.colour_cast=-0.1", "train.colour_cast"),  # ge=0
+    ("train.colour_cast=1.0", "train.colour_cast"),  # a gain of 0 would black a channel out
 ])
 def test_wrong_type_or_range_is_rejected(override, path):
     with pytest.raises(ParamsError) as info:

@@ -453,6 +453,33 @@ def test_shelf_augment_crops_tensors_and_photos_alike_and_keeps_hue():
     assert not torch.allclose(first, second)
 
 
+def test_colour_cast_tints_grey_only_when_asked_and_within_its_bound():
+    import random
+
+    from PIL import Image
+
+    from components.model import Preprocess
+    from components.train import ShelfAugment
+
+    preprocess = Preprocess(24, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # views stay in [0, 1] pixel units
+    grey = Image.new("RGB", (40, 40), (128, 128, 128))
+
+    def channel_spreads(colour_cast: float) -> list[float]:
+        augment = ShelfAugment(preprocess, random.Random(0), out_size=16, colour_cast=colour_cast)
+        stored = augment.store.resize_crop(grey)
+        spreads = []
+        for _ in range(20):
+            means = augment(stored).mean(dim=(1, 2))
+            spreads.append(float(means.max() - means.min()))
+        return spreads
+
+    # Brightness, contrast and saturation keep grey grey; only the cast tints it, within its bound.
+    assert max(channel_spreads(0.0)) < 1e-3
+    tinted = channel_spreads(0.15)
+    assert sum(spread > 0.02 for spread in tinted) >= 15
+    assert max(tinted) <= 2 * 0.15 * 1.3 * 0.5 + 1e-3  # gains 1 +- 0.15 on grey 0.5 after at most x1.3 brightness
+
+
 def test_shelf_augment_crops_only_as_much_of_the_image_as_crop_area_allows():
     import random
 
@@ -475,14 +502,16 @@ def test_shelf_augment_crops_only_as_much_of_the_image_as_crop_area_allows():
     assert single_coloured_crops((0.05, 0.05)) >= 10  # a fifth of the side falls in one half most times
 
 
-def test_crop_area_is_part_of_the_cached_features_identity(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
-    # Stage 1's augmented views are cut with train.crop_area, so features cached with one area
-    # must not be reused by a run with another.
-    for area in ("[0.35,1.0]", "[0.6,1.0]"):
+def test_augmentation_settings_are_part_of_the_cached_features_identity(tmp_path, tiny_clip_dir, synthetic_dataset,
+                                                                        manifest):
+    # Stage 1's augmented views are cut with train.crop_area and tinted with train.colour_cast, so
+    # features cached with one setting must not be reused by a run with another.
+    for shaping in (["train.crop_area=[0.35,1.0]"], ["train.crop_area=[0.6,1.0]"],
+                    ["train.crop_area=[0.6,1.0]", "train.colour_cast=0.1"]):
         params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=2", "train.cached_views=3",
-                              f"train.crop_area={area}")
+                              *shaping)
         train_encoder(params, manifest, progress=False)
-    assert len(list((tmp_path / "checkpoints").glob("features-*"))) == 2
+    assert len(list((tmp_path / "checkpoints").glob("features-*"))) == 3
 
 
 def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
