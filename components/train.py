@@ -254,6 +254,7 @@ class CatalogueAnchors:
 
     def __init__(self, labels: np.ndarray, sample: int | None) -> None:
         self.labels, self.sample = labels, sample
+        self._every_position = np.arange(len(labels))  # what every step of a whole catalogue uses
         # Sorted once, so finding a step's own SKUs costs a binary search, not a catalogue scan.
         self._order = np.argsort(labels, kind="stable")
         self._sorted_labels = labels[self._order]
@@ -269,7 +270,7 @@ class CatalogueAnchors:
         Draws from ``rng`` only when sampling, so a catalogue used whole trains exactly as it did.
         """
         if self.whole:
-            return np.arange(len(self.labels))
+            return self._every_position
         skus = np.unique(skus)
         starts = np.searchsorted(self._sorted_labels, skus, side="left")
         ends = np.searchsorted(self._sorted_labels, skus, side="right")
@@ -279,6 +280,11 @@ class CatalogueAnchors:
         # the positives among them are dropped: exactly `sample` anchors.
         drawn = rng.choice(len(self.labels), size=others + len(own), replace=False) if others else own[:0]
         return np.union1d(own, drawn[~np.isin(drawn, own)][:others])
+
+    @staticmethod
+    def labels_at(catalogue_labels: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """The SKU labels of the anchors at ``positions``, on the device ``catalogue_labels`` live on."""
+        return catalogue_labels[torch.from_numpy(positions).to(catalogue_labels.device)]
 
 
 # Rows of cached features embedded at a time (320 MiB of 1280-d float32): bounds memory on
@@ -500,7 +506,7 @@ def _frozen_epoch(encoder: Encoder, head: MarginHead, optimizer: torch.optim.Opt
                 positions = anchor_set.positions(labels[batch], rng)
                 views = rng.integers(0, len(cached.catalogue_views), len(positions))
                 anchors = encoder.embed_features(torch.from_numpy(cached.catalogue_views[views, positions]).to(device))
-                anchor_labels = catalogue_labels[torch.from_numpy(positions).to(device)]
+                anchor_labels = anchor_set.labels_at(catalogue_labels, positions)
         losses.append(_optimisation_step(head, optimizer, embeddings, torch.from_numpy(labels[batch]).to(device),
                                          anchors, anchor_labels, params))
     return losses
@@ -674,7 +680,7 @@ class _CropTraining:
                 upcoming = np.concatenate(batches[index:index + cfg.anchor_refresh_steps])
                 positions = anchor_set.positions(labels[upcoming], rng)
                 anchors = self.embed_rows(encoder, self.catalogue_rows[positions])
-                anchor_labels = catalogue_labels[torch.from_numpy(positions).to(self.device)]
+                anchor_labels = anchor_set.labels_at(catalogue_labels, positions)
             encoder.train()
             if cfg.freeze_batchnorm or backbone_frozen:
                 encoder.backbone.eval()

@@ -403,6 +403,7 @@ def test_sampled_catalogue_anchors_hold_the_steps_skus_and_random_others():
         own = np.flatnonzero(np.isin(labels, step_skus))
         assert set(own.tolist()) <= set(positions.tolist())  # every image of the step's SKUs: the positives
         assert 0 <= positions.min() and positions.max() < len(labels)
+        assert anchor_set.labels_at(torch.from_numpy(labels), positions).tolist() == labels[positions].tolist()
     assert not np.array_equal(draws[0], draws[1])  # drawn afresh each step
 
     # More positives than the sample size: all of them, no others.
