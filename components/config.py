@@ -65,28 +65,33 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    """Fine-tuning recipe."""
+    """Fine-tuning recipe.
+
+    The defaults are params.yaml's measured recipe, so that a tree built in code trains what
+    the retrain flow trains; only its crop size (``image_size``), chosen for one backbone, stays
+    the model's own here.
+    """
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
-    epochs: int = Field(default=8, ge=1)
+    epochs: int = Field(default=18, ge=1)
     batch_size: int = Field(default=64, ge=2)
     # P x K sampling: P SKUs per batch, K images each (batch_size = P * K rounded down).
     images_per_sku: int = Field(default=4, ge=1)
     lr: float = Field(default=1e-3, gt=0)
-    backbone_lr: float = Field(default=1e-4, ge=0)
+    backbone_lr: float = Field(default=3e-4, ge=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     # Epochs with the backbone frozen (only the projection and head train); after that the
     # backbone's last `unfreeze_blocks` stages train too (-1 = all of it).
-    frozen_epochs: int = Field(default=8, ge=0)
+    frozen_epochs: int = Field(default=10, ge=0)
     # What the frozen epochs train on: "cached" backbone features of a few views per image,
     # computed once (seconds per epoch after the caching pass), or live augmented "crops"
     # through the frozen backbone, the same input the unfrozen epochs see.
     frozen_stage: Literal["cached", "crops"] = "cached"
     unfreeze_blocks: int = Field(default=-1, ge=-1)
     loss: Literal["arcface", "subcenter-arcface", "cosface"] = "arcface"
-    margin: float = Field(default=0.2, ge=0)
-    scale: float = Field(default=30.0, gt=0)
+    margin: float = Field(default=0.35, ge=0)
+    scale: float = Field(default=16.0, gt=0)
     subcenters: int = Field(default=3, ge=1)
     augment: bool = True
     # Area range, as fractions of the image, of the random-resized crop every shelf augmentation
@@ -98,7 +103,7 @@ class TrainParams(_Section):
     colour_cast: float = Field(default=0.0, ge=0, lt=1)
     # Frozen stage: cached views per training image (1 = as is, 2 = + mirrored, more = + shelf
     # augmentations) and per catalogue image (the few catalogue images get many views).
-    cached_views: int = Field(default=4, ge=1)
+    cached_views: int = Field(default=2, ge=1)
     catalogue_views: int = Field(default=16, ge=1)
     # Weight of the loss that ranks each photo's catalogue image above other SKUs' (the
     # catalogue protocol's own task); 0 turns it off.

@@ -13,7 +13,7 @@ def test_defaults_load_without_a_file():
     params = load_params(None)
     assert isinstance(params, Params)
     assert params == Params()
-    assert params.train.epochs == 8
+    assert params.train.epochs == 18
     assert params.evaluate.ks == [1, 3, 5]
     assert params.model.backbone == "efficientnet-lite0"
 
@@ -23,6 +23,17 @@ def test_the_repository_params_yaml_validates():
     repo_params = Path(__file__).resolve().parents[2] / "params.yaml"
     assert repo_params.is_file()
     assert isinstance(load_params(repo_params), Params)
+
+
+def test_typed_defaults_are_the_recipe_params_yaml_gives():
+    # A tree built in code (a notebook, a test, another flow) must train what the retrain flow
+    # trains. The differences allowed are the two tied to the default backbone's input size:
+    # the 192 px training crop and the query zooms measured with it.
+    repo_params = Path(__file__).resolve().parents[2] / "params.yaml"
+    typed, recipe = Params().model_dump(), load_params(repo_params).model_dump()
+    differences = {f"{section}.{key}" for section, values in typed.items() for key, value in values.items()
+                   if recipe[section][key] != value}
+    assert differences == {"train.image_size", "model.query_zooms"}
 
 
 def test_dotted_overrides_are_typed():
