@@ -135,7 +135,9 @@ class TrainParams(_Section):
     checkpoint_dir: str = "checkpoints"
     output_dir: str = "models/encoder"
     resume: bool = True
-    eval_every_epochs: int = Field(default=1, ge=1)
+    # Evaluate on the validation split every this many epochs (and after the last): each
+    # unfrozen-stage evaluation costs about 0.6 min of a 2-core run and changes no weight.
+    eval_every_epochs: int = Field(default=2, ge=1)
 
     @field_validator("crop_area")
     @classmethod

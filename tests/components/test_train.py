@@ -67,7 +67,8 @@ def train_params(clip_dir: Path, data_root: Path, work: Path, *extra: str) -> Pa
     overrides = [
         "model.backbone=hf-clip", f"model.hf_model_id={clip_dir}", "model.embed_dim=16", "model.image_size=16",
         "train.epochs=3", "train.frozen_epochs=2", "train.batch_size=12", "train.images_per_sku=2",
-        "train.lr=0.02", f"train.checkpoint_dir={work / 'checkpoints'}", f"train.output_dir={work / 'model'}",
+        "train.lr=0.02", "train.eval_every_epochs=1",  # per-epoch curves, for the assertions on them
+        f"train.checkpoint_dir={work / 'checkpoints'}", f"train.output_dir={work / 'model'}",
         f"data.root={data_root}", "evaluate.ks=[1,3]",
     ]
     return load_params(None, overrides + list(extra))
@@ -131,6 +132,21 @@ def test_training_beats_the_untrained_encoder(trained, manifest):
     assert after["catalogue"]["top1"] > before["catalogue"]["top1"], (before["catalogue"], after["catalogue"])
     assert after["catalogue"]["delta_similarity"] > before["catalogue"]["delta_similarity"]
     assert after["nn"]["top1"] >= before["nn"]["top1"]
+
+
+def test_evaluating_less_often_changes_no_weight(trained, tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
+    # train.eval_every_epochs only thins the validation curves: evaluation draws no random
+    # number and moves no weight, so the saved model and its final metrics are the same.
+    params, result, _ = trained
+    sparse = train_encoder(train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.eval_every_epochs=3"),
+                           manifest, data_version="synthetic.dir", progress=False)
+    assert [("val.catalogue.top1" in record) for record in sparse.history] == [False, False, True]
+    assert [record["train.loss"] for record in sparse.history] == [record["train.loss"] for record in result.history]
+    assert sparse.metrics == result.metrics
+    every, _, _ = load_encoder(result.model_dir)
+    thinned, _, _ = load_encoder(sparse.model_dir)
+    for name, weight in every.state_dict().items():
+        assert torch.equal(weight, thinned.state_dict()[name]), name
 
 
 def test_tracker_receives_per_epoch_metrics(trained):
