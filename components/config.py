@@ -77,7 +77,7 @@ class TrainParams(_Section):
     epochs: int = Field(default=18, ge=1)
     batch_size: int = Field(default=64, ge=2)
     # P x K sampling: P SKUs per batch, K images each (batch_size = P * K rounded down).
-    images_per_sku: int = Field(default=4, ge=1)
+    images_per_sku: int = Field(default=2, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     backbone_lr: float = Field(default=3e-4, ge=0)
     weight_decay: float = Field(default=1e-4, ge=0)
