@@ -161,6 +161,23 @@ def test_efficientnet_lite0_loads_packaged_imagenet_weights(image_paths):
     np.testing.assert_allclose(preprocess.std, [128 / 255] * 3)
 
 
+def test_built_and_loaded_encoders_are_channels_last_and_embed_as_the_plain_layout(image_paths, tmp_path):
+    # The layout is a speed choice only: the same weights in the plain (NCHW) layout embed alike.
+    params = ModelParams(backbone="efficientnet-lite0", pretrained=True, embed_dim=8, image_size=64)
+    built, preprocess = build_encoder(params)
+    save_encoder(built, preprocess, params, tmp_path / "saved")
+    loaded, _, _ = load_encoder(tmp_path / "saved")
+    for encoder in (built, loaded):
+        convolutions = [m.weight for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+    plain, _ = build_encoder(params)
+    plain.load_state_dict(built.state_dict())
+    plain.to(memory_format=torch.contiguous_format)
+    assert not plain.backbone.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(embed_images(loaded, preprocess, image_paths), embed_images(plain, preprocess, image_paths),
+                               atol=1e-5)
+
+
 def test_efficientnet_native_size_when_image_size_is_unset():
     _, preprocess = build_encoder(ModelParams(backbone="efficientnet-lite0", pretrained=False, embed_dim=8))
     assert preprocess.image_size == 224
