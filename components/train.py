@@ -378,10 +378,23 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
         catalogue_views[0] = train_views[0, catalogue_rows]
         for view in range(1, cfg.catalogue_views):
             features(catalogue_paths, shelf, catalogue_views[view])
-    features(evaluation_paths, preprocess, array("evaluation", (len(evaluation_paths), dim)))
-    for written in (train_views, catalogue_views):
+    # Most evaluation images (the nn gallery, the catalogue) are training images whose view 0,
+    # the same preprocessing, is already computed: copy those rows and embed only the rest (the
+    # queries). On Grocery Store that skips 2,721 of 3,017 forward passes.
+    evaluation = array("evaluation", (len(evaluation_paths), dim))
+    train_position = {path: position for position, path in enumerate(train_paths)}
+    known = [row for row, path in enumerate(evaluation_paths) if path in train_position]
+    unknown = [row for row, path in enumerate(evaluation_paths) if path not in train_position]
+    for start in range(0, len(known), FEATURE_CHUNK_ROWS):  # chunks bound memory, as in embed_cached
+        rows = known[start:start + FEATURE_CHUNK_ROWS]
+        evaluation[rows] = train_views[0, [train_position[evaluation_paths[row]] for row in rows]]
+    for start in range(0, len(unknown), FEATURE_CHUNK_ROWS):
+        rows = unknown[start:start + FEATURE_CHUNK_ROWS]
+        evaluation[rows] = embed_images(encoder, preprocess, [evaluation_paths[row] for row in rows],
+                                        params.evaluate.batch_size, device, features_only=True, progress=progress)
+    for written in (train_views, catalogue_views, evaluation):
         written.flush()
-    del train_views, catalogue_views  # close the maps before the folder moves
+    del train_views, catalogue_views, evaluation  # close the maps before the folder moves
     partial.rename(folder)
     return CachedFeatures.open(folder, evaluation_paths)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from components.config import Params, load_params
-from components.data import load_manifest
+from components.data import load_manifest, select
 from components.evaluate import evaluate_encoder
 from components.model import build_encoder, embed_images, load_encoder
 from components.train import (
@@ -773,6 +773,25 @@ def test_a_crash_while_caching_features_leaves_no_cache_that_looks_complete(tmp_
     cached = cache()
     assert [p.name for p in checkpoints.iterdir()] == [partial.name.removesuffix(".partial")]
     assert cached.evaluation.shape == (1, encoder.feature_dim) and np.isfinite(cached.evaluation).all()
+
+
+def test_evaluation_features_of_training_images_are_copied_not_embedded_again(tmp_path, tiny_clip_dir,
+                                                                              synthetic_dataset, manifest):
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path)
+    encoder, preprocess = build_encoder(params.model)
+    train_paths = list(select(manifest, split="train")["image_path"][:8])
+    query_path = select(manifest, split="val")["image_path"].iloc[0]
+    embedded = []
+    encoder.backbone.register_forward_pre_hook(lambda _, inputs: embedded.append(len(inputs[0])))
+    cached = cache_features(encoder, preprocess, train_paths, np.array([0]), [train_paths[3], query_path, train_paths[0]],
+                            params, torch.device("cpu"), None)
+    # Every training view and extra catalogue view, then the one image training does not hold.
+    cfg = params.train
+    assert sum(embedded) == cfg.cached_views * 8 + (cfg.catalogue_views - 1) + 1
+    np.testing.assert_array_equal(cached.evaluation[0], cached.train_views[0, 3])
+    np.testing.assert_array_equal(cached.evaluation[2], cached.train_views[0, 0])
+    query = embed_images(encoder, preprocess, [query_path], features_only=True)[0]
+    np.testing.assert_allclose(cached.evaluation[1], query, rtol=1e-5, atol=1e-6)
 
 
 def test_embed_images_refuses_an_output_array_of_the_wrong_shape(tiny_clip_dir, synthetic_dataset, tmp_path, manifest):
