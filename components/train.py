@@ -414,6 +414,8 @@ class TrainResult:
     """What a training run produced."""
 
     model_dir: Path
+    # The last epoch's validation metrics: the gate protocol's after backbone fine-tuning, every
+    # protocol's after a cached-features-only run. `components.evaluate.evaluate_encoder` gives all.
     metrics: dict[str, dict[str, float]]
     history: list[dict[str, float]] = field(default_factory=list)
     wall_time_s: float = 0.0
@@ -846,18 +848,20 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
                 embeddings_by_path = dict(zip(cached.evaluation_paths, vectors.float().cpu().numpy()))
                 query_embeddings = None
             else:
-                # Embedding every gallery image each epoch costs minutes on a CPU, so epochs
-                # without cached features measure the gate's protocol, and the last one all.
+                # Embedding every gallery image costs minutes on a CPU (the nn gallery is the
+                # training set), so epochs without cached features measure the gate's protocol
+                # only, the last one too: the saved model's full evaluation is the next step of
+                # every pipeline (the flow's `evaluate` task, the DVC `evaluate` stage), and
+                # doing it here as well cost 2 of the recipe's 30 minutes.
                 gate = params.evaluate.gate_protocol
-                epoch_sets = eval_sets if last or gate not in eval_sets.galleries else ProtocolSets(
+                epoch_sets = eval_sets if gate not in eval_sets.galleries else ProtocolSets(
                     eval_sets.queries, {gate: eval_sets.galleries[gate]}, eval_sets.leaks)
                 embeddings_by_path, query_embeddings = embed_protocol_sets(trained, preprocess, epoch_sets,
                                                                            params.evaluate.batch_size, device)
             epoch_metrics = evaluate_embeddings(embeddings_by_path, epoch_sets, params.evaluate.ks,
                                                 query_embeddings=query_embeddings)
             record.update({f"val.{k}": v for k, v in flatten_metrics(epoch_metrics).items()})
-            if epoch_sets is eval_sets:
-                metrics = record["_metrics"] = epoch_metrics
+            metrics = record["_metrics"] = epoch_metrics
         history.append(record)
         # Checkpoint first: a tracker that fails (a network hiccup) must not cost the epoch.
         _save_checkpoint(checkpoint_folder, epoch, encoder, head, optimizer, history, averaged)

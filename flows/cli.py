@@ -93,7 +93,10 @@ def validate(params: ParamsOption = Path("params.yaml"), overrides: SetOption = 
 
 @app.command()
 def train(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None, data: DataOption = None) -> None:
-    """Fine-tune the encoder into ``train.output_dir`` (DVC stage ``train``; no registry)."""
+    """Fine-tune the encoder into ``train.output_dir`` (DVC stage ``train``; no registry).
+
+    Prints the last epoch's validation metrics (the gate protocol); ``evaluate`` gives both.
+    """
     from components.data import data_version, load_manifest
     from components.train import train_encoder
 
