@@ -220,8 +220,10 @@ def build_encoder(params: ModelParams, architecture: dict[str, Any] | None = Non
         nn.init.zeros_(encoder.projection.bias)
     # Channels-last convolution weights make the CPU's oneDNN kernels run the convolutions in
     # that layout (inputs need not be converted): a Lite0 forward pass on a batch of 16 at
-    # 224 px took 24 against 42 ms/image on the AMD EPYC host, outputs equal to 3e-7. Loading
-    # (``load_state_dict`` copies into these tensors) and ``.to(device)`` keep the layout.
+    # 224 px took 24 against 42 ms/image on the AMD EPYC host, and embedding with
+    # preprocessing and test-time views takes x0.77 the time, embeddings equal to 4e-7
+    # (benchmarks/results/inference.md). Loading (``load_state_dict`` copies into these
+    # tensors) and ``.to(device)`` keep the layout.
     encoder.to(memory_format=torch.channels_last)
     return encoder.eval(), _preprocess_for(params, backbone)
 
