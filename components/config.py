@@ -101,6 +101,9 @@ class TrainParams(_Section):
     # Largest per-channel gain change of the shelf augmentation's colour cast (0 = none): 0.1
     # draws each of R, G and B's gains from [0.9, 1.1], a white-balance shift, not a hue turn.
     colour_cast: float = Field(default=0.0, ge=0, lt=1)
+    # Chance that a shelf augmentation hides a random rectangle of the crop under a solid colour
+    # (random erasing: an occluding hand, tag or pack; 0 = never).
+    erase: float = Field(default=0.0, ge=0, le=1)
     # Frozen stage: cached views per training image (1 = as is, 2 = + mirrored, more = + shelf
     # augmentations) and per catalogue image (the few catalogue images get many views).
     cached_views: int = Field(default=2, ge=1)

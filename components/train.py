@@ -139,8 +139,10 @@ class ShelfAugment:
     """
 
     def __init__(self, preprocess: Preprocess, rng: random.Random, out_size: int | None = None,
-                 crop_area: tuple[float, float] | list[float] = DEFAULT_CROP_AREA, colour_cast: float = 0.0) -> None:
+                 crop_area: tuple[float, float] | list[float] = DEFAULT_CROP_AREA, colour_cast: float = 0.0,
+                 erase: float = 0.0) -> None:
         self.preprocess, self.rng, self.crop_area, self.colour_cast = preprocess, rng, tuple(crop_area), colour_cast
+        self.erase = erase
         self.out_size = out_size or preprocess.image_size
         self.store = replace(preprocess, image_size=round(self.out_size * STORE_MARGIN))
 
@@ -174,7 +176,31 @@ class ShelfAugment:
         crop = (crop - grey) * rng.uniform(0.7, 1.3) + grey  # saturation; hue is kept: it tells flavours apart
         if rng.random() < 0.2:
             crop = _gaussian_blur(crop, rng.uniform(0.5, 1.5))
+        # Drawn only when on, like the cast, so a run without it keeps its random stream.
+        if self.erase and rng.random() < self.erase:
+            crop = _erase_rectangle(crop, rng)
         return self.preprocess.normalize(crop.clamp(0, 1)[0])
+
+
+def _erase_rectangle(batch: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """Hide a rectangle of 2-33% of the image, aspect 1:3.3 to 3.3:1, under one random colour.
+
+    Random Erasing (Zhong et al., AAAI 2020) with its published area and aspect ranges: on a
+    shelf, a hand, a price tag or the next pack hides part of the product, and the model must
+    match on what is left. A solid colour, not noise, because those occluders are solid.
+    """
+    height, width = batch.shape[-2:]
+    for _ in range(10):  # a draw that does not fit is drawn again, as torchvision's RandomErasing does
+        area = height * width * rng.uniform(0.02, 0.33)
+        aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        erase_h, erase_w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < erase_h < height and 0 < erase_w < width:
+            top, left = rng.randint(0, height - erase_h), rng.randint(0, width - erase_w)
+            colour = torch.tensor([rng.random() for _ in range(3)], dtype=batch.dtype)[None, :, None, None]
+            batch = batch.clone()
+            batch[..., top:top + erase_h, left:left + erase_w] = colour
+            return batch
+    return batch
 
 
 def _rotate(batch: torch.Tensor, angle: float) -> torch.Tensor:
@@ -329,6 +355,7 @@ def _features_fingerprint(params: Params, data_version: str | None, paths: list[
     shaping = {"model": params.model.model_dump(), "views": params.train.cached_views,
                "catalogue_views": params.train.catalogue_views, "augment": params.train.augment,
                "crop_area": params.train.crop_area, "colour_cast": params.train.colour_cast,
+               "erase": params.train.erase,
                "seed": params.train.seed, "augment_version": AUGMENT_VERSION, "data_version": data_version,
                "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
@@ -367,7 +394,7 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
                      progress=progress, out=out)
 
     rng = random.Random(cfg.seed)
-    shelf = ShelfAugment(preprocess, rng, crop_area=cfg.crop_area, colour_cast=cfg.colour_cast)
+    shelf = ShelfAugment(preprocess, rng, crop_area=cfg.crop_area, colour_cast=cfg.colour_cast, erase=cfg.erase)
     view_transforms = [preprocess, _Mirrored(preprocess)] + [shelf] * max(0, cfg.cached_views - 2)
     train_views = array("train_views", (cfg.cached_views, len(train_paths), dim))
     for view, transform in enumerate(view_transforms[:cfg.cached_views]):
@@ -631,7 +658,8 @@ class _CropTraining:
         if params.model.backbone == "hf-clip" and self.out_size != preprocess.image_size:
             raise ValueError(f"train.image_size={self.out_size}: a CLIP vision tower takes only its own input size "
                              f"({preprocess.image_size} px); set train.image_size to null")
-        self.augment = (ShelfAugment(preprocess, random.Random(cfg.seed), self.out_size, cfg.crop_area, cfg.colour_cast)
+        self.augment = (ShelfAugment(preprocess, random.Random(cfg.seed), self.out_size, cfg.crop_area, cfg.colour_cast,
+                                     cfg.erase)
                         if cfg.augment else None)
         store = self.augment.store if self.augment else replace(preprocess, image_size=self.out_size)
         self.images = DecodedImages(paths, store, cfg.decoded_cache_mb * 2**20)

@@ -99,6 +99,8 @@ def test_unknown_key_in_a_file_is_rejected(tmp_path):
     ("train.anchor_sample=0", "train.anchor_sample"),  # ge=1 (null = every catalogue image)
     ("train.colour_cast=-0.1", "train.colour_cast"),  # ge=0
     ("train.colour_cast=1.0", "train.colour_cast"),  # a gain of 0 would black a channel out
+    ("train.erase=-0.1", "train.erase"),  # a chance: ge=0
+    ("train.erase=1.5", "train.erase"),  # le=1
 ])
 def test_wrong_type_or_range_is_rejected(override, path):
     with pytest.raises(ParamsError) as info:

@@ -504,6 +504,43 @@ def test_colour_cast_tints_grey_only_when_asked_and_within_its_bound():
     assert max(tinted) <= 2 * 0.15 * (0.51 * 1.3) * 1.3 * 1.3
 
 
+def test_erase_hides_one_solid_rectangle_of_the_crop_only_when_drawn():
+    import random
+
+    from PIL import Image
+
+    from components.model import Preprocess
+    from components.train import ShelfAugment
+
+    preprocess = Preprocess(48, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    textured = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+    def hidden_masks(erase: float) -> list[torch.Tensor]:
+        # The erase is drawn after every other step, so with the same seed a first view with it
+        # and one without differ exactly where the rectangle lies.
+        masks = []
+        for seed in range(40):
+            plain, erased = (ShelfAugment(preprocess, random.Random(seed), out_size=32, erase=chance)
+                             for chance in (0.0, erase))
+            stored = plain.store.resize_crop(textured)
+            masks.append((plain(stored) != erased(stored)).any(dim=0))
+        return masks
+
+    for mask in hidden_masks(1.0):
+        rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        assert int(mask.sum()) == height * width  # one filled rectangle
+        assert 0.015 <= float(mask.float().mean()) <= 0.35  # 2-33% of the crop, up to rounding
+    assert 10 <= sum(bool(mask.any()) for mask in hidden_masks(0.5)) <= 30
+
+    augment = ShelfAugment(preprocess, random.Random(0), out_size=32, erase=1.0)
+    plain_view = ShelfAugment(preprocess, random.Random(0), out_size=32)(augment.store.resize_crop(textured))
+    erased_view = augment(augment.store.resize_crop(textured))
+    hidden = (plain_view != erased_view).any(dim=0)
+    colours = erased_view[:, hidden]
+    assert torch.allclose(colours, colours[:, :1].expand_as(colours))  # one solid colour
+
+
 def test_shelf_augment_crops_only_as_much_of_the_image_as_crop_area_allows():
     import random
 
@@ -528,14 +565,16 @@ def test_shelf_augment_crops_only_as_much_of_the_image_as_crop_area_allows():
 
 def test_augmentation_settings_are_part_of_the_cached_features_identity(tmp_path, tiny_clip_dir, synthetic_dataset,
                                                                         manifest):
-    # Stage 1's augmented views are cut with train.crop_area and tinted with train.colour_cast, so
-    # features cached with one setting must not be reused by a run with another.
+    # Stage 1's augmented views are cut with train.crop_area, tinted with train.colour_cast and
+    # erased with train.erase, so features cached with one setting must not be reused by a run
+    # with another.
     for shaping in (["train.crop_area=[0.35,1.0]"], ["train.crop_area=[0.6,1.0]"],
-                    ["train.crop_area=[0.6,1.0]", "train.colour_cast=0.1"]):
+                    ["train.crop_area=[0.6,1.0]", "train.colour_cast=0.1"],
+                    ["train.crop_area=[0.6,1.0]", "train.colour_cast=0.1", "train.erase=0.5"]):
         params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=2", "train.cached_views=3",
                               *shaping)
         train_encoder(params, manifest, progress=False)
-    assert len(list((tmp_path / "checkpoints").glob("features-*"))) == 3
+    assert len(list((tmp_path / "checkpoints").glob("features-*"))) == 4
 
 
 def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
