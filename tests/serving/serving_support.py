@@ -4,22 +4,21 @@ into a throwaway BentoML home, and a real ``bentoml serve`` process over HTTP.
 Nothing is mocked: MLflow runs on SQLite under ``tmp_path``, ``BENTOML_HOME`` points at a
 temporary folder, packaging runs ``python -m serving.build`` in a subprocess (BentoML caches its
 store locations per process, so a subprocess is the only way to be sure of using the temporary
-home), and the server is the ``serving.build.serve_command`` subprocess.
+home), and the server is a ``serving.local`` subprocess.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from serving.local import start_server, stop_server, wait_ready  # noqa: F401  (re-exported to the tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBED_DIM = 16
@@ -55,24 +54,6 @@ class Packaged:
     output: str
 
 
-@dataclass
-class Server:
-    """A running ``bentoml serve`` subprocess."""
-
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def subprocess_env(tracking_uri: str, bentoml_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
@@ -85,45 +66,6 @@ def subprocess_env(tracking_uri: str, bentoml_home: Path) -> dict[str, str]:
     })
     env.pop("SKUMATCH_BENTO_MODEL", None)
     return env
-
-
-def start_server(bento_tag: str, env: dict[str, str], log: Path) -> Server:
-    """Start ``bentoml serve`` in its own process group (so teardown ends exactly what it started)."""
-    from serving.build import serve_command
-
-    port = free_port()
-    handle = log.open("wb")
-    process = subprocess.Popen(serve_command(bento_tag, port, host="127.0.0.1"), cwd=log.parent, env=env,
-                               stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    handle.close()
-    return Server(f"http://127.0.0.1:{port}", process, log)
-
-
-def wait_ready(server: Server, timeout: float = 120.0) -> bool:
-    """Poll ``/readyz`` until 200; False when the process exits or the time runs out."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            return False
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    return False
-
-
-def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait(timeout=10)
 
 
 @contextmanager

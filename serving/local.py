@@ -1,0 +1,79 @@
+"""A real ``bentoml serve`` on this machine: start it on a free port, wait until ready, stop it.
+
+Used by the serving tests and by ``benchmarks.serving``. The server runs in its own process
+group, so stopping it ends exactly what was started (BentoML forks workers).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.build import serve_command
+
+
+@dataclass
+class LocalServer:
+    """A running ``bentoml serve`` subprocess and the file its output goes to."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(target: str, env: dict[str, str], log: Path, cwd: Path | None = None) -> LocalServer:
+    """Start ``bentoml serve target`` on a free port of 127.0.0.1, its output to ``log``.
+
+    Args:
+        target: a Bento tag, or a service import path such as ``serving.service:Matcher``
+            (which then needs ``cwd`` to be the repository root).
+        cwd: the server's working directory (default: the log's folder).
+    """
+    port = free_port()
+    with log.open("wb") as handle:
+        process = subprocess.Popen(serve_command(target, port, host="127.0.0.1"), cwd=cwd or log.parent, env=env,
+                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    return LocalServer(f"http://127.0.0.1:{port}", process, log)
+
+
+def wait_ready(server: LocalServer, timeout: float = 120.0) -> bool:
+    """Poll ``/readyz`` until 200; False when the process exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            return False
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def stop_server(server: LocalServer) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it has not gone in 20 s."""
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(timeout=10)

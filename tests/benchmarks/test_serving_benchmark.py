@@ -1,0 +1,48 @@
+"""The serving benchmark end to end: a real ``bentoml serve`` answering /match over HTTP, timed
+against the same packaged model matched in-process, on a small untrained EfficientNet-Lite0.
+
+It runs as ``python -m benchmarks.serving`` in a subprocess because BentoML reads its home
+folder once per process, and the benchmark points it at a throwaway folder.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.image_size=32", "model.embed_dim=16"]
+
+
+def run_benchmark(out: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "benchmarks.serving", "--params", str(REPO_ROOT / "params.yaml"),
+               "--out", str(out), *args, *[arg for override in TINY for arg in ("--set", override)]]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_match_is_timed_over_http_and_in_process(tmp_path, table_rows):
+    out = tmp_path / "serving.md"
+    out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
+    result = run_benchmark(out, "--requests", "3", "--catalogue", "6", "--skus-of", "2", "--repeats", "2",
+                           "--top-k", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = out.read_text()
+    assert "Machine:" in text and "6 images of 3 SKUs" in text
+    assert "an earlier run" not in text and text.endswith("## Notes (by hand)\n\n- kept across runs\n")
+    table = table_rows(text)
+    assert set(table) == {"in-process: decode_image + ServedModel.match (baseline)", "HTTP POST /match to bentoml serve"}
+    for requests, p50, p95, mean, ratio in table.values():
+        assert int(requests) == 6  # 3 timed requests in each of 2 passes; the warm-up is not counted
+        assert 0 < float(p50) <= float(p95)
+        assert float(mean) > 0
+        assert ratio.startswith("×") and float(ratio.removeprefix("×")) > 0
+
+
+def test_bad_counts_are_refused_before_anything_starts(tmp_path):
+    out = tmp_path / "serving.md"
+    for args, message in ((["--requests", "0"], "must be at least 1"),
+                          (["--catalogue", "4", "--skus-of", "2", "--top-k", "3"], "more than the catalogue's 2 SKUs")):
+        result = run_benchmark(out, *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not out.exists()
