@@ -137,8 +137,13 @@ class Matcher:
         LOGGER.info("serving %s version %s from %s (index %s, %d catalogue images)", self.model.model_name,
                     self.model.version, stored.tag, self.index_checksum, len(self.model.catalogue.sku_ids))
 
+    # /match and /embed are async on purpose, though they block while the model runs: BentoML
+    # runs a sync API in a thread pool, and off the main thread torch's OpenMP intra-op threads
+    # gave nothing (a served /match took x2.16 the in-process time; on the event loop's thread
+    # x1.29-1.43, benchmarks/results/serving.md). One worker is CPU-bound either way, so requests
+    # queue as before; health probes wait at most one inference (about 0.1 s here).
     @bentoml.api(route="/match")
-    def match(self, image: ImageUpload, top_k: TopK = None) -> MatchResponse:
+    async def match(self, image: ImageUpload, top_k: TopK = None) -> MatchResponse:
         """The ``top_k`` best-matching catalogue SKUs for an image, best first, with cosine scores."""
         try:
             picture = decode_image(image)
@@ -151,7 +156,7 @@ class Matcher:
                              reject_below=self.model.reject_below)
 
     @bentoml.api(route="/embed")
-    def embed(self, image: ImageUpload) -> EmbedResponse:
+    async def embed(self, image: ImageUpload) -> EmbedResponse:
         """The unit-norm embedding of an image as a query: the vector ``/match`` searches the index with."""
         try:
             picture = decode_image(image)
