@@ -27,6 +27,7 @@ its ``## Notes`` section is kept.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -111,6 +112,11 @@ def http_ms(client, url: str, queries: list[Path], top_k: int) -> list[float]:
     return latencies
 
 
+def catalogue_skus(images: int, images_per_sku: int) -> int:
+    """How many SKUs ``package`` labels ``images`` catalogue photos with, ``images_per_sku`` each."""
+    return math.ceil(images / images_per_sku)
+
+
 def summary(latencies: list[float]) -> dict[str, float]:
     """Median, 95th percentile and mean of a list of milliseconds."""
     ordered = sorted(latencies)
@@ -155,7 +161,8 @@ def render(results: dict[str, dict[str, float]], params: Params, args: argparse.
              "runs as BentoML configures it)",
              f"- Encoder: `{model.backbone}` (pretrained {model.pretrained}), image size {model.image_size or 'native'}, "
              f"embedding {model.embed_dim}, flip TTA {model.flip_tta}, query zooms {list(model.query_zooms)}",
-             f"- Catalogue: {args.catalogue} images of {-(-args.catalogue // args.skus_of)} SKUs in the FAISS index; "
+             f"- Catalogue: {args.catalogue} images of {catalogue_skus(args.catalogue, args.skus_of)} SKUs in the FAISS "
+             "index; "
              f"queries: {args.requests} JPEG noise photos, one request at a time, {args.repeats} alternating passes "
              f"per side after {WARM_UP} warm-up requests each",
              "", "| side | requests | p50 ms | p95 ms | mean ms | p50 vs baseline |", "|---|---|---|---|---|---|"]
@@ -178,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.requests, args.catalogue, args.skus_of, args.repeats, args.top_k) < 1:
         parser.error("--requests, --catalogue, --skus-of, --repeats and --top-k must be at least 1")
-    if args.top_k > -(-args.catalogue // args.skus_of):
-        parser.error(f"--top-k {args.top_k} is more than the catalogue's {-(-args.catalogue // args.skus_of)} SKUs")
+    if args.top_k > (skus := catalogue_skus(args.catalogue, args.skus_of)):
+        parser.error(f"--top-k {args.top_k} is more than the catalogue's {skus} SKUs")
     params = load_params(args.params, args.overrides)
     with tempfile.TemporaryDirectory(prefix="skumatch-serving-bench-") as scratch:
         # BentoML reads its home once per process: point it at the scratch folder before anything

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.image_size=32", "model.embed_dim=16"]
 
@@ -45,4 +47,17 @@ def test_bad_counts_are_refused_before_anything_starts(tmp_path):
                           (["--catalogue", "4", "--skus-of", "2", "--top-k", "3"], "more than the catalogue's 2 SKUs")):
         result = run_benchmark(out, *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_a_process_that_already_imported_bentoml_is_refused(tmp_path):
+    # BentoML would keep its home from the first import, and the benchmark would write into the
+    # user's model store instead of its throwaway one.
+    import bentoml  # noqa: F401
+
+    from benchmarks import serving
+
+    out = tmp_path / "serving.md"
+    with pytest.raises(RuntimeError, match="BENTOML_HOME before bentoml is imported"):
+        serving.main(["--params", str(REPO_ROOT / "params.yaml"), "--out", str(out)])
     assert not out.exists()
