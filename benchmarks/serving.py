@@ -1,6 +1,7 @@
 """/match latency through a real ``bentoml serve``, against the same model matched in-process.
 
-    python -m benchmarks.serving [--requests 30] [--catalogue 200] [--repeats 2]
+    python -m benchmarks.serving [--requests 30] [--catalogue 200] [--repeats 2] [--clients 4]
+                                 [--workers 1 2]
 
 What a caller of the deployed service waits for: one photo uploaded as multipart to ``/match``,
 checked by the upload guard, decoded, embedded at every query zoom with its mirror, searched in
@@ -17,22 +18,27 @@ flow packages a champion. The service runs from source (``bentoml serve
 serving.service:Matcher``): a built Bento runs the same service code, and building one needs uv
 and a minute more. Queries are seeded noise photos of Grocery Store's largest size, as JPEG.
 
-The two sides alternate ``--repeats`` times over the same ``--requests`` photos, one request at
-a time (the latency one caller sees, not throughput under load); the first two requests of each
-side are a warm-up and are not counted. Every HTTP answer must be 200 with as many matches as
-asked, or the run fails. Figures go to ``benchmarks/results/serving.md`` with the machine noted;
-its ``## Notes`` section is kept.
+Latency: the two sides alternate ``--repeats`` times over the same ``--requests`` photos, one
+request at a time (what one caller waits for); the first two requests of each side are a
+warm-up and are not counted. Throughput: ``--clients`` callers at once each send every photo,
+against the in-process side matching them one after another (what one process on this machine
+can do). Both are measured for each of ``--workers`` (BentoML worker processes, set through
+``BENTOML_CONFIG_OVERRIDES`` as a deployment would), one server after another. Every HTTP answer
+must be 200 with as many matches as asked, or the run fails. Figures go to
+``benchmarks/results/serving.md`` with the machine noted; its ``## Notes`` section is kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,7 +51,6 @@ from components.config import Params, load_params
 RESULTS = Path(__file__).parent / "results" / "serving.md"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "in-process: decode_image + ServedModel.match (baseline)"
-SERVED = "HTTP POST /match to bentoml serve"
 MODEL_NAME = "skumatch-serving-benchmark"
 WARM_UP = 2
 
@@ -124,51 +129,106 @@ def summary(latencies: list[float]) -> dict[str, float]:
             "mean": statistics.fmean(ordered), "n": len(ordered)}
 
 
-def measure(params: Params, scratch: Path, requests: int, catalogue: int, skus_of: int, repeats: int,
-            top_k: int) -> dict[str, dict[str, float]]:
-    """Both sides' latency summaries over ``repeats`` alternating passes of the same queries."""
+def served_side(workers: int) -> str:
+    """The row name of a ``bentoml serve`` with ``workers`` worker processes."""
+    return f"HTTP POST /match to bentoml serve, {workers} worker{'s' if workers > 1 else ''}"
+
+
+def in_process_throughput(served, queries: list[Path], top_k: int) -> dict[str, float]:
+    """Queries per second matched in-process one after another, with their latencies."""
+    started = time.perf_counter()
+    latencies = in_process_ms(served, queries, top_k)
+    return {"per_s": len(queries) / (time.perf_counter() - started), **summary(latencies)}
+
+
+def http_throughput(client, url: str, queries: list[Path], top_k: int, clients: int) -> dict[str, float]:
+    """Requests per second with ``clients`` callers at once, each sending every query once."""
+    with ThreadPoolExecutor(clients) as pool:
+        started = time.perf_counter()
+        per_client = list(pool.map(lambda _: http_ms(client, url, queries, top_k), range(clients)))
+        elapsed = time.perf_counter() - started
+    latencies = [ms for client_ms in per_client for ms in client_ms]
+    return {"per_s": len(latencies) / elapsed, **summary(latencies)}
+
+
+def serve_env(tag: str, workers: int) -> dict[str, str]:
+    """The server's environment: the packaged model, no telemetry, the repo importable, ``workers``."""
+    overrides = {"services": {"skumatch": {"workers": workers}}}
+    return {**os.environ, "SKUMATCH_BENTO_MODEL": tag, "BENTOML_DO_NOT_TRACK": "True", "DO_NOT_TRACK": "1",
+            "BENTOML_CONFIG_OVERRIDES": json.dumps(overrides),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def measure(params: Params, scratch: Path, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Latency and throughput summaries per side: the baseline, then one server per worker count."""
     import httpx
 
     from serving.local import start_server, stop_server, wait_ready
 
-    tag, served = package(params, scratch, catalogue, skus_of)
-    queries = write_photos(scratch / "queries", requests + WARM_UP, seed=4)
-    env = {**os.environ, "SKUMATCH_BENTO_MODEL": tag, "BENTOML_DO_NOT_TRACK": "True", "DO_NOT_TRACK": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    server = start_server("serving.service:Matcher", env, scratch / "serve.log", cwd=REPO_ROOT)
-    try:
-        if not wait_ready(server, timeout=180):
-            raise RuntimeError(f"bentoml serve did not become ready:\n{server.output()[-3000:]}")
-        latencies: dict[str, list[float]] = {BASELINE: [], SERVED: []}
-        with httpx.Client(timeout=60) as client:
-            for _ in range(repeats):
-                latencies[BASELINE] += in_process_ms(served, queries, top_k)[WARM_UP:]
-                latencies[SERVED] += http_ms(client, server.url, queries, top_k)[WARM_UP:]
-                print({side: round(statistics.median(values), 1) for side, values in latencies.items()}, flush=True)
-    finally:
-        stop_server(server)
-    return {side: summary(values) for side, values in latencies.items()}
+    tag, served = package(params, scratch, args.catalogue, args.skus_of)
+    queries = write_photos(scratch / "queries", args.requests + WARM_UP, seed=4)
+    latencies: dict[str, list[float]] = {BASELINE: []}
+    throughput: dict[str, dict[str, float]] = {}
+    for workers in args.workers:
+        side = served_side(workers)
+        server = start_server("serving.service:Matcher", serve_env(tag, workers), scratch / f"serve-{workers}.log",
+                              cwd=REPO_ROOT)
+        try:
+            if not wait_ready(server, timeout=180):
+                raise RuntimeError(f"bentoml serve did not become ready:\n{server.output()[-3000:]}")
+            latencies[side] = []
+            # Enough connections that no caller waits for one: the server is what is measured.
+            limits = httpx.Limits(max_connections=args.clients + 1)
+            with httpx.Client(timeout=120, limits=limits) as client:
+                for _ in range(args.repeats):
+                    latencies[BASELINE] += in_process_ms(served, queries, args.top_k)[WARM_UP:]
+                    latencies[side] += http_ms(client, server.url, queries, args.top_k)[WARM_UP:]
+                    print({name: round(statistics.median(values), 1) for name, values in latencies.items()},
+                          flush=True)
+                throughput.setdefault(BASELINE, in_process_throughput(served, queries[WARM_UP:], args.top_k))
+                throughput[side] = http_throughput(client, server.url, queries[WARM_UP:], args.top_k, args.clients)
+                print({name: round(figures["per_s"], 2) for name, figures in throughput.items()}, flush=True)
+        finally:
+            stop_server(server)
+    return {side: summary(values) for side, values in latencies.items()}, throughput
 
 
-def render(results: dict[str, dict[str, float]], params: Params, args: argparse.Namespace) -> str:
-    """The results file: one row per side, with the ratio of each figure to the baseline's."""
+# (header, summary key, decimals) of the two tables' figure columns.
+LATENCY_COLUMNS = [("p50 ms", "p50", 1), ("p95 ms", "p95", 1), ("mean ms", "mean", 1)]
+THROUGHPUT_COLUMNS = [("per second", "per_s", 2), ("p50 ms", "p50", 1), ("p95 ms", "p95", 1)]
+
+
+def table(results: dict[str, dict[str, float]], columns: list[tuple[str, str, int]]) -> list[str]:
+    """A markdown table, one row per side: request count, ``columns``, and the first column over the baseline's."""
+    first_header, first_key, _ = columns[0]
+    lines = [f"| side | requests | {' | '.join(header for header, _, _ in columns)} | "
+             f"{first_header.removesuffix(' ms')} vs baseline |", "|---|---|" + "---|" * (len(columns) + 1)]
+    for side, figures in results.items():
+        cells = " | ".join(f"{figures[key]:.{decimals}f}" for _, key, decimals in columns)
+        lines.append(f"| {side} | {figures['n']} | {cells} | ×{figures[first_key] / results[BASELINE][first_key]:.2f} |")
+    return lines
+
+
+def render(latency: dict[str, dict[str, float]], throughput: dict[str, dict[str, float]], params: Params,
+           args: argparse.Namespace) -> str:
+    """The results file: a latency and a throughput table, each side's figure over the baseline's."""
     model = params.model
-    base = results[BASELINE]
     lines = ["# Serving benchmark (/match through bentoml serve vs in-process)", "",
              f"- Run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `python -m benchmarks.serving --requests {args.requests} "
-             f"--catalogue {args.catalogue} --skus-of {args.skus_of} --repeats {args.repeats} --top-k {args.top_k}`",
+             f"--catalogue {args.catalogue} --skus-of {args.skus_of} --repeats {args.repeats} --top-k {args.top_k} "
+             f"--clients {args.clients} --workers {' '.join(map(str, args.workers))}`",
              f"- Machine: {machine()}, torch threads {torch.get_num_threads()} (benchmark process; the server "
              "runs as BentoML configures it)",
              f"- Encoder: `{model.backbone}` (pretrained {model.pretrained}), image size {model.image_size or 'native'}, "
              f"embedding {model.embed_dim}, flip TTA {model.flip_tta}, query zooms {list(model.query_zooms)}",
              f"- Catalogue: {args.catalogue} images of {catalogue_skus(args.catalogue, args.skus_of)} SKUs in the FAISS "
-             "index; "
-             f"queries: {args.requests} JPEG noise photos, one request at a time, {args.repeats} alternating passes "
-             f"per side after {WARM_UP} warm-up requests each",
-             "", "| side | requests | p50 ms | p95 ms | mean ms | p50 vs baseline |", "|---|---|---|---|---|---|"]
-    for side, figures in results.items():
-        lines.append(f"| {side} | {figures['n']} | {figures['p50']:.1f} | {figures['p95']:.1f} | {figures['mean']:.1f} "
-                     f"| ×{figures['p50'] / base['p50']:.2f} |")
+             f"index; queries: {args.requests} JPEG noise photos",
+             "", f"## Latency: one request at a time, {args.repeats} alternating passes per side after {WARM_UP} "
+             "warm-up requests each", "",
+             *table(latency, LATENCY_COLUMNS),
+             "", f"## Throughput: the baseline one query after another; each server with {args.clients} callers "
+             "at once, each sending every query", "",
+             *table(throughput, THROUGHPUT_COLUMNS)]
     return "\n".join(lines + [""])
 
 
@@ -180,11 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skus-of", type=int, default=2, help="catalogue images per SKU")
     parser.add_argument("--repeats", type=int, default=2, help="alternating passes per side")
     parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=4, help="callers at once in the throughput phase")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="BentoML worker counts to serve with, one server after another")
     parser.add_argument("--set", "-S", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    if min(args.requests, args.catalogue, args.skus_of, args.repeats, args.top_k) < 1:
-        parser.error("--requests, --catalogue, --skus-of, --repeats and --top-k must be at least 1")
+    if min(args.requests, args.catalogue, args.skus_of, args.repeats, args.top_k, args.clients, *args.workers) < 1:
+        parser.error("--requests, --catalogue, --skus-of, --repeats, --top-k, --clients and --workers must be "
+                     "at least 1")
     if args.top_k > (skus := catalogue_skus(args.catalogue, args.skus_of)):
         parser.error(f"--top-k {args.top_k} is more than the catalogue's {skus} SKUs")
     params = load_params(args.params, args.overrides)
@@ -196,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         previous_home = os.environ.get("BENTOML_HOME")
         os.environ["BENTOML_HOME"] = str(Path(scratch) / "bentoml_home")
         try:
-            results = measure(params, Path(scratch), args.requests, args.catalogue, args.skus_of, args.repeats,
-                              args.top_k)
+            latency, throughput = measure(params, Path(scratch), args)
         finally:
             if previous_home is None:
                 os.environ.pop("BENTOML_HOME", None)
@@ -205,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["BENTOML_HOME"] = previous_home
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, params, args) + kept_notes(out))
+    out.write_text(render(latency, throughput, params, args) + kept_notes(out))
     return 0
 
 

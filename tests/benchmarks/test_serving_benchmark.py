@@ -27,23 +27,37 @@ def test_match_is_timed_over_http_and_in_process(tmp_path, table_rows):
     out = tmp_path / "serving.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
     result = run_benchmark(out, "--requests", "3", "--catalogue", "6", "--skus-of", "2", "--repeats", "2",
-                           "--top-k", "2")
+                           "--top-k", "2", "--clients", "2", "--workers", "1", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = out.read_text()
     assert "Machine:" in text and "6 images of 3 SKUs" in text
     assert "an earlier run" not in text and text.endswith("## Notes (by hand)\n\n- kept across runs\n")
-    table = table_rows(text)
-    assert set(table) == {"in-process: decode_image + ServedModel.match (baseline)", "HTTP POST /match to bentoml serve"}
-    for requests, p50, p95, mean, ratio in table.values():
-        assert int(requests) == 6  # 3 timed requests in each of 2 passes; the warm-up is not counted
-        assert 0 < float(p50) <= float(p95)
-        assert float(mean) > 0
+    latency_text, throughput_text = text.split("## Throughput")
+    sides = {"in-process: decode_image + ServedModel.match (baseline)",
+             "HTTP POST /match to bentoml serve, 1 worker", "HTTP POST /match to bentoml serve, 2 workers"}
+
+    latency = table_rows(latency_text)
+    assert set(latency) == sides
+    # 3 timed requests in each of 2 passes, the warm-up not counted; the baseline passes beside each server.
+    assert [int(row[0]) for row in latency.values()] == [12, 6, 6]
+    for _, p50, p95, mean, ratio in latency.values():
+        assert 0 < float(p50) <= float(p95) and float(mean) > 0
         assert ratio.startswith("×") and float(ratio.removeprefix("×")) > 0
+
+    throughput = table_rows(throughput_text.split("## Notes")[0])
+    assert set(throughput) == sides
+    # The baseline matches the 3 queries once; each server gets them from each of the 2 callers.
+    assert [int(row[0]) for row in throughput.values()] == [3, 6, 6]
+    for _, per_second, p50, p95, ratio in throughput.values():
+        assert float(per_second) > 0 and 0 < float(p50) <= float(p95)
+        assert ratio.startswith("×") and float(ratio.removeprefix("×")) > 0
+    assert throughput["in-process: decode_image + ServedModel.match (baseline)"][-1] == "×1.00"
 
 
 def test_bad_counts_are_refused_before_anything_starts(tmp_path):
     out = tmp_path / "serving.md"
-    for args, message in ((["--requests", "0"], "must be at least 1"),
+    for args, message in ((["--requests", "0"], "must be at least 1"), (["--clients", "0"], "must be at least 1"),
+                          (["--workers", "1", "0"], "must be at least 1"),
                           (["--catalogue", "4", "--skus-of", "2", "--top-k", "3"], "more than the catalogue's 2 SKUs")):
         result = run_benchmark(out, *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr
