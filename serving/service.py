@@ -48,6 +48,7 @@ MODEL_ARG = "bento_model"
 DEFAULT_BENTO_MODEL = ServeParams.model_fields["bento_model_name"].default
 DEFAULT_TOP_K = ServeParams.model_fields["top_k"].default
 MAX_TOP_K = 100
+SERVICE_NAME = "skumatch"
 # Metadata keys the packaged model must carry (written by serving.build.package_model).
 REQUIRED_METADATA = ("model_name", "model_version", "index_checksum")
 
@@ -57,6 +58,25 @@ def bento_model_tag() -> str:
     args = bentoml.use_arguments()
     name = getattr(args, MODEL_ARG, None) or os.environ.get(MODEL_ENV) or DEFAULT_BENTO_MODEL
     return name if ":" in name else f"{name}:latest"
+
+
+def configured_workers(service_name: str) -> int:
+    """How many worker processes BentoML runs this service with, after every config override.
+
+    ``@bentoml.service(workers=...)`` can be overridden at deploy time (a BentoML config file or
+    ``BENTOML_CONFIG_OVERRIDES``); BentoML merges the result into its config container before a
+    worker builds the service, and that merged value is the one that runs. ``"cpu_count"`` means
+    one worker per CPU.
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    workers = (BentoMLContainer.config.services.get().get(service_name) or {}).get("workers") or 1
+    return len(os.sched_getaffinity(0)) if workers == "cpu_count" else int(workers)
+
+
+def threads_per_worker(threads: int, workers: int) -> int:
+    """Torch intra-op threads for one worker: a process's ``threads`` shared out among the workers, at least 1."""
+    return max(1, threads // workers)
 
 
 def _bad_request(message: str):
@@ -96,6 +116,9 @@ class InfoResponse(BaseModel):
     embed_dim: int
     default_top_k: int
     bento_model: str
+    # How this process runs the model: BentoML worker processes, and torch threads in each.
+    workers: int
+    torch_threads: int
 
 
 ImageUpload = Annotated[Path, Field(description="the query image file (JPEG, PNG, WebP...)")]
@@ -105,7 +128,7 @@ TopK = Annotated[Optional[Annotated[int, Field(ge=1, le=MAX_TOP_K)]],
 
 
 @bentoml.service(
-    name="skumatch",
+    name=SERVICE_NAME,
     resources={"cpu": "2"},
     # One image per request on a CPU is milliseconds to ~100 ms (CLIP B/32); 30 s leaves room
     # for a cold start of the thread pool and large uploads.
@@ -119,7 +142,18 @@ class Matcher:
     def __init__(self) -> None:
         # Heavy imports here, not at module level: `bentoml build` imports this module only
         # to read the service definition.
+        import torch
+
         from components.registry import load_served_model
+
+        # BentoML does not share the CPUs out among workers, and torch gives every process a
+        # thread per core: 2 workers on 2 cores served 0.37 times one worker's requests per
+        # second (benchmarks/results/serving.md). So each worker takes its share of torch's
+        # default; an explicit OMP_NUM_THREADS wins.
+        self.workers = configured_workers(SERVICE_NAME)
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(threads_per_worker(torch.get_num_threads(), self.workers))
+        self.torch_threads = torch.get_num_threads()
 
         stored = self.bento_model
         facts: dict[str, Any] = {**stored.info.labels, **stored.info.metadata}
@@ -134,8 +168,9 @@ class Matcher:
         self.index_checksum = str(facts["index_checksum"])
         self.default_top_k = int(facts.get("default_top_k") or DEFAULT_TOP_K)
         self.bento_model_tag = str(stored.tag)
-        LOGGER.info("serving %s version %s from %s (index %s, %d catalogue images)", self.model.model_name,
-                    self.model.version, stored.tag, self.index_checksum, len(self.model.catalogue.sku_ids))
+        LOGGER.info("serving %s version %s from %s (index %s, %d catalogue images; %d workers, %d torch threads "
+                    "each)", self.model.model_name, self.model.version, stored.tag, self.index_checksum,
+                    len(self.model.catalogue.sku_ids), self.workers, self.torch_threads)
 
     # /match and /embed are async on purpose, though they block while the model runs: BentoML
     # runs a sync API in a thread pool, and off the main thread torch's OpenMP intra-op threads
@@ -173,7 +208,8 @@ class Matcher:
         return InfoResponse(model_name=self.model.model_name, model_version=self.model.version,
                             index_checksum=self.index_checksum, catalogue_size=len(catalogue.sku_ids),
                             catalogue_skus=len(set(catalogue.sku_ids)), embed_dim=catalogue.dim,
-                            default_top_k=self.default_top_k, bento_model=self.bento_model_tag)
+                            default_top_k=self.default_top_k, bento_model=self.bento_model_tag,
+                            workers=self.workers, torch_threads=self.torch_threads)
 
 
 # Checks multipart bodies before BentoML parses them (see serving.uploads for why).

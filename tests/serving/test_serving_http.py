@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from serving_support import start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +42,9 @@ def test_info_describes_the_packaged_version(server, packaged):
         "embed_dim": 16,
         "default_top_k": 3,  # serve.top_k of the params the Bento was packaged with
         "bento_model": packaged.model_tag,
+        "workers": 1,
+        # One worker keeps torch's own choice (nothing in the tests changes this process's).
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -136,3 +143,31 @@ def test_server_still_answers_after_bad_requests(server, packaged):
     path = next(iter(packaged.champion.catalogue.values()))[0]
     assert _post(server, "/match", files=_upload(path)).status_code == 200
     assert server.process.poll() is None
+
+
+CPUS = len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(("workers", "omp_num_threads", "served_workers", "threads_each"),
+                         [("cpu_count", None, CPUS, max(1, torch.get_num_threads() // CPUS)),
+                          # torch caps OMP_NUM_THREADS at its default; shared out, 3 workers would get 1
+                          (3, "2", 3, min(2, torch.get_num_threads()))],
+                         ids=["one-per-cpu-shared-out", "explicit-omp-wins"])
+def test_workers_share_torch_threads_out(packaged, tmp_path, workers, omp_num_threads, served_workers,
+                                         threads_each):
+    # Two workers that each took torch's thread-per-core default served 0.37 times one worker's
+    # requests per second on 2 cores (benchmarks/results/serving.md). The worker count comes
+    # from a deploy-time override, as an operator would set it, not from the service's code.
+    overrides = {"services": {"skumatch": {"workers": workers}}}
+    env = {**packaged.champion.env, "BENTOML_CONFIG_OVERRIDES": json.dumps(overrides)}
+    env.pop("OMP_NUM_THREADS", None)
+    if omp_num_threads:
+        env["OMP_NUM_THREADS"] = omp_num_threads
+    running = start_server(packaged.bento_tag, env, tmp_path / "serve.log")
+    try:
+        assert wait_ready(running), running.output()[-5000:]
+        answers = [_post(running, "/info", json={}) for _ in range(6)]
+        assert {(answer.json()["workers"], answer.json()["torch_threads"]) for answer in answers} == {
+            (served_workers, threads_each)}
+    finally:
+        stop_server(running)
