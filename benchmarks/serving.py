@@ -47,6 +47,7 @@ import torch
 from benchmarks.accuracy import kept_notes, machine
 from benchmarks.inference import noise_images
 from components.config import Params, load_params
+from serving import SERVICE_NAME
 
 RESULTS = Path(__file__).parent / "results" / "serving.md"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +154,7 @@ def http_throughput(client, url: str, queries: list[Path], top_k: int, clients: 
 
 def serve_env(tag: str, workers: int) -> dict[str, str]:
     """The server's environment: the packaged model, no telemetry, the repo importable, ``workers``."""
-    overrides = {"services": {"skumatch": {"workers": workers}}}
+    overrides = {"services": {SERVICE_NAME: {"workers": workers}}}
     return {**os.environ, "SKUMATCH_BENTO_MODEL": tag, "BENTOML_DO_NOT_TRACK": "True", "DO_NOT_TRACK": "1",
             "BENTOML_CONFIG_OVERRIDES": json.dumps(overrides),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}

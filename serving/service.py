@@ -39,6 +39,7 @@ import bentoml
 from pydantic import BaseModel, Field
 
 from components.config import ServeParams
+from serving import SERVICE_NAME
 from serving.uploads import BadImage, UploadGuard, decode_image
 
 LOGGER = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ MODEL_ARG = "bento_model"
 DEFAULT_BENTO_MODEL = ServeParams.model_fields["bento_model_name"].default
 DEFAULT_TOP_K = ServeParams.model_fields["top_k"].default
 MAX_TOP_K = 100
-SERVICE_NAME = "skumatch"
 # Metadata keys the packaged model must carry (written by serving.build.package_model).
 REQUIRED_METADATA = ("model_name", "model_version", "index_checksum")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,43 @@ def test_a_process_that_already_imported_bentoml_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="BENTOML_HOME before bentoml is imported"):
         serving.main(["--params", str(REPO_ROOT / "params.yaml"), "--out", str(out)])
     assert not out.exists()
+
+
+class _Answer(BaseHTTPRequestHandler):
+    """Answers every POST with the status and body the test puts on the server."""
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status, body = self.server.answer
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(("status", "body", "message"), [
+    (500, b'{"error": "model failed"}', "/match answered 500"),
+    (200, b'{"matches": [{"sku_id": "a"}]}', "/match answered 200"),  # fewer matches than top_k
+])
+def test_a_wrong_answer_stops_the_timing(tmp_path, status, body, message):
+    # A benchmark that timed error pages would report a fast service that matches nothing.
+    import httpx
+
+    from benchmarks.serving import http_ms
+
+    photo = tmp_path / "query.jpg"
+    photo.write_bytes(b"not looked at by this server")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    server.answer = (status, body)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(timeout=10) as client, pytest.raises(RuntimeError, match=message):
+            http_ms(client, f"http://127.0.0.1:{server.server_port}", [photo], top_k=2)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from serving_support import start_server, stop_server, wait_ready
 
+from serving import SERVICE_NAME
+
 pytestmark = pytest.mark.integration
 
 
@@ -158,7 +160,7 @@ def test_workers_share_torch_threads_out(packaged, tmp_path, workers, omp_num_th
     # Two workers that each took torch's thread-per-core default served 0.37 times one worker's
     # requests per second on 2 cores (benchmarks/results/serving.md). The worker count comes
     # from a deploy-time override, as an operator would set it, not from the service's code.
-    overrides = {"services": {"skumatch": {"workers": workers}}}
+    overrides = {"services": {SERVICE_NAME: {"workers": workers}}}
     env = {**packaged.champion.env, "BENTOML_CONFIG_OVERRIDES": json.dumps(overrides)}
     env.pop("OMP_NUM_THREADS", None)
     if omp_num_threads:
