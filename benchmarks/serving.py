@@ -1,7 +1,7 @@
 """/match latency through a real ``bentoml serve``, against the same model matched in-process.
 
     python -m benchmarks.serving [--requests 30] [--catalogue 200] [--repeats 2] [--clients 4]
-                                 [--workers 1 2]
+                                 [--workers 1 2] [--batch 16]
 
 What a caller of the deployed service waits for: one photo uploaded as multipart to ``/match``,
 checked by the upload guard, decoded, embedded at every query zoom with its mirror, searched in
@@ -22,9 +22,11 @@ Latency: the two sides alternate ``--repeats`` times over the same ``--requests`
 request at a time (what one caller waits for); the first two requests of each side are a
 warm-up and are not counted. Throughput: ``--clients`` callers at once each send every photo,
 against the in-process side matching them one after another (what one process on this machine
-can do). Both are measured for each of ``--workers`` (BentoML worker processes, set through
+can do). Batches: the same callers send the photos ``--batch`` at a time to ``/match_batch``,
+against ``ServedModel.match`` over the same batches in-process; images per second, with the
+one-after-another baseline's rate as the ratio's base. All three are measured for each of ``--workers`` (BentoML worker processes, set through
 ``BENTOML_CONFIG_OVERRIDES`` as a deployment would), one server after another. Every HTTP answer
-must be 200 with as many matches as asked, or the run fails. Figures go to
+must be 200 with as many matches as asked (for every image of a batch), or the run fails. Figures go to
 ``benchmarks/results/serving.md`` with the machine noted; its ``## Notes`` section is kept.
 """
 
@@ -47,7 +49,7 @@ import torch
 from benchmarks.accuracy import kept_notes, machine
 from benchmarks.inference import noise_images
 from components.config import Params, load_params
-from serving import SERVICE_NAME
+from serving import MAX_BATCH_IMAGES, SERVICE_NAME
 
 RESULTS = Path(__file__).parent / "results" / "serving.md"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +120,38 @@ def http_ms(client, url: str, queries: list[Path], top_k: int) -> list[float]:
     return latencies
 
 
+def batches(queries: list[Path], size: int) -> list[list[Path]]:
+    """``queries`` cut into consecutive lists of ``size`` (the last one shorter)."""
+    return [queries[start:start + size] for start in range(0, len(queries), size)]
+
+
+def http_batch_ms(client, url: str, queries: list[Path], top_k: int, batch: int) -> list[float]:
+    """Per-request milliseconds of ``POST /match_batch``, ``batch`` photos a request; fails on any wrong answer."""
+    latencies = []
+    for chunk in batches(queries, batch):
+        files = [("images", (path.name, path.read_bytes(), "image/jpeg")) for path in chunk]
+        started = time.perf_counter()
+        response = client.post(f"{url}/match_batch", files=files, data={"top_k": str(top_k)})
+        latencies.append(1000 * (time.perf_counter() - started))
+        results = response.json().get("results") if response.status_code == 200 else None
+        if results is None or len(results) != len(chunk) or any(len(r["matches"]) != top_k for r in results):
+            raise RuntimeError(f"/match_batch answered {response.status_code}: {response.text[:500]}")
+    return latencies
+
+
+def in_process_batch_throughput(served, queries: list[Path], top_k: int, batch: int) -> dict[str, float]:
+    """Images per second of ``ServedModel.match`` over batches of ``batch`` decoded photos, with per-batch latencies."""
+    from serving.uploads import decode_image
+
+    latencies = []
+    started = time.perf_counter()
+    for chunk in batches(queries, batch):
+        begun = time.perf_counter()
+        served.match([decode_image(path) for path in chunk], top_k)
+        latencies.append(1000 * (time.perf_counter() - begun))
+    return {"per_s": len(queries) / (time.perf_counter() - started), **summary(latencies), "n": len(queries)}
+
+
 def catalogue_skus(images: int, images_per_sku: int) -> int:
     """How many SKUs ``package`` labels ``images`` catalogue photos with, ``images_per_sku`` each."""
     return math.ceil(images / images_per_sku)
@@ -135,6 +169,13 @@ def served_side(workers: int) -> str:
     return f"HTTP POST /match to bentoml serve, {workers} worker{'s' if workers > 1 else ''}"
 
 
+def batch_side(workers: int | None, batch: int) -> str:
+    """The row name of batches of ``batch`` photos: in-process when ``workers`` is None, else served."""
+    if workers is None:
+        return f"in-process: ServedModel.match over batches of {batch}"
+    return f"HTTP POST /match_batch ({batch} photos a request) to bentoml serve, {workers} worker{'s' if workers > 1 else ''}"
+
+
 def in_process_throughput(served, queries: list[Path], top_k: int) -> dict[str, float]:
     """Queries per second matched in-process one after another, with their latencies."""
     started = time.perf_counter()
@@ -142,14 +183,23 @@ def in_process_throughput(served, queries: list[Path], top_k: int) -> dict[str, 
     return {"per_s": len(queries) / (time.perf_counter() - started), **summary(latencies)}
 
 
-def http_throughput(client, url: str, queries: list[Path], top_k: int, clients: int) -> dict[str, float]:
-    """Requests per second with ``clients`` callers at once, each sending every query once."""
+def http_throughput(client, url: str, queries: list[Path], top_k: int, clients: int,
+                    batch: int | None = None) -> dict[str, float]:
+    """Images per second with ``clients`` callers at once, each sending every query once.
+
+    One photo per ``/match`` request, or ``batch`` photos per ``/match_batch`` request; the
+    latencies are per request either way, ``n`` counts images.
+    """
+    def one_caller(_) -> list[float]:
+        return http_ms(client, url, queries, top_k) if batch is None else http_batch_ms(client, url, queries, top_k,
+                                                                                         batch)
+
     with ThreadPoolExecutor(clients) as pool:
         started = time.perf_counter()
-        per_client = list(pool.map(lambda _: http_ms(client, url, queries, top_k), range(clients)))
+        per_client = list(pool.map(one_caller, range(clients)))
         elapsed = time.perf_counter() - started
-    latencies = [ms for client_ms in per_client for ms in client_ms]
-    return {"per_s": len(latencies) / elapsed, **summary(latencies)}
+    images = clients * len(queries)
+    return {"per_s": images / elapsed, **summary([ms for client_ms in per_client for ms in client_ms]), "n": images}
 
 
 def serve_env(tag: str, workers: int) -> dict[str, str]:
@@ -160,8 +210,8 @@ def serve_env(tag: str, workers: int) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
 
-def measure(params: Params, scratch: Path, args: argparse.Namespace) -> tuple[dict, dict]:
-    """Latency and throughput summaries per side: the baseline, then one server per worker count."""
+def measure(params: Params, scratch: Path, args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """Latency, throughput and batch summaries per side: the baseline, then one server per worker count."""
     import httpx
 
     from serving.local import start_server, stop_server, wait_ready
@@ -170,6 +220,7 @@ def measure(params: Params, scratch: Path, args: argparse.Namespace) -> tuple[di
     queries = write_photos(scratch / "queries", args.requests + WARM_UP, seed=4)
     latencies: dict[str, list[float]] = {BASELINE: []}
     throughput: dict[str, dict[str, float]] = {}
+    batched: dict[str, dict[str, float]] = {}
     for workers in args.workers:
         side = served_side(workers)
         server = start_server("serving.service:Matcher", serve_env(tag, workers), scratch / f"serve-{workers}.log",
@@ -189,20 +240,28 @@ def measure(params: Params, scratch: Path, args: argparse.Namespace) -> tuple[di
                 throughput.setdefault(BASELINE, in_process_throughput(served, queries[WARM_UP:], args.top_k))
                 throughput[side] = http_throughput(client, server.url, queries[WARM_UP:], args.top_k, args.clients)
                 print({name: round(figures["per_s"], 2) for name, figures in throughput.items()}, flush=True)
+                batched.setdefault(BASELINE, throughput[BASELINE])
+                batched.setdefault(batch_side(None, args.batch),
+                                   in_process_batch_throughput(served, queries[WARM_UP:], args.top_k, args.batch))
+                batched[batch_side(workers, args.batch)] = http_throughput(
+                    client, server.url, queries[WARM_UP:], args.top_k, args.clients, batch=args.batch)
+                print({name: round(figures["per_s"], 2) for name, figures in batched.items()}, flush=True)
         finally:
             stop_server(server)
-    return {side: summary(values) for side, values in latencies.items()}, throughput
+    return {side: summary(values) for side, values in latencies.items()}, throughput, batched
 
 
 # (header, summary key, decimals) of the two tables' figure columns.
 LATENCY_COLUMNS = [("p50 ms", "p50", 1), ("p95 ms", "p95", 1), ("mean ms", "mean", 1)]
 THROUGHPUT_COLUMNS = [("per second", "per_s", 2), ("p50 ms", "p50", 1), ("p95 ms", "p95", 1)]
+# Latencies here are per request (a whole batch); the rate counts images.
+BATCH_COLUMNS = [("images per second", "per_s", 2), ("p50 ms per request", "p50", 1), ("p95 ms per request", "p95", 1)]
 
 
-def table(results: dict[str, dict[str, float]], columns: list[tuple[str, str, int]]) -> list[str]:
-    """A markdown table, one row per side: request count, ``columns``, and the first column over the baseline's."""
+def table(results: dict[str, dict[str, float]], columns: list[tuple[str, str, int]], counted: str = "requests") -> list[str]:
+    """A markdown table, one row per side: the ``counted`` number, ``columns``, and the first column over the baseline's."""
     first_header, first_key, _ = columns[0]
-    lines = [f"| side | requests | {' | '.join(header for header, _, _ in columns)} | "
+    lines = [f"| side | {counted} | {' | '.join(header for header, _, _ in columns)} | "
              f"{first_header.removesuffix(' ms')} vs baseline |", "|---|---|" + "---|" * (len(columns) + 1)]
     for side, figures in results.items():
         cells = " | ".join(f"{figures[key]:.{decimals}f}" for _, key, decimals in columns)
@@ -210,14 +269,14 @@ def table(results: dict[str, dict[str, float]], columns: list[tuple[str, str, in
     return lines
 
 
-def render(latency: dict[str, dict[str, float]], throughput: dict[str, dict[str, float]], params: Params,
-           args: argparse.Namespace) -> str:
-    """The results file: a latency and a throughput table, each side's figure over the baseline's."""
+def render(latency: dict[str, dict[str, float]], throughput: dict[str, dict[str, float]],
+           batched: dict[str, dict[str, float]], params: Params, args: argparse.Namespace) -> str:
+    """The results file: latency, throughput and batch tables, each side's figure over the baseline's."""
     model = params.model
     lines = ["# Serving benchmark (/match through bentoml serve vs in-process)", "",
              f"- Run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `python -m benchmarks.serving --requests {args.requests} "
              f"--catalogue {args.catalogue} --skus-of {args.skus_of} --repeats {args.repeats} --top-k {args.top_k} "
-             f"--clients {args.clients} --workers {' '.join(map(str, args.workers))}`",
+             f"--clients {args.clients} --workers {' '.join(map(str, args.workers))} --batch {args.batch}`",
              f"- Machine: {machine()}, torch threads {torch.get_num_threads()} (benchmark process; the server "
              "runs as BentoML configures it)",
              f"- Encoder: `{model.backbone}` (pretrained {model.pretrained}), image size {model.image_size or 'native'}, "
@@ -229,7 +288,10 @@ def render(latency: dict[str, dict[str, float]], throughput: dict[str, dict[str,
              *table(latency, LATENCY_COLUMNS),
              "", f"## Throughput: the baseline one query after another; each server with {args.clients} callers "
              "at once, each sending every query", "",
-             *table(throughput, THROUGHPUT_COLUMNS)]
+             *table(throughput, THROUGHPUT_COLUMNS),
+             "", f"## Batches: {args.batch} photos a request to /match_batch, {args.clients} callers at once, each "
+             "sending every query; the baseline as above", "",
+             *table(batched, BATCH_COLUMNS, counted="images")]
     return "\n".join(lines + [""])
 
 
@@ -244,12 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="callers at once in the throughput phase")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="BentoML worker counts to serve with, one server after another")
+    parser.add_argument("--batch", type=int, default=16, help="photos per /match_batch request")
     parser.add_argument("--set", "-S", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    if min(args.requests, args.catalogue, args.skus_of, args.repeats, args.top_k, args.clients, *args.workers) < 1:
-        parser.error("--requests, --catalogue, --skus-of, --repeats, --top-k, --clients and --workers must be "
-                     "at least 1")
+    if min(args.requests, args.catalogue, args.skus_of, args.repeats, args.top_k, args.clients, args.batch,
+           *args.workers) < 1:
+        parser.error("--requests, --catalogue, --skus-of, --repeats, --top-k, --clients, --batch and --workers "
+                     "must be at least 1")
+    if args.batch > MAX_BATCH_IMAGES:
+        parser.error(f"--batch {args.batch} is more than /match_batch takes ({MAX_BATCH_IMAGES})")
     if args.top_k > (skus := catalogue_skus(args.catalogue, args.skus_of)):
         parser.error(f"--top-k {args.top_k} is more than the catalogue's {skus} SKUs")
     params = load_params(args.params, args.overrides)
@@ -261,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         previous_home = os.environ.get("BENTOML_HOME")
         os.environ["BENTOML_HOME"] = str(Path(scratch) / "bentoml_home")
         try:
-            latency, throughput = measure(params, Path(scratch), args)
+            latency, throughput, batched = measure(params, Path(scratch), args)
         finally:
             if previous_home is None:
                 os.environ.pop("BENTOML_HOME", None)
@@ -269,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["BENTOML_HOME"] = previous_home
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(latency, throughput, params, args) + kept_notes(out))
+    out.write_text(render(latency, throughput, batched, params, args) + kept_notes(out))
     return 0
 
 

@@ -249,21 +249,46 @@ def serve(bento: Annotated[Optional[str], typer.Option(help="Bento tag (default:
 
 
 @app.command()
-def match(image: Annotated[Path, typer.Argument(help="a photo to match", exists=True, dir_okay=False)],
+def match(images: Annotated[list[Path], typer.Argument(help="one or more photos to match", exists=True,
+                                                        dir_okay=False)],
           url: Annotated[str, typer.Option(help="the service's base URL")] = "http://localhost:3000",
           top_k: Annotated[int, typer.Option(min=1, max=100)] = 5) -> None:
-    """Send a photo to a running service's ``/match`` and print the top SKUs."""
+    """Send photos to a running service and print the top SKUs of each.
+
+    One photo goes to ``/match``; several go to ``/match_batch``, up to its per-request limit at a
+    time, so the service embeds them in batches.
+    """
     import httpx
 
-    with image.open("rb") as handle:
-        response = httpx.post(f"{url.rstrip('/')}/match", files={"image": (image.name, handle)},
-                              data={"top_k": str(top_k)}, timeout=60)
-    if response.status_code >= 400:
-        _fail(f"{response.status_code}: {response.text}")
-    answer = response.json()
-    typer.echo(f"{image} -> model {answer.get('model_name')} v{answer.get('model_version')}")
-    for rank, hit in enumerate(answer["matches"], start=1):
-        typer.echo(f"  {rank}. {hit['sku_id']:<30} {hit['score']:.4f}")
+    from serving import MAX_BATCH_IMAGES
+
+    base = url.rstrip("/")
+    for start in range(0, len(images), MAX_BATCH_IMAGES):
+        chunk = images[start:start + MAX_BATCH_IMAGES]
+        field, route = ("image", "/match") if len(images) == 1 else ("images", "/match_batch")
+        files = [(field, (path.name, path.read_bytes())) for path in chunk]
+        response = httpx.post(f"{base}{route}", files=files, data={"top_k": str(top_k)}, timeout=120)
+        if response.status_code >= 400:
+            _fail(_match_error(response, chunk))
+        answer = response.json()
+        results = answer["results"] if route == "/match_batch" else [answer]
+        for path, result in zip(chunk, results):
+            unsure = "  (no confident match)" if result.get("no_confident_match") else ""
+            typer.echo(f"{path} -> model {answer.get('model_name')} v{answer.get('model_version')}{unsure}")
+            for rank, hit in enumerate(result["matches"], start=1):
+                typer.echo(f"  {rank}. {hit['sku_id']:<30} {hit['score']:.4f}")
+
+
+def _match_error(response, sent: list[Path]) -> str:
+    # /match_batch names undecodable uploads by position; say which of the user's files they are.
+    try:
+        bad = response.json().get("bad_images") or []
+    except ValueError:
+        bad = []
+    if not bad:
+        return f"{response.status_code}: {response.text}"
+    return (f"{response.status_code}: these photos could not be decoded, nothing in their batch was matched:\n"
+            + "\n".join(f"  {sent[item['index']]}: {item['error']}" for item in bad))
 
 
 @data_app.command("add")

@@ -16,6 +16,10 @@ Swagger UI at ``/``):
 
 - ``/match``: multipart ``image`` (a file) and optional ``top_k`` (1..100) ->
   ``{"model_name", "model_version", "matches": [{"sku_id", "score"}, ...]}``.
+- ``/match_batch``: multipart ``images`` (1..64 files, the field repeated) and optional ``top_k``
+  -> ``{"model_name", "model_version", "reject_below", "results": [{"matches", "no_confident_match"},
+  ...]}``, one result per image in upload order. For a client holding several photos at once (the
+  crops of one shelf photo): one request and one batched forward pass instead of one each.
 - ``/embed``: multipart ``image`` -> ``{"model_name", "model_version", "embedding": [...]}``.
 - ``/info``: empty JSON body ``{}`` -> model name, version, index checksum, catalogue size.
 
@@ -23,11 +27,14 @@ An upload that is not a decodable image (empty, random bytes, truncated, text) i
 HTTP 400 and ``{"error": "..."}``, as is a text value where the file should be and a malformed
 multipart body (``serving.uploads.UploadGuard``; bodies over 32 MiB get 413); a missing field or
 an out-of-range ``top_k`` is rejected by BentoML's request validation with HTTP 400 and
-``{"error": ..., "detail": [...]}``.
+``{"error": ..., "detail": [...]}``. In ``/match_batch`` one undecodable image refuses the whole
+request (400), and ``bad_images`` names every such upload by its position (from 0) with its
+reason, so a client can resend the others.
 
-/match is deliberately not batchable: requests carry their own ``top_k``, BentoML batches only
-single-argument APIs, and per-request decoding is what turns a bad upload into a 400 for that
-request alone instead of failing a whole batch.
+/match is deliberately not batchable in BentoML's sense (adaptive batching of concurrent
+requests): requests carry their own ``top_k``, BentoML batches only single-argument APIs, and
+per-request decoding is what turns a bad upload into a 400 for that request alone instead of
+failing other clients' requests. Batching is the client's choice instead: ``/match_batch``.
 """
 
 import logging
@@ -39,7 +46,7 @@ import bentoml
 from pydantic import BaseModel, Field
 
 from components.config import ServeParams
-from serving import SERVICE_NAME
+from serving import MAX_BATCH_IMAGES, SERVICE_NAME
 from serving.uploads import BadImage, UploadGuard, decode_image
 
 LOGGER = logging.getLogger(__name__)
@@ -79,10 +86,10 @@ def threads_per_worker(threads: int, workers: int) -> int:
     return max(1, threads // workers)
 
 
-def _bad_request(message: str):
+def _bad_request(message: str, **detail: Any):
     from starlette.responses import JSONResponse
 
-    return JSONResponse({"error": message}, status_code=400)
+    return JSONResponse({"error": message, **detail}, status_code=400)
 
 
 class Match(BaseModel):
@@ -98,6 +105,19 @@ class MatchResponse(BaseModel):
     matches: list[Match]
     # True when even the best SKU is below the threshold: likely a product not in the catalogue.
     no_confident_match: bool = False
+    reject_below: Optional[float] = None
+
+
+class ImageMatches(BaseModel):
+    matches: list[Match]
+    no_confident_match: bool = False
+
+
+class BatchMatchResponse(BaseModel):
+    model_name: str
+    model_version: str
+    # One per uploaded image, in upload order.
+    results: list[ImageMatches]
     reject_below: Optional[float] = None
 
 
@@ -122,6 +142,9 @@ class InfoResponse(BaseModel):
 
 
 ImageUpload = Annotated[Path, Field(description="the query image file (JPEG, PNG, WebP...)")]
+ImageUploads = Annotated[list[Path], Field(min_length=1, max_length=MAX_BATCH_IMAGES,
+                                           description=f"1..{MAX_BATCH_IMAGES} query image files, the form "
+                                                       "field repeated once per image")]
 TopK = Annotated[Optional[Annotated[int, Field(ge=1, le=MAX_TOP_K)]],
                  Field(description=f"how many SKUs to return, 1..{MAX_TOP_K}; default: the packaged "
                                    f"serve.top_k ({DEFAULT_TOP_K} unless configured)")]
@@ -184,11 +207,33 @@ class Matcher:
             picture = decode_image(image)
         except BadImage as err:
             return _bad_request(str(err))
-        hits = self.model.match([picture], top_k or self.default_top_k)[0]
+        found = self._image_matches([picture], top_k)[0]
         return MatchResponse(model_name=self.model.model_name, model_version=self.model.version,
-                             matches=[Match(**hit) for hit in hits],
-                             no_confident_match=bool(hits) and not hits[0]["confident"],
+                             matches=found.matches, no_confident_match=found.no_confident_match,
                              reject_below=self.model.reject_below)
+
+    @bentoml.api(route="/match_batch")
+    async def match_batch(self, images: ImageUploads, top_k: TopK = None) -> BatchMatchResponse:
+        """``/match`` for several images in one request and one batched forward pass, results in upload order."""
+        pictures, bad = [], []
+        for position, upload in enumerate(images):
+            try:
+                pictures.append(decode_image(upload))
+            except BadImage as err:
+                # The position, not the file name: BentoML stores uploads under temporary names.
+                bad.append({"index": position, "error": str(err)})
+        if bad:
+            return _bad_request(f"{len(bad)} of {len(images)} images could not be decoded; nothing was "
+                                "matched, resend without them", bad_images=bad)
+        return BatchMatchResponse(model_name=self.model.model_name, model_version=self.model.version,
+                                  results=self._image_matches(pictures, top_k), reject_below=self.model.reject_below)
+
+    def _image_matches(self, pictures: list, top_k: Optional[int]) -> list[ImageMatches]:
+        found = []
+        for hits in self.model.match(pictures, top_k or self.default_top_k):
+            found.append(ImageMatches(matches=[Match(**hit) for hit in hits],
+                                      no_confident_match=bool(hits) and not hits[0]["confident"]))
+        return found
 
     @bentoml.api(route="/embed")
     async def embed(self, image: ImageUpload) -> EmbedResponse:
@@ -213,4 +258,5 @@ class Matcher:
 
 
 # Checks multipart bodies before BentoML parses them (see serving.uploads for why).
-Matcher.add_asgi_middleware(UploadGuard, paths=("/match", "/embed"), file_fields=("image",))
+Matcher.add_asgi_middleware(UploadGuard, file_fields={"/match": ("image",), "/match_batch": ("images",),
+                                                      "/embed": ("image",)})

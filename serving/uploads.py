@@ -4,9 +4,11 @@ Kept apart from the service so it is testable without BentoML's server and witho
 
 Why a guard: BentoML 1.4 treats a *text* value sent in a file field (``-F image=abc`` rather
 than ``-F image=@file.jpg``) as a URL and tries to download it, which fails as HTTP 500 (or, with
-uvloop installed, makes the server fetch any public URL a client names). The guard answers such
-requests (multipart or URL-encoded forms), malformed form bodies and oversized uploads with a 4xx JSON error before
-BentoML parses them, so a bad request is never a 5xx and the service never fetches URLs.
+uvloop installed, makes the server fetch any public URL a client names); and it parses a *file*
+sent under a field name the API does not have as JSON, which fails as HTTP 500 for any binary
+file. The guard answers such requests (multipart or URL-encoded forms), malformed form bodies
+and oversized uploads with a 4xx JSON error before BentoML parses them, so a bad request is
+never a 5xx and the service never fetches URLs.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def decode_image(path: str | Path):
 
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
-        raise BadImage("the uploaded file 'image' is empty")
+        raise BadImage("the uploaded file is empty")
     try:
         with Image.open(path) as image:
             image.load()
@@ -52,7 +54,7 @@ def decode_image(path: str | Path):
     except Image.DecompressionBombError as err:
         raise BadImage(f"the uploaded image is too large to decode safely: {err}") from err
     except UnidentifiedImageError as err:
-        raise BadImage("the uploaded file 'image' is not an image in a format Pillow reads "
+        raise BadImage("the uploaded file is not an image in a format Pillow reads "
                        "(JPEG, PNG, WebP, BMP, GIF, TIFF...)") from err
     except (OSError, SyntaxError, ValueError) as err:
         # Pillow reports truncated and corrupt data as OSError, sometimes SyntaxError/ValueError.
@@ -67,21 +69,20 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
 
 
 class UploadGuard:
-    """ASGI middleware checking form uploads to ``paths`` before the application sees them.
+    """ASGI middleware checking form uploads to some routes before the application sees them.
 
     Args:
         app: the wrapped ASGI application.
-        paths: routes whose multipart bodies are checked.
-        file_fields: form fields that must be file parts when present.
+        file_fields: for each checked route, the form fields that take files. On those routes
+            these fields must be file parts when present, and no other field may be one.
         max_bytes: the largest request body accepted (HTTP 413 above it).
     """
 
-    def __init__(self, app, paths: tuple[str, ...] = ("/match", "/embed"),
-                 file_fields: tuple[str, ...] = ("image",), max_bytes: int = MAX_UPLOAD_BYTES) -> None:
-        self.app, self.paths, self.file_fields, self.max_bytes = app, set(paths), file_fields, max_bytes
+    def __init__(self, app, file_fields: dict[str, tuple[str, ...]], max_bytes: int = MAX_UPLOAD_BYTES) -> None:
+        self.app, self.file_fields, self.max_bytes = app, dict(file_fields), max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths:
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.file_fields:
             await self.app(scope, receive, send)
             return
         from starlette.datastructures import Headers
@@ -123,12 +124,17 @@ class UploadGuard:
             form = await request.form()
         except Exception as err:  # starlette raises several types for broken multipart bodies
             return f"malformed form body: {err}"
+        route_fields = self.file_fields[scope["path"]]
         try:
-            for field in self.file_fields:
+            for field in route_fields:
                 for value in form.getlist(field):
                     if not isinstance(value, UploadFile):
                         return (f"form field {field!r} must be a file upload (e.g. curl -F '{field}=@photo.jpg'), "
                                 "not a text value; image URLs are not fetched")
+            for field, value in form.multi_items():
+                if field not in route_fields and isinstance(value, UploadFile):
+                    expected = " or ".join(repr(name) for name in route_fields)
+                    return f"{scope['path']} takes files only in the form field {expected}, not {field!r}"
         finally:
             await form.close()
         return None

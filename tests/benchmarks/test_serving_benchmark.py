@@ -29,12 +29,13 @@ def test_match_is_timed_over_http_and_in_process(tmp_path, table_rows):
     out = tmp_path / "serving.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
     result = run_benchmark(out, "--requests", "3", "--catalogue", "6", "--skus-of", "2", "--repeats", "2",
-                           "--top-k", "2", "--clients", "2", "--workers", "1", "2")
+                           "--top-k", "2", "--clients", "2", "--workers", "1", "2", "--batch", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = out.read_text()
     assert "Machine:" in text and "6 images of 3 SKUs" in text
     assert "an earlier run" not in text and text.endswith("## Notes (by hand)\n\n- kept across runs\n")
     latency_text, throughput_text = text.split("## Throughput")
+    throughput_text, batch_text = throughput_text.split("## Batches")
     sides = {"in-process: decode_image + ServedModel.match (baseline)",
              "HTTP POST /match to bentoml serve, 1 worker", "HTTP POST /match to bentoml serve, 2 workers"}
 
@@ -46,7 +47,7 @@ def test_match_is_timed_over_http_and_in_process(tmp_path, table_rows):
         assert 0 < float(p50) <= float(p95) and float(mean) > 0
         assert ratio.startswith("×") and float(ratio.removeprefix("×")) > 0
 
-    throughput = table_rows(throughput_text.split("## Notes")[0])
+    throughput = table_rows(throughput_text)
     assert set(throughput) == sides
     # The baseline matches the 3 queries once; each server gets them from each of the 2 callers.
     assert [int(row[0]) for row in throughput.values()] == [3, 6, 6]
@@ -55,11 +56,25 @@ def test_match_is_timed_over_http_and_in_process(tmp_path, table_rows):
         assert ratio.startswith("×") and float(ratio.removeprefix("×")) > 0
     assert throughput["in-process: decode_image + ServedModel.match (baseline)"][-1] == "×1.00"
 
+    batched = table_rows(batch_text.split("## Notes")[0])
+    baseline = "in-process: decode_image + ServedModel.match (baseline)"
+    assert list(batched) == [baseline, "in-process: ServedModel.match over batches of 2",
+                             "HTTP POST /match_batch (2 photos a request) to bentoml serve, 1 worker",
+                             "HTTP POST /match_batch (2 photos a request) to bentoml serve, 2 workers"]
+    assert batched[baseline] == throughput[baseline]  # one baseline for both rates
+    # Images: the 3 queries once in-process; each server gets them from each of the 2 callers.
+    assert [int(row[0]) for row in batched.values()] == [3, 3, 6, 6]
+    for _, per_second, p50, p95, ratio in batched.values():
+        assert float(per_second) > 0 and 0 < float(p50) <= float(p95)
+        # Over the one-after-another rate (both figures are printed rounded, hence the tolerance).
+        assert float(ratio.removeprefix("×")) == pytest.approx(float(per_second) / float(batched[baseline][1]), rel=0.05, abs=0.02)
+
 
 def test_bad_counts_are_refused_before_anything_starts(tmp_path):
     out = tmp_path / "serving.md"
     for args, message in ((["--requests", "0"], "must be at least 1"), (["--clients", "0"], "must be at least 1"),
-                          (["--workers", "1", "0"], "must be at least 1"),
+                          (["--workers", "1", "0"], "must be at least 1"), (["--batch", "0"], "must be at least 1"),
+                          (["--batch", "65"], "more than /match_batch takes (64)"),
                           (["--catalogue", "4", "--skus-of", "2", "--top-k", "3"], "more than the catalogue's 2 SKUs")):
         result = run_benchmark(out, *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr

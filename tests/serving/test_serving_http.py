@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 
 import httpx
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from serving_support import start_server, stop_server, wait_ready
 
-from serving import SERVICE_NAME
+from serving import MAX_BATCH_IMAGES, SERVICE_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -89,6 +90,56 @@ def test_embed_returns_a_unit_vector(server, packaged):
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
 
 
+def _batch(paths) -> list:
+    return [("images", (path.name, path.read_bytes(), "image/jpeg")) for path in paths]
+
+
+def test_match_batch_answers_each_image_in_upload_order(server, packaged):
+    champion = packaged.champion
+    skus, paths = zip(*((sku, sku_paths[0]) for sku, sku_paths in champion.catalogue.items()))
+    # Reversed, so an answer in any order other than the upload's would fail.
+    skus, paths = skus[::-1], paths[::-1]
+    response = _post(server, "/match_batch", files=_batch(paths), data={"top_k": "2"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == champion.version and body["reject_below"] == pytest.approx(
+        _post(server, "/match", files=_upload(paths[0])).json()["reject_below"])
+    assert [result["matches"][0]["sku_id"] for result in body["results"]] == list(skus)
+    assert all(len(result["matches"]) == 2 for result in body["results"])
+    # The same answers as one /match request per image: batching changes nothing matched.
+    for path, result in zip(paths, body["results"]):
+        single = _post(server, "/match", files=_upload(path), data={"top_k": "2"}).json()
+        assert [m["sku_id"] for m in single["matches"]] == [m["sku_id"] for m in result["matches"]]
+        assert [m["score"] for m in single["matches"]] == pytest.approx([m["score"] for m in result["matches"]],
+                                                                         abs=1e-5)
+        assert single["no_confident_match"] == result["no_confident_match"]
+
+
+def test_match_batch_refuses_the_request_and_names_every_bad_image(server, packaged):
+    good = next(iter(packaged.champion.catalogue.values()))[0]
+    files = _batch([good]) + [("images", ("cut.jpg", _jpeg()[:300], "image/jpeg")), *_batch([good]),
+                              ("images", ("notes.txt", b"not an image\n", "text/plain"))]
+    response = _post(server, "/match_batch", files=files)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert "2 of 4 images" in body["error"]
+    assert [bad["index"] for bad in body["bad_images"]] == [1, 3]
+    assert "truncated or corrupt" in body["bad_images"][0]["error"]
+    assert "not an image" in body["bad_images"][1]["error"]
+
+
+@pytest.mark.parametrize("case", ["none", "too-many", "text-value", "wrong-field"])
+def test_match_batch_refuses_bad_image_lists(server, packaged, case):
+    good = next(iter(packaged.champion.catalogue.values()))[0]
+    request = {"none": dict(data={"top_k": "3"}),
+               "too-many": dict(files=_batch([good] * (MAX_BATCH_IMAGES + 1))),
+               "text-value": dict(data={"images": "http://example.com/photo.jpg"}),
+               "wrong-field": dict(files=_upload(good))}[case]
+    response = _post(server, "/match_batch", **request)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]
+
+
 def _jpeg(size=(32, 32)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, (200, 40, 40)).save(buffer, format="JPEG")
@@ -103,6 +154,8 @@ BAD_REQUESTS = {
     "truncated-jpeg": dict(files={"image": ("cut.jpg", _jpeg()[:300], "image/jpeg")}),
     "text-file": dict(files={"image": ("notes.txt", b"not an image at all\n", "text/plain")}),
     "missing-field": dict(data={"top_k": "3"}),
+    # BentoML parses a file under a field name its API lacks as JSON: a 500 without the guard.
+    "file-under-another-field": dict(files={"photo": ("p.jpg", _jpeg(), "image/jpeg")}),
     "no-body": dict(),
     "text-value-instead-of-file": dict(data={"image": "http://example.com/photo.jpg"}),
     "json-body": dict(json={"image": "/etc/passwd"}),
@@ -139,6 +192,7 @@ def test_bad_upload_messages_say_what_is_wrong(server):
     assert "not an image" in error(**BAD_REQUESTS["text-file"])
     assert "truncated or corrupt" in error(**BAD_REQUESTS["truncated-jpeg"])
     assert "must be a file upload" in error(**BAD_REQUESTS["text-value-instead-of-file"])
+    assert "only in the form field 'image', not 'photo'" in error(**BAD_REQUESTS["file-under-another-field"])
 
 
 def test_server_still_answers_after_bad_requests(server, packaged):
@@ -173,3 +227,35 @@ def test_workers_share_torch_threads_out(packaged, tmp_path, workers, omp_num_th
             (served_workers, threads_each)}
     finally:
         stop_server(running)
+
+
+def test_cli_match_sends_several_photos_as_one_batch(server, packaged, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    catalogue = packaged.champion.catalogue
+    paths = [sku_paths[0] for sku_paths in catalogue.values()]
+
+    def requests_to(route: str) -> int:  # BentoML's access log: "... path=/match_batch,type=..."
+        return server.output().count(f"path={route},")
+
+    before = {route: requests_to(route) for route in ("/match", "/match_batch")}
+    result = CliRunner().invoke(app, ["match", *map(str, paths), "--url", server.url, "--top-k", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    # Each photo's line, then its one match: the photo's own SKU.
+    for sku, path in zip(catalogue, paths):
+        at = lines.index(next(line for line in lines if line.startswith(f"{path} -> ")))
+        assert lines[at + 1].split()[1] == sku, result.output
+    # The access log line is written as the response goes out, so give it a moment to land.
+    deadline = time.monotonic() + 10
+    while requests_to("/match_batch") == before["/match_batch"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert {route: requests_to(route) - count for route, count in before.items()} == {"/match": 0, "/match_batch": 1}
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(_jpeg()[:300])
+    refused = CliRunner().invoke(app, ["match", str(paths[0]), str(broken), "--url", server.url])
+    assert refused.exit_code == 1
+    assert f"{broken}: the uploaded image is truncated or corrupt" in refused.output
