@@ -24,8 +24,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -370,8 +372,10 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
     under ``train.checkpoint_dir`` and reused by any run that differs only in how the head
     trains (loss, margin, learning rate, epochs): the expensive part is paid once. Each array is
     written batch by batch into a memory-mapped ``.npy`` file (numpy's format, no pickles) in a
-    ``.partial`` folder that is renamed only when complete, so a crash never leaves a cache that
-    looks whole, and memory holds one batch, not the set.
+    ``.partial`` folder of this process's own that is renamed only when complete, so a crash
+    never leaves a cache that looks whole, and memory holds one batch, not the set. Runs sharing
+    the directory never touch each other's partial folders; those of processes that have exited
+    are removed (:func:`_sweep_abandoned_partials`).
     """
     from numpy.lib.format import open_memmap
 
@@ -381,8 +385,9 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
     if folder.is_dir():
         LOGGER.info("reusing cached backbone features %s", folder)
         return CachedFeatures.open(folder, evaluation_paths)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # left by a run that crashed while caching
+    partial = _partial_folder(folder)
+    _sweep_abandoned_partials(folder.parent)
+    shutil.rmtree(partial, ignore_errors=True)  # this process's own, left by a call that failed
     partial.mkdir(parents=True)
     dim = encoder.feature_dim
 
@@ -422,8 +427,56 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
     for written in (train_views, catalogue_views, evaluation):
         written.flush()
     del train_views, catalogue_views, evaluation  # close the maps before the folder moves
-    partial.rename(folder)
+    _publish(partial, folder)
     return CachedFeatures.open(folder, evaluation_paths)
+
+
+# "<folder>.partial-<host>-<pid>": which process writes it, so a sweep can tell abandoned from busy.
+PARTIAL_MARK = ".partial-"
+
+
+def _partial_folder(folder: Path) -> Path:
+    """Where this process writes ``folder`` before it is complete."""
+    return folder.with_name(f"{folder.name}{PARTIAL_MARK}{socket.gethostname()}-{os.getpid()}")
+
+
+def _sweep_abandoned_partials(directory: Path) -> None:
+    """Remove partial feature caches in ``directory`` whose writer, a process of this host, has exited.
+
+    The directory may be shared (several runs, or several hosts on a network disk): a partial
+    folder of a live process, or of another host, whose processes cannot be checked from here,
+    is left alone.
+    """
+    host = socket.gethostname()
+    for candidate in directory.glob(f"features-*{PARTIAL_MARK}*"):
+        writer_host, _, pid = candidate.name.split(PARTIAL_MARK, 1)[1].rpartition("-")
+        if writer_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            LOGGER.info("removing %s, left by a run that stopped while caching", candidate)
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, run by another user
+    return True
+
+
+def _publish(partial: Path, folder: Path) -> None:
+    """Rename a completed ``partial`` folder to ``folder``, unless another run published it first.
+
+    Caches with the same name hold the same features, so the first one published is kept.
+    """
+    try:
+        partial.rename(folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        LOGGER.info("another run cached %s first; using it", folder)
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 class _Mirrored:

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -810,13 +814,52 @@ def test_a_crash_while_caching_features_leaves_no_cache_that_looks_complete(tmp_
         cache()
     checkpoints = tmp_path / "checkpoints"
     [partial] = checkpoints.iterdir()
-    assert partial.name.endswith(".partial")  # nothing a later run would take for a finished cache
+    # Nothing a later run would take for a finished cache, and marked as this process's.
+    assert partial.name.endswith(f".partial-{socket.gethostname()}-{os.getpid()}")
 
     # The image is back; the retry starts the partial folder afresh and completes it.
     shutil.copy(manifest["image_path"].iloc[9], evaluation_image)
     cached = cache()
-    assert [p.name for p in checkpoints.iterdir()] == [partial.name.removesuffix(".partial")]
+    assert [p.name for p in checkpoints.iterdir()] == [partial.name.split(".partial-")[0]]
     assert cached.evaluation.shape == (1, encoder.feature_dim) and np.isfinite(cached.evaluation).all()
+
+
+def test_caching_sweeps_partial_caches_of_exited_processes_only(tmp_path, tiny_clip_dir, synthetic_dataset,
+                                                                 manifest):
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path)
+    encoder, preprocess = build_encoder(params.model)
+    checkpoints = tmp_path / "checkpoints"
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    host = socket.gethostname()
+    # Other runs' partial caches: one whose process has exited, one of a live process (this
+    # test's parent), one of another host (its processes cannot be checked from here).
+    abandoned = checkpoints / f"features-aaaaaaaaaaaa.partial-{host}-{exited.pid}"
+    busy = checkpoints / f"features-bbbbbbbbbbbb.partial-{host}-{os.getppid()}"
+    elsewhere = checkpoints / f"features-cccccccccccc.partial-other-host-{exited.pid}"
+    for folder in (abandoned, busy, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "train_views.npy").write_bytes(b"half written")
+    cache_features(encoder, preprocess, list(manifest["image_path"][:4]), np.array([0]), [], params,
+                   torch.device("cpu"), None)
+    assert not abandoned.exists() and busy.is_dir() and elsewhere.is_dir()
+    assert len(list(checkpoints.glob("features-????????????"))) == 1  # the finished cache
+
+
+def test_a_cache_another_run_published_first_is_kept(tmp_path):
+    from components.train import _publish
+
+    folder, partial = tmp_path / "features-x", tmp_path / "features-x.partial-host-1"
+    for made, content in ((folder, b"first"), (partial, b"second")):
+        made.mkdir()
+        (made / "train_views.npy").write_bytes(content)
+    _publish(partial, folder)
+    assert (folder / "train_views.npy").read_bytes() == b"first" and not partial.exists()
+
+    _publish(folder, tmp_path / "features-y")  # nothing there yet: a plain rename
+    assert (tmp_path / "features-y" / "train_views.npy").read_bytes() == b"first"
+    with pytest.raises(FileNotFoundError):  # a missing partial folder is an error, not a cache
+        _publish(tmp_path / "gone.partial-host-1", tmp_path / "features-z")
 
 
 def test_evaluation_features_of_training_images_are_copied_not_embedded_again(tmp_path, tiny_clip_dir,
