@@ -90,8 +90,8 @@ def package(params: Params, scratch: Path, catalogue: int, skus_of: int) -> tupl
                                   meta={"model_name": MODEL_NAME, "model_version": "1"})
     checksum = save_index(index, scratch / "index")
     resolved = ResolvedModel(MODEL_NAME, "1", encoder_dir, scratch / "index", checksum, {})
-    tag = package_model(resolved, MODEL_NAME, default_top_k=params.serve.top_k)
-    return tag, load_served_model(encoder_dir, scratch / "index", MODEL_NAME, "1", checksum)
+    tag = package_model(resolved, MODEL_NAME, default_top_k=params.serve.top_k, batch_size=params.serve.batch_size)
+    return tag, load_served_model(encoder_dir, scratch / "index", MODEL_NAME, "1", checksum, params.serve.batch_size)
 
 
 def in_process_ms(served, queries: list[Path], top_k: int) -> list[float]:

@@ -153,8 +153,11 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     """Evaluation protocols and the promotion gate."""
 
-    # 16 measured fastest for CPU inference here (28 ms/image vs 42 at 64, EfficientNet-Lite0).
-    batch_size: int = Field(default=16, ge=1)
+    # Images embedded together by evaluation, index builds and the feature cache. On a 2-core CPU
+    # small batches are faster per image (a batch's activations outgrow the caches): against 16,
+    # batches of 4 took x0.47 (image + mirror), x0.57 (queries) and x0.65 (backbone features)
+    # the time, with the same embeddings (benchmarks/results/batch_size.md). On a GPU, raise it.
+    batch_size: int = Field(default=4, ge=1)
     ks: list[int] = [1, 3, 5]
     # The protocol whose numbers the gate reads: "catalogue" is the real matching setting.
     gate_protocol: Literal["catalogue", "nn"] = "catalogue"
@@ -194,6 +197,9 @@ class ServeParams(_Section):
     """The matching service."""
 
     top_k: int = Field(default=5, ge=1)
+    # Photos of one /match_batch request embedded together: on a 2-core CPU, queries in batches
+    # of 2 took x0.49 the time of batches of 16 (benchmarks/results/batch_size.md). On a GPU, raise it.
+    batch_size: int = Field(default=2, ge=1)
     bento_model_name: str = "skumatch-matcher"
     port: int = Field(default=3000, ge=1, le=65535)
 

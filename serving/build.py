@@ -96,7 +96,8 @@ def _require_uv() -> None:
                            "install it with the project's dependencies")
 
 
-def package_model(resolved: ResolvedModel, bento_model_name: str, *, default_top_k: int | None = None) -> str:
+def package_model(resolved: ResolvedModel, bento_model_name: str, *, default_top_k: int | None = None,
+                  batch_size: int | None = None) -> str:
     """Copy a version's verified encoder and index into a new BentoML model.
 
     The version is loaded exactly as the service will load it (index checksum and model version
@@ -107,12 +108,14 @@ def package_model(resolved: ResolvedModel, bento_model_name: str, *, default_top
         resolved: a version downloaded by ``components.registry.download_version`` with its index.
         bento_model_name: the BentoML model name (``serve.bento_model_name``).
         default_top_k: ``top_k`` of ``/match`` requests that give none (``serve.top_k``).
+        batch_size: photos of a ``/match_batch`` request embedded together (``serve.batch_size``).
 
     Returns:
         The new BentoML model's tag, ``name:version``.
 
     Raises:
-        ValueError: the version has no index or no index checksum, or ``default_top_k`` is out of range.
+        ValueError: the version has no index or no index checksum, or ``default_top_k`` or
+            ``batch_size`` is out of range.
         IndexMismatchError: the index is corrupt or not the one recorded for the version.
     """
     import bentoml
@@ -126,6 +129,8 @@ def package_model(resolved: ResolvedModel, bento_model_name: str, *, default_top
                          "(or without its checksum); serving needs both")
     if default_top_k is not None and not 1 <= default_top_k <= MAX_TOP_K:
         raise ValueError(f"default_top_k must be within 1..{MAX_TOP_K}, got {default_top_k}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     served = load_served_model(resolved.encoder_dir, resolved.index_dir, resolved.model_name, resolved.version,
                                resolved.index_checksum)
     labels = {"model_name": resolved.model_name, "model_version": str(resolved.version)}
@@ -140,6 +145,8 @@ def package_model(resolved: ResolvedModel, bento_model_name: str, *, default_top
     }
     if default_top_k is not None:
         facts["default_top_k"] = int(default_top_k)
+    if batch_size is not None:
+        facts["batch_size"] = int(batch_size)
     with bentoml.models.create(bento_model_name, labels=labels, metadata=facts) as bento_model:
         target = Path(bento_model.path)
         shutil.copytree(resolved.encoder_dir, target / "encoder")
@@ -209,7 +216,8 @@ def package_champion(params: Params, ref: str = "champion") -> tuple[str, str]:
     client = registry.connect(params.registry)
     with tempfile.TemporaryDirectory(prefix="skumatch-package-") as scratch:
         resolved = registry.download_version(client, params.registry.model_name, ref, dst=scratch)
-        model_tag = package_model(resolved, params.serve.bento_model_name, default_top_k=params.serve.top_k)
+        model_tag = package_model(resolved, params.serve.bento_model_name, default_top_k=params.serve.top_k,
+                                  batch_size=params.serve.batch_size)
     bento_tag = build_bento(model_tag)
     return model_tag, bento_tag
 

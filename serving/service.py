@@ -55,6 +55,7 @@ MODEL_ENV = "SKUMATCH_BENTO_MODEL"
 MODEL_ARG = "bento_model"
 DEFAULT_BENTO_MODEL = ServeParams.model_fields["bento_model_name"].default
 DEFAULT_TOP_K = ServeParams.model_fields["top_k"].default
+DEFAULT_BATCH_SIZE = ServeParams.model_fields["batch_size"].default
 MAX_TOP_K = 100
 # Metadata keys the packaged model must carry (written by serving.build.package_model).
 REQUIRED_METADATA = ("model_name", "model_version", "index_checksum")
@@ -135,6 +136,8 @@ class InfoResponse(BaseModel):
     catalogue_skus: int
     embed_dim: int
     default_top_k: int
+    # Photos of a /match_batch request embedded together (serve.batch_size when packaged).
+    batch_size: int
     bento_model: str
     # How this process runs the model: BentoML worker processes, and torch threads in each.
     workers: int
@@ -187,7 +190,8 @@ class Matcher:
         folder = Path(stored.path)
         # IndexMismatchError propagates on purpose: a service must not start on a wrong index.
         self.model = load_served_model(folder / "encoder", folder / "index", str(facts["model_name"]),
-                                       str(facts["model_version"]), str(facts["index_checksum"]))
+                                       str(facts["model_version"]), str(facts["index_checksum"]),
+                                       int(facts.get("batch_size") or DEFAULT_BATCH_SIZE))
         self.index_checksum = str(facts["index_checksum"])
         self.default_top_k = int(facts.get("default_top_k") or DEFAULT_TOP_K)
         self.bento_model_tag = str(stored.tag)
@@ -253,7 +257,8 @@ class Matcher:
         return InfoResponse(model_name=self.model.model_name, model_version=self.model.version,
                             index_checksum=self.index_checksum, catalogue_size=len(catalogue.sku_ids),
                             catalogue_skus=len(set(catalogue.sku_ids)), embed_dim=catalogue.dim,
-                            default_top_k=self.default_top_k, bento_model=self.bento_model_tag,
+                            default_top_k=self.default_top_k, batch_size=self.model.batch_size,
+                            bento_model=self.bento_model_tag,
                             workers=self.workers, torch_threads=self.torch_threads)
 
 

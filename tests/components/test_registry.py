@@ -146,6 +146,32 @@ def test_served_model_embeds_photos_as_queries_at_the_saved_query_zooms(tiny_cli
     assert best["score"] == pytest.approx(float(query[0] @ indexed[0]), abs=1e-5) and best["score"] < 0.9999
 
 
+def test_served_model_embeds_batch_size_photos_at_a_time(tiny_encoder_dir, synthetic_dataset, tmp_path):
+    from PIL import Image
+
+    from components.index import load_index
+
+    model_dir, encoder, preprocess = tiny_encoder_dir
+    rows = pd.DataFrame({"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]})
+    rows["sku_id"] = [p.split("/")[-2] for p in rows["image_path"]]
+    checksum = save_index(build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1"}), tmp_path / "index")
+    catalogue = load_index(tmp_path / "index", checksum, "1")
+    photos = [Image.open(path) for path in rows["image_path"]][:5]
+    batches = []
+    hook = encoder.register_forward_pre_hook(lambda _, inputs: batches.append(len(inputs[0])))
+    try:
+        whole = registry.ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=len(photos)).embed(photos)
+        sizes_whole, batches[:] = list(batches), []
+        in_twos = registry.ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=2).embed(photos)
+    finally:
+        hook.remove()
+    zooms = len(encoder.query_zooms)
+    assert sizes_whole == [5] * zooms and batches == [2] * zooms + [2] * zooms + [1] * zooms
+    np.testing.assert_allclose(in_twos, whole, atol=1e-6)  # the same rows, whatever the batch
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        registry.ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=0)
+
+
 def test_matches_below_the_calibrated_threshold_are_not_confident(tiny_encoder_dir, synthetic_dataset, tmp_path):
     from PIL import Image
 

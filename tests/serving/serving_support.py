@@ -108,7 +108,8 @@ def _register_tiny_champion(root: Path, tiny_clip_dir: Path, dataset: Path) -> R
         "model": {"backbone": "hf-clip", "hf_model_id": str(tiny_clip_dir), "embed_dim": EMBED_DIM,
                   "image_size": IMAGE_SIZE},
         "registry": {"tracking_uri": tracking_uri, "experiment": "serving-test", "model_name": MODEL_NAME},
-        "serve": {"top_k": 3, "bento_model_name": BENTO_MODEL_NAME},
+        # A batch size below the test catalogue's SKU count, so /match_batch embeds in several batches.
+        "serve": {"top_k": 3, "batch_size": 3, "bento_model_name": BENTO_MODEL_NAME},
     }))
     params = load_params(params_file)
     # Create the experiment first with its artifacts under root: with an explicit tracking URI,

@@ -44,6 +44,7 @@ def test_info_describes_the_packaged_version(server, packaged):
         "catalogue_skus": len(champion.catalogue),
         "embed_dim": 16,
         "default_top_k": 3,  # serve.top_k of the params the Bento was packaged with
+        "batch_size": 3,  # and their serve.batch_size
         "bento_model": packaged.model_tag,
         "workers": 1,
         # One worker keeps torch's own choice (nothing in the tests changes this process's).

@@ -85,6 +85,8 @@ def test_package_model_verifies_before_storing(served_files):
     resolved_ok = ResolvedModel("tiny", "7", served_files.encoder_dir, served_files.index_dir, served_files.checksum, {})
     with pytest.raises(ValueError, match="default_top_k"):
         package_model(resolved_ok, "never-created", default_top_k=0)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        package_model(resolved_ok, "never-created", batch_size=0)
 
 
 # --- decoding uploads ----------------------------------------------------------------------------
