@@ -32,15 +32,18 @@ for _ in $(seq 1 180); do
 done
 curl -fs "http://localhost:$PORT/readyz" > /dev/null || { tail -50 .skumatch/serve.log; echo "service not ready after 180 s" >&2; exit 1; }
 
-# One photo of the query split, never seen in training.
-PHOTO=$(python - "$DATA" <<'PY'
+# Four photos of the query split, never seen in training, spread over its SKUs.
+mapfile -t PHOTOS < <(python - "$DATA" <<'PY'
 import sys
 from components.config import load_params
 from components.data import load_manifest, select
 params = load_params("params.yaml", [f"data.root={sys.argv[1]}"])
 queries = select(load_manifest(params.data.root), split=params.data.query_split, role="query")
-print(queries["image_path"].iloc[len(queries) // 2])
+for position in (1, 2, 3, 4):
+    print(queries["image_path"].iloc[position * len(queries) // 5])
 PY
 )
-echo "== /match for $PHOTO"
-skumatch match "$PHOTO" --url "http://localhost:$PORT" --top-k 5
+echo "== /match for ${PHOTOS[0]}"
+skumatch match "${PHOTOS[0]}" --url "http://localhost:$PORT" --top-k 5
+echo "== /match_batch for ${#PHOTOS[@]} photos in one request"
+skumatch match "${PHOTOS[@]}" --url "http://localhost:$PORT" --top-k 3
