@@ -19,7 +19,7 @@ Swagger UI at ``/``):
 - ``/match_batch``: multipart ``images`` (1..64 files, the field repeated) and optional ``top_k``
   -> ``{"model_name", "model_version", "reject_below", "results": [{"matches", "no_confident_match"},
   ...]}``, one result per image in upload order. For a client holding several photos at once (the
-  crops of one shelf photo): one request and one batched forward pass instead of one each.
+  crops of one shelf photo): one request instead of one each, embedded ``serve.batch_size`` at a time.
 - ``/embed``: multipart ``image`` -> ``{"model_name", "model_version", "embedding": [...]}``.
 - ``/info``: empty JSON body ``{}`` -> model name, version, index checksum, catalogue size.
 
@@ -218,7 +218,7 @@ class Matcher:
 
     @bentoml.api(route="/match_batch")
     async def match_batch(self, images: ImageUploads, top_k: TopK = None) -> BatchMatchResponse:
-        """``/match`` for several images in one request and one batched forward pass, results in upload order."""
+        """``/match`` for several images in one request, results in upload order."""
         pictures, bad = [], []
         for position, upload in enumerate(images):
             try:
