@@ -3,7 +3,7 @@
     python -m benchmarks.batch_size [--batch-sizes 1 2 4 8 16 32] [--images 64] [--repeats 3]
 
 Evaluation, index builds and the frozen stage's feature cache embed images in batches of
-``evaluate.batch_size``; ``/match_batch`` embeds a request's photos as one batch. On a GPU larger
+``evaluate.batch_size``; ``/match_batch`` embeds a request's photos ``serve.batch_size`` at a time. On a GPU larger
 batches are faster per image; on a CPU they need not be, because a batch's activations outgrow
 the caches. This measures the three workloads at each batch size, with the params' backbone (by
 default the packaged, pretrained EfficientNet-Lite0, so no download):

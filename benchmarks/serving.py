@@ -94,14 +94,14 @@ def package(params: Params, scratch: Path, catalogue: int, skus_of: int) -> tupl
     return tag, load_served_model(encoder_dir, scratch / "index", MODEL_NAME, "1", checksum, params.serve.batch_size)
 
 
-def in_process_ms(served, queries: list[Path], top_k: int) -> list[float]:
-    """Per-query milliseconds of what the service's handler runs, without HTTP."""
+def in_process_ms(served, queries: list[Path], top_k: int, batch: int = 1) -> list[float]:
+    """Per-call milliseconds of what the service's handler runs, without HTTP: ``batch`` photos a call."""
     from serving.uploads import decode_image
 
     latencies = []
-    for path in queries:
+    for chunk in batches(queries, batch):
         started = time.perf_counter()
-        served.match([decode_image(path)], top_k)
+        served.match([decode_image(path) for path in chunk], top_k)
         latencies.append(1000 * (time.perf_counter() - started))
     return latencies
 
@@ -139,19 +139,6 @@ def http_batch_ms(client, url: str, queries: list[Path], top_k: int, batch: int)
     return latencies
 
 
-def in_process_batch_throughput(served, queries: list[Path], top_k: int, batch: int) -> dict[str, float]:
-    """Images per second of ``ServedModel.match`` over batches of ``batch`` decoded photos, with per-batch latencies."""
-    from serving.uploads import decode_image
-
-    latencies = []
-    started = time.perf_counter()
-    for chunk in batches(queries, batch):
-        begun = time.perf_counter()
-        served.match([decode_image(path) for path in chunk], top_k)
-        latencies.append(1000 * (time.perf_counter() - begun))
-    return {"per_s": len(queries) / (time.perf_counter() - started), **summary(latencies), "n": len(queries)}
-
-
 def catalogue_skus(images: int, images_per_sku: int) -> int:
     """How many SKUs ``package`` labels ``images`` catalogue photos with, ``images_per_sku`` each."""
     return math.ceil(images / images_per_sku)
@@ -176,11 +163,11 @@ def batch_side(workers: int | None, batch: int) -> str:
     return f"HTTP POST /match_batch ({batch} photos a request) to bentoml serve, {workers} worker{'s' if workers > 1 else ''}"
 
 
-def in_process_throughput(served, queries: list[Path], top_k: int) -> dict[str, float]:
-    """Queries per second matched in-process one after another, with their latencies."""
+def in_process_throughput(served, queries: list[Path], top_k: int, batch: int = 1) -> dict[str, float]:
+    """Images per second matched in-process, ``batch`` at a time one call after another, with per-call latencies."""
     started = time.perf_counter()
-    latencies = in_process_ms(served, queries, top_k)
-    return {"per_s": len(queries) / (time.perf_counter() - started), **summary(latencies)}
+    latencies = in_process_ms(served, queries, top_k, batch)
+    return {"per_s": len(queries) / (time.perf_counter() - started), **summary(latencies), "n": len(queries)}
 
 
 def http_throughput(client, url: str, queries: list[Path], top_k: int, clients: int,
@@ -242,7 +229,7 @@ def measure(params: Params, scratch: Path, args: argparse.Namespace) -> tuple[di
                 print({name: round(figures["per_s"], 2) for name, figures in throughput.items()}, flush=True)
                 batched.setdefault(BASELINE, throughput[BASELINE])
                 batched.setdefault(batch_side(None, args.batch),
-                                   in_process_batch_throughput(served, queries[WARM_UP:], args.top_k, args.batch))
+                                   in_process_throughput(served, queries[WARM_UP:], args.top_k, args.batch))
                 batched[batch_side(workers, args.batch)] = http_throughput(
                     client, server.url, queries[WARM_UP:], args.top_k, args.clients, batch=args.batch)
                 print({name: round(figures["per_s"], 2) for name, figures in batched.items()}, flush=True)

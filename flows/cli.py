@@ -263,9 +263,9 @@ def match(images: Annotated[list[Path], typer.Argument(help="one or more photos 
     from serving import MAX_BATCH_IMAGES
 
     base = url.rstrip("/")
+    field, route = ("image", "/match") if len(images) == 1 else ("images", "/match_batch")
     for start in range(0, len(images), MAX_BATCH_IMAGES):
         chunk = images[start:start + MAX_BATCH_IMAGES]
-        field, route = ("image", "/match") if len(images) == 1 else ("images", "/match_batch")
         files = [(field, (path.name, path.read_bytes())) for path in chunk]
         response = httpx.post(f"{base}{route}", files=files, data={"top_k": str(top_k)}, timeout=120)
         if response.status_code >= 400:
