@@ -740,6 +740,8 @@ def test_clip_refuses_a_training_size_other_than_its_own(tmp_path, tiny_clip_dir
     params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.image_size=24")
     with pytest.raises(ValueError, match="CLIP vision tower takes only its own input size"):
         train_encoder(params, manifest, progress=False)
+    # Refused before any work: no feature cache, no checkpoint.
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_unfrozen_epoch_feeds_the_weight_average_every_step(tmp_path, synthetic_dataset, manifest):
