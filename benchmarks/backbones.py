@@ -82,7 +82,9 @@ class UnitTimes:
 class RecipeCounts:
     """How much of each unit the params' recipe does on this data."""
 
-    features: int  # cached forward passes: training views, catalogue views, the queries' own
+    # Cached forward passes: training views, catalogue views, the queries' own. A later run with
+    # the same backbone, images and views reuses the cache and skips them.
+    features: int
     backbone_steps: int
     gate_evaluations: int
     gate_gallery: int
