@@ -171,6 +171,15 @@ def kept_notes(results_file: Path) -> str:
     return text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
 
 
+def write_results(results_file: str | Path, text: str) -> str:
+    """Write a benchmark's results file: ``text``, then the earlier file's kept ``## Notes``. Returns what was written."""
+    path = Path(results_file)
+    text += kept_notes(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the results file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -206,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, changes in ABLATION.items():
                 variant = load_params(args.params, overrides + changes + [f"data.query_split={query_split}"])
                 ablation[name] = fine_tuned(variant, manifest, query_split, version, scratch)
-    text = render(results, ablation, params, query_split, version, n_queries, args.ablation) + kept_notes(Path(args.out))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    print(write_results(args.out, render(results, ablation, params, query_split, version, n_queries, args.ablation)))
     return 0
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.accuracy import kept_notes, machine
+from benchmarks.accuracy import machine, write_results
 from components.config import Params, load_params
 from components.data import load_manifest
 from components.evaluate import protocol_sets
@@ -290,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = {name: load_params(args.params, overrides + [o.replace(CLIP_B32, clip_config) for o in VARIANTS[name][1]])
                     for name in args.variants}
         results = measure(variants, manifest, args.images, args.steps, args.repeats)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, params, args, resolve_device(params.train.device).type) + kept_notes(out))
+    write_results(args.out, render(results, params, args, resolve_device(params.train.device).type))
     return 0
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.accuracy import kept_notes, machine
+from benchmarks.accuracy import machine, write_results
 from benchmarks.inference import PHOTO_PX, noise_images
 from components.config import Params, load_params
 from components.model import build_encoder, embed_batch
@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     # The baseline is always measured, once, and sizes keep the order given.
     args.batch_sizes = list(dict.fromkeys([*args.batch_sizes, params.evaluate.batch_size]))
     results = measure(params, args.batch_sizes, args.images, args.repeats)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, params, args) + kept_notes(out))
+    write_results(args.out, render(results, params, args))
     return 0
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.accuracy import kept_notes, machine
+from benchmarks.accuracy import machine, write_results
 
 RESULTS = Path(__file__).parent / "results" / "cached_features.md"
 BASELINE = "read whole into memory, all anchors (before)"
@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"{way}: the measuring process failed:\n{finished.stderr[-3000:]}")
             results[way] = json.loads(finished.stdout.strip().splitlines()[-1])
             print(way, results[way], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(render(results, args, features_mib, rows) + kept_notes(Path(args.out)))
+    write_results(args.out, render(results, args, features_mib, rows))
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks.accuracy import kept_notes, machine
+from benchmarks.accuracy import machine, write_results
 
 RESULTS = Path(__file__).parent / "results" / "decoded_images.md"
 BASELINE = "all decoded images kept (default budget)"
@@ -124,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.config import load_params
 
     params = load_params(args.params, overrides)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    text = render(results, args.params, params.data.root, args.steps, params.train.decoded_cache_mb)
-    Path(args.out).write_text(text + kept_notes(Path(args.out)))
+    write_results(args.out, render(results, args.params, params.data.root, args.steps, params.train.decoded_cache_mb))
     return 0
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.accuracy import kept_notes, machine
+from benchmarks.accuracy import machine, write_results
 from components.config import Params, load_params
 from components.model import Encoder, Preprocess, build_encoder, embed_batch
 
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--queries, --gallery-batches and --repeats must be at least 1")
     params = load_params(args.params, args.overrides)
     results = measure(params, args.queries, args.gallery_batches, args.repeats)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, params, args.repeats) + kept_notes(out))
+    write_results(args.out, render(results, params, args.repeats))
     return 0
 
 

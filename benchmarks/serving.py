@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.accuracy import kept_notes, machine
+from benchmarks.accuracy import machine, write_results
 from benchmarks.inference import noise_images
 from components.config import Params, load_params
 from serving import MAX_BATCH_IMAGES, SERVICE_NAME
@@ -320,9 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.pop("BENTOML_HOME", None)
             else:
                 os.environ["BENTOML_HOME"] = previous_home
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(latency, throughput, batched, params, args) + kept_notes(out))
+    write_results(args.out, render(latency, throughput, batched, params, args))
     return 0
 
 
