@@ -178,6 +178,10 @@ class IndexParams(_Section):
     factory: str = "Flat"
     # IVF lists visited per search (IVF factories only); FAISS's default of 1 loses recall.
     nprobe: int = Field(default=16, ge=1)
+    # Candidates an HNSW search explores (HNSW factories only). On a synthetic 100k-SKU catalogue
+    # FAISS's default of 16 found the exact search's top SKU for 52% of queries, 128 for 87% and
+    # 512 for 99%; IVF lists did better for less (benchmarks/results/index_scale.md).
+    ef_search: int = Field(default=128, ge=1)
     use_gpu: Literal["auto", "never"] = "auto"
     output_dir: str = "models/index"
 

@@ -83,8 +83,10 @@ def _use_gpu(policy: str) -> bool:
     return policy == "auto" and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
-def _set_nprobe(index, nprobe: int | None) -> None:
-    """How many IVF lists a search visits (FAISS's default of 1 misses most neighbours)."""
+def _set_search_params(index, nprobe: int | None, ef_search: int | None) -> None:
+    """How much of the index a search visits: IVF lists (``nprobe``; FAISS's default of 1 misses
+    most neighbours) or HNSW candidates (``ef_search``; FAISS's default of 16 misses many).
+    ``None`` leaves FAISS's default, as for indexes saved before the setting existed."""
     import faiss
 
     if nprobe:
@@ -92,16 +94,21 @@ def _set_nprobe(index, nprobe: int | None) -> None:
             faiss.extract_index_ivf(index).nprobe = int(nprobe)
         except RuntimeError:  # not an IVF index: nothing to set
             pass
+    graph = getattr(faiss.downcast_index(index), "hnsw", None)
+    if ef_search and graph is not None:
+        graph.efSearch = int(ef_search)
 
 
 def build_index(embeddings: np.ndarray, sku_ids: list[str], image_paths: list[str], factory: str = "Flat",
-                use_gpu: str = "auto", meta: dict | None = None, nprobe: int = 16) -> CatalogueIndex:
+                use_gpu: str = "auto", meta: dict | None = None, nprobe: int = 16,
+                ef_search: int = 128) -> CatalogueIndex:
     """Build an inner-product index over catalogue embeddings.
 
     Args:
         embeddings: ``(n, d)`` L2-normalised rows.
         factory: a ``faiss.index_factory`` string (``Flat``, ``IVF1024,Flat``, ``HNSW32`` ...).
         nprobe: IVF lists visited per search (ignored by other index types); kept in the meta.
+        ef_search: HNSW candidates explored per search (ignored by other index types); kept in the meta.
         use_gpu: ``auto`` builds on the GPU when FAISS sees one; ``never`` stays on the CPU.
         meta: facts to keep with the index (model name and version).
 
@@ -125,8 +132,9 @@ def build_index(embeddings: np.ndarray, sku_ids: list[str], image_paths: list[st
     else:
         index.train(vectors)
         index.add(vectors)
-    _set_nprobe(index, nprobe)
-    info = {"factory": factory, "nprobe": nprobe, "dim": int(vectors.shape[1]), "ntotal": int(index.ntotal), **(meta or {})}
+    _set_search_params(index, nprobe, ef_search)
+    info = {"factory": factory, "nprobe": nprobe, "ef_search": ef_search, "dim": int(vectors.shape[1]),
+            "ntotal": int(index.ntotal), **(meta or {})}
     return CatalogueIndex(index, list(map(str, sku_ids)), list(map(str, image_paths)), info)
 
 
@@ -186,14 +194,15 @@ def load_index(folder: str | Path, expected_checksum: str | None = None,
             f"not the served version {expected_model_version}")
     items = json.loads((folder / ITEMS_FILE).read_text())
     index = faiss.read_index(str(folder / INDEX_FILE))
-    _set_nprobe(index, meta.get("nprobe"))
+    _set_search_params(index, meta.get("nprobe"), meta.get("ef_search"))
     if index.ntotal != len(items["sku_ids"]):
         raise IndexMismatchError(f"index {folder} has {index.ntotal} rows but {len(items['sku_ids'])} items")
     return CatalogueIndex(index, items["sku_ids"], items["image_paths"], meta)
 
 
 def build_catalogue_index(encoder, preprocess, catalogue_rows, factory: str = "Flat", use_gpu: str = "auto",
-                          batch_size: int = 16, meta: dict | None = None, nprobe: int = 16) -> CatalogueIndex:
+                          batch_size: int = 16, meta: dict | None = None, nprobe: int = 16,
+                          ef_search: int = 128) -> CatalogueIndex:
     """Embed the catalogue images with ``encoder`` and index them.
 
     Args:
@@ -207,4 +216,4 @@ def build_catalogue_index(encoder, preprocess, catalogue_rows, factory: str = "F
     if not paths:
         raise ValueError("the catalogue is empty: no rows with role 'catalogue' to index")
     vectors = embed_images(encoder, preprocess, paths, batch_size)
-    return build_index(vectors, list(catalogue_rows["sku_id"]), paths, factory, use_gpu, meta, nprobe)
+    return build_index(vectors, list(catalogue_rows["sku_id"]), paths, factory, use_gpu, meta, nprobe, ef_search)

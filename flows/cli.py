@@ -158,7 +158,7 @@ def index(
                                       cfg.index.use_gpu, cfg.evaluate.batch_size,
                                       meta={"model_name": cfg.registry.model_name, "model_version": "local",
                                             "run_fingerprint": description.get("run_fingerprint")},
-                                      nprobe=cfg.index.nprobe)
+                                      nprobe=cfg.index.nprobe, ef_search=cfg.index.ef_search)
     checksum = save_index(catalogue, out or Path(cfg.index.output_dir))
     typer.echo(json.dumps({"index_dir": str(out or cfg.index.output_dir), "checksum": checksum,
                            "ntotal": len(catalogue.sku_ids)}))

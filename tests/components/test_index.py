@@ -68,7 +68,8 @@ def test_build_records_facts(catalogue):
     index = build_index(embeddings, sku_ids, paths, use_gpu="never", meta={"model_version": "7"})
     assert isinstance(index, CatalogueIndex)
     assert index.dim == DIM
-    assert index.meta == {"factory": "Flat", "nprobe": 16, "dim": DIM, "ntotal": 60, "model_version": "7"}
+    assert index.meta == {"factory": "Flat", "nprobe": 16, "ef_search": 128, "dim": DIM, "ntotal": 60,
+                          "model_version": "7"}
     assert index.sku_ids == sku_ids and index.image_paths == paths
 
 
@@ -257,3 +258,33 @@ def test_ivf_index_searches_with_nprobe(tmp_path):
     expected = [hits[0][0] for hits in exact.search(queries, 1)]
     # nprobe = nlist visits every list: the IVF answer equals the exact one, also after reloading.
     assert [hits[0][0] for hits in reloaded.search(queries, 1)] == expected
+
+
+def test_hnsw_index_searches_with_ef_search_also_after_reloading(tmp_path):
+    import faiss
+
+    rng = np.random.default_rng(0)
+    vectors = unit_rows(rng, 3000)
+    skus = [f"sku{i}" for i in range(3000)]
+    queries = unit_rows(rng, 200)
+    exact = [hits[0][0] for hits in build_index(vectors, skus, skus, "Flat", use_gpu="never").search(queries, 1)]
+
+    def recall(catalogue: CatalogueIndex) -> float:
+        return float(np.mean([hits[0][0] == e for hits, e in zip(catalogue.search(queries, 1), exact)]))
+
+    def ef_search(catalogue: CatalogueIndex) -> int:
+        return faiss.downcast_index(catalogue.index).hnsw.efSearch
+
+    wide = build_index(vectors, skus, skus, "HNSW32", use_gpu="never", ef_search=256)
+    save_index(wide, tmp_path / "wide")
+    reloaded = load_index(tmp_path / "wide")
+    assert ef_search(wide) == ef_search(reloaded) == 256 and reloaded.meta["ef_search"] == 256
+    narrow = build_index(vectors, skus, skus, "HNSW32", use_gpu="never", ef_search=2)
+    # Exploring more candidates finds the exact neighbour more often (the setting is applied).
+    assert recall(reloaded) >= 0.95 and recall(reloaded) > recall(narrow)
+
+    # An index saved before the setting existed (no ef_search in its meta) keeps what FAISS saved.
+    plain = faiss.index_factory(DIM, "HNSW32", faiss.METRIC_INNER_PRODUCT)
+    plain.add(vectors)
+    save_index(CatalogueIndex(plain, skus, skus, {"factory": "HNSW32", "nprobe": 16}), tmp_path / "legacy")
+    assert ef_search(load_index(tmp_path / "legacy")) == faiss.IndexHNSWFlat(DIM, 32).hnsw.efSearch
