@@ -91,6 +91,7 @@ def test_unknown_key_in_a_file_is_rejected(tmp_path):
     ("model.backbone=resnet50", "model.backbone"),  # not one of the literals
     ("evaluate.ks=fast", "evaluate.ks"),
     ("train.crop_area=[0.5]", "train.crop_area"),  # [smallest, largest]
+    ("index.ef_search=0", "index.ef_search"),  # ge=1
     ("train.crop_area=[0,1]", "train.crop_area"),  # an empty crop
     ("train.crop_area=[0.5,1.2]", "train.crop_area"),  # more than the image
     ("train.decoded_cache_mb=-1", "train.decoded_cache_mb"),  # ge=0
