@@ -48,7 +48,7 @@ import torch
 
 from benchmarks.accuracy import machine, write_results
 from benchmarks.inference import noise_images
-from components.config import Params, load_params
+from components.config import IndexParams, Params, load_params
 from serving import MAX_BATCH_IMAGES, SERVICE_NAME
 
 RESULTS = Path(__file__).parent / "results" / "serving.md"
@@ -86,7 +86,7 @@ def package(params: Params, scratch: Path, catalogue: int, skus_of: int) -> tupl
     photos = write_photos(scratch / "catalogue", catalogue, seed=3)
     rows = pd.DataFrame({"image_path": [str(p) for p in photos],
                          "sku_id": [f"sku-{number // skus_of:05d}" for number in range(len(photos))]})
-    index = build_catalogue_index(encoder, preprocess, rows, use_gpu="never",
+    index = build_catalogue_index(encoder, preprocess, rows, IndexParams(use_gpu="never"),
                                   meta={"model_name": MODEL_NAME, "model_version": "1"})
     checksum = save_index(index, scratch / "index")
     resolved = ResolvedModel(MODEL_NAME, "1", encoder_dir, scratch / "index", checksum, {})

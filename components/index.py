@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from components.config import EvaluateParams, IndexParams
+
 LOGGER = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
@@ -200,20 +202,25 @@ def load_index(folder: str | Path, expected_checksum: str | None = None,
     return CatalogueIndex(index, items["sku_ids"], items["image_paths"], meta)
 
 
-def build_catalogue_index(encoder, preprocess, catalogue_rows, factory: str = "Flat", use_gpu: str = "auto",
-                          batch_size: int = 16, meta: dict | None = None, nprobe: int = 16,
-                          ef_search: int = 128) -> CatalogueIndex:
+def build_catalogue_index(encoder, preprocess, catalogue_rows, index_params: IndexParams | None = None,
+                          batch_size: int | None = None, meta: dict | None = None) -> CatalogueIndex:
     """Embed the catalogue images with ``encoder`` and index them.
 
     Args:
         catalogue_rows: manifest rows (``image_path``, ``sku_id``) of the catalogue.
+        index_params: the index section of the params (factory, search settings, GPU use);
+            ``None`` = its defaults.
+        batch_size: images embedded per forward pass; ``None`` = ``evaluate.batch_size``'s
+            default, so an index and an evaluation embed alike unless told otherwise.
         meta: facts kept in ``index.json``; pass ``model_name`` and ``model_version`` so the
             service can check the index belongs to the model it serves.
     """
     from components.model import embed_images
 
+    index_params = index_params or IndexParams()
     paths = list(catalogue_rows["image_path"])
     if not paths:
         raise ValueError("the catalogue is empty: no rows with role 'catalogue' to index")
-    vectors = embed_images(encoder, preprocess, paths, batch_size)
-    return build_index(vectors, list(catalogue_rows["sku_id"]), paths, factory, use_gpu, meta, nprobe, ef_search)
+    vectors = embed_images(encoder, preprocess, paths, batch_size or EvaluateParams().batch_size)
+    return build_index(vectors, list(catalogue_rows["sku_id"]), paths, index_params.factory, index_params.use_gpu,
+                       meta, index_params.nprobe, index_params.ef_search)

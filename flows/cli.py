@@ -154,11 +154,10 @@ def index(
     cfg = _params(params, overrides, data)
     encoder, preprocess, description = load_encoder(model_dir)
     manifest = load_manifest(cfg.data.root, cfg.data.layout, cfg.data.max_images_per_sku)
-    catalogue = build_catalogue_index(encoder, preprocess, select(manifest, role="catalogue"), cfg.index.factory,
-                                      cfg.index.use_gpu, cfg.evaluate.batch_size,
+    catalogue = build_catalogue_index(encoder, preprocess, select(manifest, role="catalogue"), cfg.index,
+                                      cfg.evaluate.batch_size,
                                       meta={"model_name": cfg.registry.model_name, "model_version": "local",
-                                            "run_fingerprint": description.get("run_fingerprint")},
-                                      nprobe=cfg.index.nprobe, ef_search=cfg.index.ef_search)
+                                            "run_fingerprint": description.get("run_fingerprint")})
     checksum = save_index(catalogue, out or Path(cfg.index.output_dir))
     typer.echo(json.dumps({"index_dir": str(out or cfg.index.output_dir), "checksum": checksum,
                            "ntotal": len(catalogue.sku_ids)}))

@@ -132,10 +132,8 @@ def build_index(encoder_dir: Path, params: Params, manifest: pd.DataFrame, versi
 
     encoder, preprocess, _ = load_encoder(encoder_dir)
     catalogue = index_lib.build_catalogue_index(
-        encoder, preprocess, data_lib.select(manifest, role="catalogue"), params.index.factory, params.index.use_gpu,
-        params.evaluate.batch_size, meta={"model_name": params.registry.model_name, "model_version": str(version),
-                                                             "reject_below": reject_below},
-        nprobe=params.index.nprobe, ef_search=params.index.ef_search)
+        encoder, preprocess, data_lib.select(manifest, role="catalogue"), params.index, params.evaluate.batch_size,
+        meta={"model_name": params.registry.model_name, "model_version": str(version), "reject_below": reject_below})
     return index_lib.save_index(catalogue, out_dir)
 
 

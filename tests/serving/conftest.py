@@ -56,7 +56,7 @@ def served_files(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path, 
     """
     import pandas as pd
 
-    from components.config import ModelParams
+    from components.config import IndexParams, ModelParams
     from components.index import build_catalogue_index, save_index
     from components.model import build_encoder, save_encoder
 
@@ -66,7 +66,7 @@ def served_files(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path, 
     encoder_dir = save_encoder(encoder, preprocess, params, root / "encoder")
     iconic = {p.parent.name: p for p in sorted((synthetic_dataset / "iconic-images-and-descriptions").glob("*/*_Iconic.jpg"))}
     rows = pd.DataFrame({"image_path": [str(p) for p in iconic.values()], "sku_id": list(iconic)})
-    index = build_catalogue_index(encoder, preprocess, rows, use_gpu="never",
+    index = build_catalogue_index(encoder, preprocess, rows, IndexParams(use_gpu="never"),
                                   meta={"model_name": "tiny", "model_version": "7"})
     checksum = save_index(index, root / "index")
     return ServedFiles(encoder_dir, root / "index", "tiny", "7", checksum, iconic)

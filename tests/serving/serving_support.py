@@ -97,7 +97,7 @@ def _register_tiny_champion(root: Path, tiny_clip_dir: Path, dataset: Path) -> R
     from mlflow import MlflowClient
 
     from components import registry
-    from components.config import load_params
+    from components.config import IndexParams, load_params
     from components.index import build_catalogue_index, save_index
     from components.model import build_encoder, save_encoder
 
@@ -131,7 +131,7 @@ def _register_tiny_champion(root: Path, tiny_clip_dir: Path, dataset: Path) -> R
     with mlflow.start_run() as run:
         version = registry.register_version(client, params.registry, run.info.run_id, encoder_dir,
                                             {"catalogue": {"top1": 1.0, "top3": 1.0}}, "synthetic-v1").version
-    index = build_catalogue_index(encoder, preprocess, rows, use_gpu="never",
+    index = build_catalogue_index(encoder, preprocess, rows, IndexParams(use_gpu="never"),
                                   meta={"model_name": MODEL_NAME, "model_version": str(version)})
     index_dir = root / "index"
     checksum = save_index(index, index_dir)
