@@ -191,8 +191,13 @@ def _preprocess_for(params: ModelParams, backbone: nn.Module) -> Preprocess:
     if params.backbone == "hf-clip":
         from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-        size = params.image_size or int(backbone.clip.config.image_size)
-        return Preprocess(size, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
+        native = int(backbone.clip.config.image_size)
+        if params.image_size not in (None, native):
+            # Refused here: transformers would refuse it only at the first forward pass, after the
+            # caller may have started caching, and without naming the setting to change.
+            raise ValueError(f"model.image_size={params.image_size}: the CLIP vision tower {params.hf_model_id} "
+                             f"takes {native} px images only; set model.image_size to null")
+        return Preprocess(native, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
     return Preprocess(params.image_size or LITE_NATIVE_SIZE[params.backbone], LITE_MEAN, LITE_STD)
 
 

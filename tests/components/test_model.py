@@ -71,6 +71,15 @@ def test_projection_size_and_no_projection(tiny_model_overrides, image_paths):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
+def test_clip_refuses_an_image_size_other_than_its_own(tiny_model_overrides):
+    # The tiny tower takes 16 px: another size must be refused when the encoder is built,
+    # naming the setting, not at the first forward pass inside transformers.
+    with pytest.raises(ValueError, match=r"model.image_size=24: .* takes 16 px images only"):
+        build_encoder(load_params(None, tiny_model_overrides + ["model.image_size=24"]).model)
+    _, preprocess = build_encoder(load_params(None, tiny_model_overrides + ["model.image_size=null"]).model)
+    assert preprocess.image_size == 16
+
+
 def test_untrained_projection_is_orthogonal(clip_params):
     # An orthogonal start keeps the backbone's similarities: a fair zero-shot baseline.
     encoder, _ = build_encoder(clip_params)
