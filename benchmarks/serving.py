@@ -90,7 +90,7 @@ def package(params: Params, scratch: Path, catalogue: int, skus_of: int) -> tupl
                                   meta={"model_name": MODEL_NAME, "model_version": "1"})
     checksum = save_index(index, scratch / "index")
     resolved = ResolvedModel(MODEL_NAME, "1", encoder_dir, scratch / "index", checksum, {})
-    tag = package_model(resolved, MODEL_NAME, default_top_k=params.serve.top_k, batch_size=params.serve.batch_size)
+    tag = package_model(resolved, params.serve.model_copy(update={"bento_model_name": MODEL_NAME}))
     return tag, load_served_model(encoder_dir, scratch / "index", MODEL_NAME, "1", checksum, params.serve.batch_size)
 
 

@@ -197,15 +197,56 @@ class RegistryParams(_Section):
     auto_promote: bool = True
 
 
+class UploadLimits(_Section):
+    """What one request to the service may carry; each refusal is a 4xx naming the limit."""
+
+    # A camera photo is a few MiB; the request limit also bounds what the guard buffers.
+    max_upload_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    # Checked from the image header before any pixel is decoded (a 50 MP photo decodes to 150 MB).
+    max_pixels: int = Field(default=50_000_000, ge=1)
+    # Longest side over shortest: a 1 x 60000 strip would be scaled up to 224 x 13 million pixels.
+    max_aspect_ratio: float = Field(default=20.0, ge=1)
+    # Pillow format names the decoder may try; anything else is refused unread.
+    formats: list[str] = Field(default=["JPEG", "PNG", "WEBP"], min_length=1)
+    # Photos in one /match_batch request.
+    max_images_per_request: int = Field(default=64, ge=1)
+
+    @field_validator("formats")
+    @classmethod
+    def _upper_case(cls, formats: list[str]) -> list[str]:
+        return [name.upper() for name in formats]
+
+
+class BatchingParams(_Section):
+    """How the service's inference thread groups concurrent requests into one model call."""
+
+    # Images of queued requests embedded in one call (a request is never split); 1 = no batching.
+    max_images: int = Field(default=16, ge=1)
+    # How long the first queued request may wait for others to join its batch; 0 = take only
+    # what is already queued (no added latency, the right choice on a CPU).
+    max_wait_ms: float = Field(default=0.0, ge=0, le=1000)
+
+
 class ServeParams(_Section):
     """The matching service."""
 
     top_k: int = Field(default=5, ge=1)
-    # Photos of one /match_batch request embedded together: on a 2-core CPU, queries in batches
-    # of 2 took x0.49 the time of batches of 16 (benchmarks/results/batch_size.md). On a GPU, raise it.
+    # Photos embedded per forward pass: on a 2-core CPU, queries in batches of 2 took x0.49 the
+    # time of batches of 16 (benchmarks/results/batch_size.md). On a GPU, raise it.
     batch_size: int = Field(default=2, ge=1)
     bento_model_name: str = "skumatch-matcher"
+    # Interface and port of `skumatch serve`; 0.0.0.0 exposes the service to the network.
+    host: str = "127.0.0.1"
     port: int = Field(default=3000, ge=1, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Seconds between checks of the registry's @champion for a new model or index (0 = only
+    # when POST /admin/reload asks).
+    reload_poll_seconds: float = Field(default=0.0, ge=0)
+    # Side of the catalogue thumbnails packed with the model for the explorer page (0 = none).
+    thumbnail_px: int = Field(default=128, ge=0, le=512)
+    limits: UploadLimits = UploadLimits()
+    batching: BatchingParams = BatchingParams()
 
 
 class Params(_Section):

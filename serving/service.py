@@ -1,64 +1,67 @@
 """The matching service: a BentoML 1.4 service over the packaged ``@champion`` encoder and index.
 
-The model it serves lives in the BentoML model store (``serving.build.package_model`` puts it
-there): a folder with ``encoder/`` and ``index/`` and, in its metadata, the registry facts
-(``model_name``, ``model_version``, ``index_checksum``) the index is verified against at
-start-up. A corrupt or mismatched index raises ``IndexMismatchError`` in ``__init__``, so the
-service never becomes ready rather than answering from the wrong index.
+The model it starts with lives in the BentoML model store (``serving.build.package_model`` puts it
+there): a folder with ``encoder/``, ``index/`` and ``thumbnails/`` and, in its metadata, the
+registry facts (``model_name``, ``model_version``, ``index_checksum``) the index is verified
+against, the ``serve`` params it was packaged with, and the registry's tracking URI. A corrupt
+or mismatched index raises ``IndexMismatchError`` in ``__init__``, so the service never becomes
+ready rather than answering from the wrong index. A newer ``@champion`` is swapped in while
+serving (``serving.swap``).
 
 Which stored model: the bento argument ``bento_model`` (recorded in the Bento by
 ``serving.build.build_bento``; when serving from source, ``bentoml serve serving.service:Matcher
 --arg bento_model=NAME``), else the environment variable ``SKUMATCH_BENTO_MODEL``, else
 ``skumatch-matcher``; a name without a version means ``:latest``.
 
-HTTP API (all ``POST``; BentoML adds ``GET /livez``, ``/readyz``, ``/healthz``, ``/metrics`` and the
-Swagger UI at ``/``):
+Routes (``serving/README.md`` has the request and answer of each):
 
-- ``/match``: multipart ``image`` (a file) and optional ``top_k`` (1..100) ->
-  ``{"model_name", "model_version", "matches": [{"sku_id", "score"}, ...]}``.
-- ``/match_batch``: multipart ``images`` (1..64 files, the field repeated) and optional ``top_k``
-  -> ``{"model_name", "model_version", "reject_below", "results": [{"matches", "no_confident_match"},
-  ...]}``, one result per image in upload order. For a client holding several photos at once (the
-  crops of one shelf photo): one request instead of one each, embedded ``serve.batch_size`` at a time.
-- ``/embed``: multipart ``image`` -> ``{"model_name", "model_version", "embedding": [...]}``.
-- ``/info``: empty JSON body ``{}`` -> model name, version, index checksum, catalogue size.
+- ``POST /match``, ``/match_batch``, ``/embed``: multipart image uploads only;
+- ``POST /info``, ``/thumbnail``: what is served, a catalogue thumbnail for the explorer page;
+- ``POST /admin/reload``: check ``@champion`` now and swap to it (admin token);
+- ``GET /``: the match explorer page; ``GET /docs``: BentoML's Swagger UI; ``GET /livez``,
+  ``/readyz``, ``/healthz``, ``/metrics``: BentoML's own, ``/metrics`` with the skumatch series.
 
-An upload that is not a decodable image (empty, random bytes, truncated, text) is answered with
-HTTP 400 and ``{"error": "..."}``, as is a text value where the file should be and a malformed
-multipart body (``serving.uploads.UploadGuard``; bodies over 32 MiB get 413); a missing field or
-an out-of-range ``top_k`` is rejected by BentoML's request validation with HTTP 400 and
-``{"error": ..., "detail": [...]}``. In ``/match_batch`` one undecodable image refuses the whole
-request (400), and ``bad_images`` names every such upload by its position (from 0) with its
-reason, so a client can resend the others.
-
-/match is deliberately not batchable in BentoML's sense (adaptive batching of concurrent
-requests): requests carry their own ``top_k``, BentoML batches only single-argument APIs, and
-per-request decoding is what turns a bad upload into a 400 for that request alone instead of
-failing other clients' requests. Batching is the client's choice instead: ``/match_batch``.
+Layers, outermost first: request id, latency and refusal metrics (``serving.observability``);
+the pages; credentials (``serving.access``); the upload guard (``serving.uploads``); BentoML's
+validation; the handlers below, which decode on a small thread pool and leave the model work to
+the inference thread (``serving.inference``), so the event loop stays free for probes.
 """
 
+import asyncio
+import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import bentoml
 from pydantic import BaseModel, Field
 
-from components.config import ServeParams
-from serving import MAX_BATCH_IMAGES, SERVICE_NAME
+from components.config import BatchingParams, ServeParams, UploadLimits
+from serving import SERVICE_NAME
+from serving.access import AccessGuard
+from serving.explorer import Pages
+from serving.inference import InferenceQueue
+from serving.observability import METRICS, RequestContext, RequestIdFilter
+from serving.refusals import refusal_response
+from serving.swap import ModelSlot, registry_loader
 from serving.uploads import BadImage, UploadGuard, decode_image
 
 LOGGER = logging.getLogger(__name__)
 
 MODEL_ENV = "SKUMATCH_BENTO_MODEL"
 MODEL_ARG = "bento_model"
+POLL_ENV = "SKUMATCH_RELOAD_POLL_SECONDS"
 DEFAULT_BENTO_MODEL = ServeParams.model_fields["bento_model_name"].default
-DEFAULT_TOP_K = ServeParams.model_fields["top_k"].default
-DEFAULT_BATCH_SIZE = ServeParams.model_fields["batch_size"].default
 MAX_TOP_K = 100
 # Metadata keys the packaged model must carry (written by serving.build.package_model).
 REQUIRED_METADATA = ("model_name", "model_version", "index_checksum")
+THUMBNAILS = "thumbnails"
+ROUTES = frozenset({"/match", "/match_batch", "/embed", "/info", "/thumbnail", "/admin/reload", "/", "/docs"})
+# Image routes: the form field that carries files and how many it takes (None: the limit).
+FILE_FIELDS = {"/match": ("image", 1), "/embed": ("image", 1), "/match_batch": ("images", None)}
 
 
 def bento_model_tag() -> str:
@@ -74,7 +77,7 @@ def configured_workers(service_name: str) -> int:
     ``@bentoml.service(workers=...)`` can be overridden at deploy time (a BentoML config file or
     ``BENTOML_CONFIG_OVERRIDES``); BentoML merges the result into its config container before a
     worker builds the service, and that merged value is the one that runs. ``"cpu_count"`` means
-    one worker per CPU.
+    one worker per CPU. (BentoML 1.4 has no public call for it.)
     """
     from bentoml._internal.configuration.containers import BentoMLContainer
 
@@ -87,10 +90,13 @@ def threads_per_worker(threads: int, workers: int) -> int:
     return max(1, threads // workers)
 
 
-def _bad_request(message: str, **detail: Any):
-    from starlette.responses import JSONResponse
-
-    return JSONResponse({"error": message, **detail}, status_code=400)
+def packaged_serve_params(facts: dict[str, Any]) -> ServeParams:
+    """The ``serve`` params a model was packaged with (older packages: their top_k and batch size)."""
+    if facts.get("serve_params"):
+        return ServeParams.model_validate(json.loads(facts["serve_params"]))
+    defaults = ServeParams()
+    return ServeParams(top_k=int(facts.get("default_top_k") or defaults.top_k),
+                       batch_size=int(facts.get("batch_size") or defaults.batch_size))
 
 
 class Match(BaseModel):
@@ -103,6 +109,7 @@ class Match(BaseModel):
 class MatchResponse(BaseModel):
     model_name: str
     model_version: str
+    index_checksum: str
     matches: list[Match]
     # True when even the best SKU is below the threshold: likely a product not in the catalogue.
     no_confident_match: bool = False
@@ -117,6 +124,7 @@ class ImageMatches(BaseModel):
 class BatchMatchResponse(BaseModel):
     model_name: str
     model_version: str
+    index_checksum: str
     # One per uploaded image, in upload order.
     results: list[ImageMatches]
     reject_below: Optional[float] = None
@@ -125,7 +133,17 @@ class BatchMatchResponse(BaseModel):
 class EmbedResponse(BaseModel):
     model_name: str
     model_version: str
+    index_checksum: str
     embedding: list[float]
+
+
+class ReloadResponse(BaseModel):
+    outcome: str  # "swapped", "unchanged" or "failed"
+    model_version: str
+    index_checksum: str
+    at: str
+    error: Optional[str] = None
+    previous_version: Optional[str] = None
 
 
 class InfoResponse(BaseModel):
@@ -136,34 +154,48 @@ class InfoResponse(BaseModel):
     catalogue_skus: int
     embed_dim: int
     default_top_k: int
-    # Photos of a /match_batch request embedded together (serve.batch_size when packaged).
+    # Photos embedded per forward pass (serve.batch_size when packaged).
     batch_size: int
     bento_model: str
-    # How this process runs the model: BentoML worker processes, and torch threads in each.
+    # How this process runs the model: BentoML worker processes, torch threads, device.
     workers: int
     torch_threads: int
+    device: str
+    limits: UploadLimits
+    batching: BatchingParams
+    # Whether caller routes need an API key, and whether admin routes are on.
+    api_keys_required: bool
+    admin_enabled: bool
+    reload_poll_seconds: float
+    # The last check of @champion (None before the first): outcome, versions, error.
+    last_reload: Optional[ReloadResponse] = None
+    thumbnails: int
 
 
-ImageUpload = Annotated[Path, Field(description="the query image file (JPEG, PNG, WebP...)")]
-ImageUploads = Annotated[list[Path], Field(min_length=1, max_length=MAX_BATCH_IMAGES,
-                                           description=f"1..{MAX_BATCH_IMAGES} query image files, the form "
-                                                       "field repeated once per image")]
+ImageUpload = Annotated[Path, Field(description="the query image file (JPEG, PNG or WebP by default)")]
+ImageUploads = Annotated[list[Path], Field(min_length=1, description="query image files, the form field repeated "
+                                                                     "once per image (serve.limits.max_images_per_request)")]
 TopK = Annotated[Optional[Annotated[int, Field(ge=1, le=MAX_TOP_K)]],
-                 Field(description=f"how many SKUs to return, 1..{MAX_TOP_K}; default: the packaged "
-                                   f"serve.top_k ({DEFAULT_TOP_K} unless configured)")]
+                 Field(description=f"how many SKUs to return, 1..{MAX_TOP_K}; default: the packaged serve.top_k")]
+
+
+# The stored model this process serves first (the class attribute makes BentoML pack it).
+PACKAGED_MODEL = bentoml.models.BentoModel(bento_model_tag())
 
 
 @bentoml.service(
     name=SERVICE_NAME,
     resources={"cpu": "2"},
+    # 127.0.0.1 unless the operator says otherwise (`--host`, BENTOML_HOST): keys are optional.
+    http={"host": "127.0.0.1"},
     # One image per request on a CPU is milliseconds to ~100 ms (CLIP B/32); 30 s leaves room
-    # for a cold start of the thread pool and large uploads.
+    # for a queue of concurrent requests and large uploads.
     traffic={"timeout": 30},
 )
 class Matcher:
     """Match a product photo to catalogue SKUs with the packaged encoder and FAISS index."""
 
-    bento_model = bentoml.models.BentoModel(bento_model_tag())
+    bento_model = PACKAGED_MODEL
 
     def __init__(self) -> None:
         # Heavy imports here, not at module level: `bentoml build` imports this module only
@@ -172,6 +204,11 @@ class Matcher:
 
         from components.registry import load_served_model
 
+        # BentoML's server logging shows warnings only, outside its own loggers: the service's
+        # start-up, swap and per-request lines are INFO, each prefixed with its request id.
+        logging.getLogger("serving").setLevel(logging.INFO)
+        for name in ("serving.service", "serving.swap", "serving.observability"):
+            logging.getLogger(name).addFilter(RequestIdFilter())
         # BentoML does not share the CPUs out among workers, and torch gives every process a
         # thread per core: 2 workers on 2 cores served 0.37 times one worker's requests per
         # second (benchmarks/results/serving.md). So each worker takes its share of torch's
@@ -181,87 +218,178 @@ class Matcher:
             torch.set_num_threads(threads_per_worker(torch.get_num_threads(), self.workers))
         self.torch_threads = torch.get_num_threads()
 
-        stored = self.bento_model
-        facts: dict[str, Any] = {**stored.info.labels, **stored.info.metadata}
+        facts = packaged_facts()
         missing = [key for key in REQUIRED_METADATA if not facts.get(key)]
         if missing:
-            raise RuntimeError(f"bento model {stored.tag} lacks metadata {missing}; package it with "
+            raise RuntimeError(f"bento model {self.bento_model.tag} lacks metadata {missing}; package it with "
                                "serving.build.package_model")
-        folder = Path(stored.path)
+        self.serve = packaged_serve_params(facts)
+        self.model_name = str(facts["model_name"])
+        folder = Path(self.bento_model.path)
         # IndexMismatchError propagates on purpose: a service must not start on a wrong index.
-        self.model = load_served_model(folder / "encoder", folder / "index", str(facts["model_name"]),
-                                       str(facts["model_version"]), str(facts["index_checksum"]),
-                                       int(facts.get("batch_size") or DEFAULT_BATCH_SIZE))
-        self.index_checksum = str(facts["index_checksum"])
-        self.default_top_k = int(facts.get("default_top_k") or DEFAULT_TOP_K)
-        self.bento_model_tag = str(stored.tag)
-        LOGGER.info("serving %s version %s from %s (index %s, %d catalogue images; %d workers, %d torch threads "
-                    "each)", self.model.model_name, self.model.version, stored.tag, self.index_checksum,
-                    len(self.model.catalogue.sku_ids), self.workers, self.torch_threads)
+        served = load_served_model(folder / "encoder", folder / "index", self.model_name,
+                                   str(facts["model_version"]), str(facts["index_checksum"]),
+                                   self.serve.batch_size, self.serve.device)
+        self.device = str(next(served.encoder.parameters()).device)
+        self.thumbnail_dir = folder / THUMBNAILS
+        index_file = self.thumbnail_dir / "index.json"
+        self.thumbnails: dict[str, str] = json.loads(index_file.read_text()) if index_file.exists() else {}
+        self.bento_model_tag = str(self.bento_model.tag)
+        METRICS.set_model(served.version, served.index_checksum)
 
-    # /match and /embed are async on purpose, though they block while the model runs: BentoML
-    # runs a sync API in a thread pool, and off the main thread torch's OpenMP intra-op threads
-    # gave nothing (a served /match took x2.16 the in-process time; on the event loop's thread
-    # x1.29-1.43, benchmarks/results/serving.md). One worker is CPU-bound either way, so requests
-    # queue as before; health probes wait at most one inference (about 0.1 s here).
+        self.inference = InferenceQueue(self.serve.batching, self.torch_threads,
+                                        on_batch=lambda model, images: METRICS.batch(images, model.version,
+                                                                                     model.index_checksum))
+        # Decoding runs beside the model (Pillow releases the GIL), never on the event loop.
+        self.decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="skumatch-decode")
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or str(facts.get("tracking_uri") or "")
+        self.registry_configured = bool(tracking_uri)
+        target, load = (registry_loader(tracking_uri, self.model_name, self.serve.batch_size, self.serve.device)
+                        if tracking_uri else (_no_registry, None))
+        self.slot = ModelSlot(served, target, load,
+                              on_swap=lambda model: METRICS.set_model(model.version, model.index_checksum))
+        self.poll_seconds = float(os.environ.get(POLL_ENV) or self.serve.reload_poll_seconds)
+        if self.poll_seconds > 0 and tracking_uri:
+            self.slot.poll(self.poll_seconds, on_result=lambda result: METRICS.reload(result.outcome))
+        from serving.access import Credentials
+
+        credentials = Credentials.from_environment()
+        self.api_keys_required, self.admin_enabled = credentials.callers_need_key, credentials.admin_digest is not None
+        LOGGER.info("serving %s version %s from %s (index %s, %d catalogue images) on %s; %d workers, %d torch "
+                    "threads each; API keys %s; @champion checked %s", self.model_name, served.version,
+                    self.bento_model_tag, served.index_checksum, len(served.catalogue.sku_ids), self.device,
+                    self.workers, self.torch_threads, "required" if self.api_keys_required else "off",
+                    f"every {self.poll_seconds:g} s" if self.poll_seconds > 0 and tracking_uri else "on request")
+
+    @bentoml.on_shutdown
+    def _shut_down(self) -> None:
+        self.slot.close()
+        self.inference.close()
+        self.decoders.shutdown(wait=False, cancel_futures=True)
+
+    async def _decode(self, uploads: list[Path]) -> tuple[list, list[dict[str, Any]], BadImage | None]:
+        """Decoded images, and each refused upload by position with its reason (the first refusal too)."""
+        loop = asyncio.get_running_loop()
+        pictures, bad, first = [], [], None
+        for position, upload in enumerate(uploads):
+            try:
+                pictures.append(await loop.run_in_executor(self.decoders, decode_image, upload, self.serve.limits))
+            except BadImage as err:
+                # The position, not the file name: BentoML stores uploads under temporary names.
+                bad.append({"index": position, "error": str(err), "reason": err.reason})
+                first = first or err
+        return pictures, bad, first
+
+    async def _matches(self, served, pictures: list, top_k: Optional[int]) -> list[ImageMatches]:
+        results = await self.inference.match(served, pictures, top_k or self.serve.top_k)
+        found = [ImageMatches(matches=[Match(**hit) for hit in hits],
+                              no_confident_match=bool(hits) and not hits[0]["confident"]) for hits in results]
+        METRICS.answers([hits[0]["score"] for hits in results if hits],
+                        [bool(hits[0]["confident"]) for hits in results if hits], served.version, served.index_checksum)
+        return found
+
     @bentoml.api(route="/match")
     async def match(self, image: ImageUpload, top_k: TopK = None) -> MatchResponse:
         """The ``top_k`` best-matching catalogue SKUs for an image, best first, with cosine scores."""
-        try:
-            picture = decode_image(image)
-        except BadImage as err:
-            return _bad_request(str(err))
-        found = self._image_matches([picture], top_k)[0]
-        return MatchResponse(model_name=self.model.model_name, model_version=self.model.version,
-                             matches=found.matches, no_confident_match=found.no_confident_match,
-                             reject_below=self.model.reject_below)
+        served = self.slot.current  # the pair this request is answered by, whatever swaps meanwhile
+        pictures, _, refused = await self._decode([image])
+        if refused:
+            return refusal_response(refused.status, refused.reason, str(refused))
+        found = (await self._matches(served, pictures, top_k))[0]
+        return MatchResponse(model_name=served.model_name, model_version=served.version,
+                             index_checksum=served.index_checksum, matches=found.matches,
+                             no_confident_match=found.no_confident_match, reject_below=served.reject_below)
 
     @bentoml.api(route="/match_batch")
     async def match_batch(self, images: ImageUploads, top_k: TopK = None) -> BatchMatchResponse:
-        """``/match`` for several images in one request, results in upload order."""
-        pictures, bad = [], []
-        for position, upload in enumerate(images):
-            try:
-                pictures.append(decode_image(upload))
-            except BadImage as err:
-                # The position, not the file name: BentoML stores uploads under temporary names.
-                bad.append({"index": position, "error": str(err)})
-        if bad:
-            return _bad_request(f"{len(bad)} of {len(images)} images could not be decoded; nothing was "
-                                "matched, resend without them", bad_images=bad)
-        return BatchMatchResponse(model_name=self.model.model_name, model_version=self.model.version,
-                                  results=self._image_matches(pictures, top_k), reject_below=self.model.reject_below)
+        """``/match`` for several images in one request, results in upload order.
 
-    def _image_matches(self, pictures: list, top_k: Optional[int]) -> list[ImageMatches]:
-        found = []
-        for hits in self.model.match(pictures, top_k or self.default_top_k):
-            found.append(ImageMatches(matches=[Match(**hit) for hit in hits],
-                                      no_confident_match=bool(hits) and not hits[0]["confident"]))
-        return found
+        One refused image refuses the request; ``bad_images`` names each by position, so the
+        client can resend the others.
+        """
+        served = self.slot.current
+        pictures, bad, refused = await self._decode(images)
+        if refused:
+            status = 413 if all(item["reason"].startswith("max_") for item in bad) else 400
+            return refusal_response(status, refused.reason, f"{len(bad)} of {len(images)} images could not be "
+                                    "decoded; nothing was matched, resend without them", bad_images=bad)
+        return BatchMatchResponse(model_name=served.model_name, model_version=served.version,
+                                  index_checksum=served.index_checksum,
+                                  results=await self._matches(served, pictures, top_k),
+                                  reject_below=served.reject_below)
 
     @bentoml.api(route="/embed")
     async def embed(self, image: ImageUpload) -> EmbedResponse:
         """The unit-norm embedding of an image as a query: the vector ``/match`` searches the index with."""
-        try:
-            picture = decode_image(image)
-        except BadImage as err:
-            return _bad_request(str(err))
-        vector = self.model.embed([picture])[0]
-        return EmbedResponse(model_name=self.model.model_name, model_version=self.model.version,
-                             embedding=[float(x) for x in vector])
+        served = self.slot.current
+        pictures, _, refused = await self._decode([image])
+        if refused:
+            return refusal_response(refused.status, refused.reason, str(refused))
+        vector = (await self.inference.embed(served, pictures))[0]
+        return EmbedResponse(model_name=served.model_name, model_version=served.version,
+                             index_checksum=served.index_checksum, embedding=[float(x) for x in vector])
+
+    @bentoml.api(route="/thumbnail")
+    def thumbnail(self, sku_id: Annotated[str, Field(max_length=512)]) -> bytes:
+        """The catalogue thumbnail of a SKU (JPEG), as packed with the model; 404 when there is none."""
+        from starlette.responses import Response
+
+        # A lookup in the packaged map: the file name is the packager's, never the caller's.
+        name = self.thumbnails.get(sku_id)
+        if name is None:
+            return refusal_response(404, "no_thumbnail", f"no thumbnail for SKU {sku_id[:100]!r}")
+        return Response((self.thumbnail_dir / name).read_bytes(), media_type="image/jpeg",
+                        headers={"cache-control": "max-age=3600"})
+
+    @bentoml.api(route="/admin/reload")
+    async def reload(self) -> ReloadResponse:
+        """Check ``@champion`` now and swap to it if it changed (admin token). 409 when it cannot be loaded."""
+        if not self.registry_configured:
+            return refusal_response(409, "no_registry", "this service knows no registry: set MLFLOW_TRACKING_URI")
+        result = await asyncio.to_thread(self.slot.check)
+        METRICS.reload(result.outcome)
+        if result.outcome == "failed":
+            return refusal_response(409, "reload_failed", f"@champion was not swapped in, still serving version "
+                                    f"{result.model_version}: {result.error}", **result.as_dict())
+        return ReloadResponse(**result.as_dict())
 
     @bentoml.api(route="/info")
     def info(self) -> InfoResponse:
-        """What is being served: model, version, index checksum and catalogue size."""
-        catalogue = self.model.catalogue
-        return InfoResponse(model_name=self.model.model_name, model_version=self.model.version,
-                            index_checksum=self.index_checksum, catalogue_size=len(catalogue.sku_ids),
+        """What is being served: model, version, index checksum, catalogue size and how it runs."""
+        served = self.slot.current
+        catalogue = served.catalogue
+        last = self.slot.last_check
+        return InfoResponse(model_name=served.model_name, model_version=served.version,
+                            index_checksum=served.index_checksum, catalogue_size=len(catalogue.sku_ids),
                             catalogue_skus=len(set(catalogue.sku_ids)), embed_dim=catalogue.dim,
-                            default_top_k=self.default_top_k, batch_size=self.model.batch_size,
-                            bento_model=self.bento_model_tag,
-                            workers=self.workers, torch_threads=self.torch_threads)
+                            default_top_k=self.serve.top_k, batch_size=served.batch_size,
+                            bento_model=self.bento_model_tag, workers=self.workers,
+                            torch_threads=self.torch_threads, device=self.device, limits=self.serve.limits,
+                            batching=self.serve.batching, api_keys_required=self.api_keys_required,
+                            admin_enabled=self.admin_enabled, reload_poll_seconds=self.poll_seconds,
+                            last_reload=ReloadResponse(**last.as_dict()) if last else None,
+                            thumbnails=len(self.thumbnails))
 
 
-# Checks multipart bodies before BentoML parses them (see serving.uploads for why).
-Matcher.add_asgi_middleware(UploadGuard, file_fields={"/match": ("image",), "/match_batch": ("images",),
-                                                      "/embed": ("image",)})
+def _no_registry() -> tuple[str, Optional[str]]:
+    raise RuntimeError("no registry configured (MLFLOW_TRACKING_URI)")
+
+
+@lru_cache(maxsize=1)
+def packaged_facts() -> dict[str, Any]:
+    """The packaged model's labels and metadata (read once per process)."""
+    stored = PACKAGED_MODEL.resolve()
+    return {**stored.info.labels, **stored.info.metadata}
+
+
+def packaged_limits() -> UploadLimits:
+    """The upload limits the model was packaged with (what the upload guard enforces)."""
+    return packaged_serve_params(packaged_facts()).limits
+
+
+# Outermost first: ids and metrics see every answer, pages need no key, credentials come before
+# any body is read.
+Matcher.add_asgi_middleware(RequestContext, routes=ROUTES)
+Matcher.add_asgi_middleware(Pages)
+Matcher.add_asgi_middleware(AccessGuard)
+Matcher.add_asgi_middleware(UploadGuard, file_fields=FILE_FIELDS, limits=packaged_limits)

@@ -1,26 +1,24 @@
-"""Uploaded images: decoding with clear errors, and an ASGI guard for multipart requests.
+"""Uploaded images: decoding within limits, and an ASGI guard that checks image requests first.
 
 Kept apart from the service so it is testable without BentoML's server and without a model.
+The limits are the ``serve.limits`` section of ``params.yaml`` (:class:`UploadLimits`).
 
-Why a guard: BentoML 1.4 treats a *text* value sent in a file field (``-F image=abc`` rather
-than ``-F image=@file.jpg``) as a URL and tries to download it, which fails as HTTP 500 (or, with
-uvloop installed, makes the server fetch any public URL a client names); and it parses a *file*
-sent under a field name the API does not have as JSON, which fails as HTTP 500 for any binary
-file. The guard answers such requests (multipart or URL-encoded forms), malformed form bodies
-and oversized uploads with a 4xx JSON error before BentoML parses them, so a bad request is
-never a 5xx and the service never fetches URLs.
+Why a guard in front of BentoML: BentoML 1.4 treats a *text* value sent in a file field as a
+URL and tries to download it, parses a *file* under a field name the API lacks as JSON (HTTP
+500), and validates JSON bodies into ``Path`` arguments. So on image routes the guard lets
+through only a ``multipart/form-data`` body with a declared length, within the byte limits,
+whose file fields hold files (as many as the route takes) and whose other fields hold none.
+Everything else is refused with a 4xx JSON error before BentoML parses it: the service never
+opens a path or fetches a URL that a caller names.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-# Large enough for any camera photo; larger bodies are refused before they are parsed.
-MAX_UPLOAD_BYTES = 32 * 1024 * 1024
-# Form bodies BentoML parses field by field (and where it would fetch a text "file" as a URL).
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+from components.config import UploadLimits
+from serving.refusals import send_refusal
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -29,57 +27,89 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 class BadImage(ValueError):
-    """An upload that is not a decodable image."""
+    """An upload that is not an acceptable image; ``reason`` is the short key it is counted under."""
+
+    def __init__(self, message: str, reason: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.reason, self.status = reason, status
 
 
-def decode_image(path: str | Path):
-    """Open an uploaded file as a fully decoded RGB PIL image.
+def decode_image(path: str | Path, limits: UploadLimits | None = None):
+    """Open an uploaded file as a fully decoded, upright RGB PIL image, within ``limits``.
 
-    ``load()`` decodes every byte now, so a truncated JPEG fails here (Pillow's default
-    ``LOAD_TRUNCATED_IMAGES=False``) instead of half-decoding into a grey image later.
+    The size and aspect ratio are read from the header and checked before any pixel is decoded;
+    only ``limits.formats`` are tried. ``load()`` decodes every byte now, so a truncated JPEG fails
+    here instead of half-decoding into a grey image later. The EXIF orientation is applied, so a
+    phone photo taken on its side is embedded the right way up.
 
     Raises:
-        BadImage: an empty file, an unknown format, a truncated or corrupt image, or one so
-            large that Pillow refuses it as a decompression bomb.
+        BadImage: an empty, oversized, unreadable, truncated or corrupt upload, or one outside
+            the pixel, aspect-ratio or format limits. Pillow's own error text is not passed on.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    limits = limits or UploadLimits()
     path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        raise BadImage("the uploaded file is empty")
+    size = path.stat().st_size if path.is_file() else 0
+    if size == 0:
+        raise BadImage("the uploaded file is empty", "empty")
+    if size > limits.max_upload_bytes:
+        raise BadImage(f"the uploaded file is {size} bytes, over the limit max_upload_bytes={limits.max_upload_bytes}",
+                       "max_upload_bytes", 413)
+    accepted = ", ".join(limits.formats)
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=limits.formats) as image:
+            _check_dimensions(image.size, limits)
             image.load()
-            return image.convert("RGB")
+            return _upright(image, ImageOps).convert("RGB")
+    except BadImage:
+        raise
     except Image.DecompressionBombError as err:
-        raise BadImage(f"the uploaded image is too large to decode safely: {err}") from err
+        raise BadImage(f"the uploaded image has more pixels than Pillow decodes safely (limit max_pixels="
+                       f"{limits.max_pixels})", "max_pixels", 413) from err
     except UnidentifiedImageError as err:
-        raise BadImage("the uploaded file is not an image in a format Pillow reads "
-                       "(JPEG, PNG, WebP, BMP, GIF, TIFF...)") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        # Pillow reports truncated and corrupt data as OSError, sometimes SyntaxError/ValueError.
-        raise BadImage(f"the uploaded image is truncated or corrupt and could not be decoded: {err}") from err
+        raise BadImage(f"the uploaded file is not an image in an accepted format ({accepted})", "format") from err
+    except MemoryError as err:
+        raise BadImage("the uploaded image is too large to decode", "max_pixels", 413) from err
+    except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, EOFError...
+        raise BadImage("the uploaded image is truncated or corrupt and could not be decoded", "corrupt") from err
 
 
-async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
-    body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+def _check_dimensions(size: tuple[int, int], limits: UploadLimits) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise BadImage(f"the uploaded image is {width} x {height} pixels: it has no pixels", "corrupt")
+    if width * height > limits.max_pixels:
+        raise BadImage(f"the uploaded image is {width} x {height} = {width * height} pixels, over the limit "
+                       f"max_pixels={limits.max_pixels}", "max_pixels", 413)
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise BadImage(f"the uploaded image is {width} x {height} pixels, an aspect ratio of {ratio:.1f}, over the "
+                       f"limit max_aspect_ratio={limits.max_aspect_ratio:g}", "max_aspect_ratio")
+
+
+def _upright(image, image_ops):
+    # A malformed EXIF block must not refuse a photo whose pixels decode: keep it as stored.
+    try:
+        return image_ops.exif_transpose(image)
+    except Exception:  # noqa: BLE001
+        return image
 
 
 class UploadGuard:
-    """ASGI middleware checking form uploads to some routes before the application sees them.
+    """ASGI middleware checking image requests to some routes before the application sees them.
 
     Args:
         app: the wrapped ASGI application.
-        file_fields: for each checked route, the form fields that take files. On those routes
-            these fields must be file parts when present, and no other field may be one.
-        max_bytes: the largest request body accepted (HTTP 413 above it).
+        file_fields: for each checked route, its file field and how many files it takes at most
+            (``None``: ``limits.max_images_per_request``). No other field may carry a file.
+        limits: returns the limits in force (read when a request arrives, so the service can
+            supply the ones packaged with its model).
     """
 
-    def __init__(self, app, file_fields: dict[str, tuple[str, ...]], max_bytes: int = MAX_UPLOAD_BYTES) -> None:
-        self.app, self.file_fields, self.max_bytes = app, dict(file_fields), max_bytes
+    def __init__(self, app, file_fields: dict[str, tuple[str, int | None]],
+                 limits: Callable[[], UploadLimits] = UploadLimits) -> None:
+        self.app, self.file_fields, self.limits = app, dict(file_fields), limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.file_fields:
@@ -87,57 +117,89 @@ class UploadGuard:
             return
         from starlette.datastructures import Headers
 
+        limits = self.limits()
+        field, _ = self.file_fields[scope["path"]]
         headers = Headers(scope=scope)
-        declared = headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_json(send, 413, {"error": f"request body larger than {self.max_bytes} bytes"})
-            return
         content_type = headers.get("content-type", "").lower()
-        if not content_type.startswith(FORM_TYPES):
-            await self.app(scope, receive, send)
+        if not content_type.startswith("multipart/form-data"):
+            await send_refusal(send, 415, "content_type",
+                               f"{scope['path']} takes images only as multipart/form-data file uploads in the field "
+                               f"{field!r} (e.g. curl -F '{field}=@photo.jpg'); JSON, form text, paths and URLs are "
+                               "not accepted", content_type=content_type or None)
             return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _send_json(send, 413, {"error": f"request body larger than {self.max_bytes} bytes"})
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        problem = await self._check(scope, body)
+        declared = headers.get("content-length", "")
+        if not declared.isdigit():
+            await send_refusal(send, 411, "length_required",
+                               "the request must declare its Content-Length (chunked uploads are not accepted)")
+            return
+        if int(declared) > limits.max_request_bytes:
+            await self._too_large(send, limits)
+            return
+        body = await _read_body(receive, limits.max_request_bytes)
+        if body is None:
+            return  # the client went away
+        if len(body) > limits.max_request_bytes:
+            await self._too_large(send, limits)
+            return
+        problem = await self._check_form(scope, body, limits)
         if problem:
-            await _send_json(send, 400, {"error": problem})
+            status, reason, message = problem
+            await send_refusal(send, status, reason, message)
             return
         await self.app(scope, _replay(body, receive), send)
 
-    async def _check(self, scope: Scope, body: bytes) -> str | None:
+    @staticmethod
+    async def _too_large(send: Send, limits: UploadLimits) -> None:
+        await send_refusal(send, 413, "max_request_bytes",
+                           f"request body larger than the limit max_request_bytes={limits.max_request_bytes}")
+
+    async def _check_form(self, scope: Scope, body: bytes, limits: UploadLimits) -> tuple[int, str, str] | None:
         from starlette.datastructures import UploadFile
         from starlette.requests import Request
 
+        route = scope["path"]
+        field, most = self.file_fields[route]
+        most = most or limits.max_images_per_request
         request = Request(scope, receive=_replay(body, None))
         try:
-            form = await request.form()
-        except Exception as err:  # starlette raises several types for broken multipart bodies
-            return f"malformed form body: {err}"
-        route_fields = self.file_fields[scope["path"]]
+            form = await request.form(max_files=most + 1, max_fields=100)
+        except Exception:  # noqa: BLE001 - starlette raises several types for broken multipart bodies
+            return 400, "malformed_form", "malformed multipart/form-data body"
         try:
-            for field in route_fields:
-                for value in form.getlist(field):
-                    if not isinstance(value, UploadFile):
-                        return (f"form field {field!r} must be a file upload (e.g. curl -F '{field}=@photo.jpg'), "
-                                "not a text value; image URLs are not fetched")
-            for field, value in form.multi_items():
-                if field not in route_fields and isinstance(value, UploadFile):
-                    expected = " or ".join(repr(name) for name in route_fields)
-                    return f"{scope['path']} takes files only in the form field {expected}, not {field!r}"
+            files = form.getlist(field)
+            if any(not isinstance(value, UploadFile) for value in files):
+                return (400, "text_instead_of_file",
+                        f"form field {field!r} must be a file upload (e.g. curl -F '{field}=@photo.jpg'), "
+                        "not a text value; paths and URLs are not opened or fetched")
+            for name, value in form.multi_items():
+                if name != field and isinstance(value, UploadFile):
+                    return 400, "unknown_file_field", f"{route} takes files only in the form field {field!r}, not {name!r}"
+            if len(files) > most:
+                return (413, "max_images_per_request",
+                        f"{route} takes at most {most} file(s) in {field!r}, got {len(files)} "
+                        f"(limit max_images_per_request={limits.max_images_per_request})")
+            for position, upload in enumerate(files):
+                if (upload.size or 0) > limits.max_upload_bytes:
+                    return (413, "max_upload_bytes",
+                            f"upload {position} is {upload.size} bytes, over the limit "
+                            f"max_upload_bytes={limits.max_upload_bytes}")
         finally:
             await form.close()
         return None
+
+
+async def _read_body(receive: Receive, most: int) -> bytes | None:
+    """The request body, read up to one chunk past ``most`` bytes; None if the client disconnected."""
+    chunks, size, more = [], 0, True
+    while more and size <= most:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive | None) -> Receive:

@@ -14,7 +14,10 @@ import torch
 from PIL import Image
 from serving_support import start_server, stop_server, wait_ready
 
-from serving import MAX_BATCH_IMAGES, SERVICE_NAME
+from components.config import ServeParams
+from serving import SERVICE_NAME
+
+MAX_BATCH_IMAGES = ServeParams().limits.max_images_per_request
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +39,10 @@ def test_info_describes_the_packaged_version(server, packaged):
     champion = packaged.champion
     response = _post(server, "/info", json={})
     assert response.status_code == 200, response.text
-    assert response.json() == {
+    info = response.json()
+    assert {key: info[key] for key in ("model_name", "model_version", "index_checksum", "catalogue_size",
+                                       "catalogue_skus", "embed_dim", "default_top_k", "batch_size", "bento_model",
+                                       "workers", "torch_threads", "device", "thumbnails")} == {
         "model_name": "skumatch-serving-test",
         "model_version": champion.version,
         "index_checksum": champion.index_checksum,
@@ -49,7 +55,12 @@ def test_info_describes_the_packaged_version(server, packaged):
         "workers": 1,
         # One worker keeps torch's own choice (nothing in the tests changes this process's).
         "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+        "thumbnails": len(champion.catalogue),  # one per SKU, packed with the model
     }
+    # The limits in force are the packaged serve.limits, so a client can size its requests.
+    assert info["limits"] == ServeParams().limits.model_dump()
+    assert info["api_keys_required"] is False and info["admin_enabled"] is False
 
 
 def test_match_returns_the_catalogue_sku_first(server, packaged):
@@ -59,6 +70,7 @@ def test_match_returns_the_catalogue_sku_first(server, packaged):
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["model_name"] == "skumatch-serving-test" and body["model_version"] == champion.version
+        assert body["index_checksum"] == champion.index_checksum  # the pair that answered
         matches = body["matches"]
         assert len(matches) == 3  # the packaged default top_k
         assert matches[0]["sku_id"] == sku
@@ -137,7 +149,7 @@ def test_match_batch_refuses_bad_image_lists(server, packaged, case):
                "text-value": dict(data={"images": "http://example.com/photo.jpg"}),
                "wrong-field": dict(files=_upload(good))}[case]
     response = _post(server, "/match_batch", **request)
-    assert response.status_code == 400, response.text
+    assert response.status_code == (413 if case == "too-many" else 400), response.text
     assert response.json()["error"]
 
 

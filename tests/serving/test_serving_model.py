@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components.config import ServeParams, UploadLimits
 from components.index import IndexMismatchError
 from components.registry import ResolvedModel, load_served_model
 from serving.build import package_model, serve_command, serving_requirements
@@ -78,15 +79,13 @@ def test_package_model_verifies_before_storing(served_files):
     # Verification comes first, so a bad version never reaches the BentoML store.
     resolved = ResolvedModel("tiny", "7", served_files.encoder_dir, served_files.index_dir, "f" * 64, {})
     with pytest.raises(IndexMismatchError, match="records f{64}"):
-        package_model(resolved, "never-created")
+        package_model(resolved, ServeParams(bento_model_name="never-created"))
     without_index = ResolvedModel("tiny", "7", served_files.encoder_dir, None, None, {})
     with pytest.raises(ValueError, match="without an index"):
-        package_model(without_index, "never-created")
+        package_model(without_index, ServeParams(bento_model_name="never-created"))
     resolved_ok = ResolvedModel("tiny", "7", served_files.encoder_dir, served_files.index_dir, served_files.checksum, {})
-    with pytest.raises(ValueError, match="default_top_k"):
-        package_model(resolved_ok, "never-created", default_top_k=0)
-    with pytest.raises(ValueError, match="batch_size must be at least 1"):
-        package_model(resolved_ok, "never-created", batch_size=0)
+    with pytest.raises(ValueError, match="serve.top_k must be within 1..100"):
+        package_model(resolved_ok, ServeParams(top_k=101, bento_model_name="never-created"))
 
 
 # --- decoding uploads ----------------------------------------------------------------------------
@@ -101,7 +100,7 @@ def _jpeg_bytes(size=(24, 20), mode="RGB") -> bytes:
 def test_decode_image_returns_rgb(tmp_path, mode, fmt):
     path = tmp_path / f"x.{fmt.lower()}"
     Image.new(mode, (9, 7)).save(path, format=fmt)
-    image = decode_image(path)
+    image = decode_image(path, UploadLimits(formats=["JPEG", "PNG", "GIF", "WEBP"]))
     assert image.mode == "RGB" and image.size == (9, 7)
 
 

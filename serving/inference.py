@@ -1,0 +1,123 @@
+"""The service's inference thread: model work off the event loop, concurrent requests batched.
+
+One thread runs every model call of a worker process, so the event loop stays free for health
+probes, metrics and request parsing while a match runs, and torch's intra-op threads are set
+once, on the thread that uses them. Requests queue; the thread takes the first, adds queued
+requests for the same model until ``max_images`` images (never splitting a request) or until
+``max_wait_ms`` has passed, embeds them in one call and searches the index for each request.
+
+A request names the model it was accepted under (see ``serving.swap``), so a batch never mixes
+two models, and one that arrived before a hot swap is answered by the model it arrived under.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from components.config import BatchingParams
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    served: Any  # components.registry.ServedModel
+    images: list
+    top_k: Optional[int]  # None: embed only
+    done: Future = field(default_factory=Future)
+
+
+# Put on the queue by close(): the thread finishes what came before it, then stops.
+_STOP = object()
+BatchObserver = Callable[[Any, int], None]
+
+
+class InferenceQueue:
+    """A single inference thread fed by a queue, batching requests that arrive together.
+
+    Args:
+        batching: ``serve.batching`` (images per model call, wait for more).
+        torch_threads: intra-op threads for the inference thread (None: torch's default).
+        on_batch: called after each model call with the model and its image count (metrics).
+    """
+
+    def __init__(self, batching: BatchingParams, torch_threads: int | None = None,
+                 on_batch: BatchObserver | None = None) -> None:
+        self.batching, self.torch_threads, self.on_batch = batching, torch_threads, on_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="skumatch-inference", daemon=True)
+        self._thread.start()
+
+    async def match(self, served, images: list, top_k: int) -> list[list[dict[str, Any]]]:
+        """``served.match(images, top_k)``, run on the inference thread."""
+        return await self._submit(_Job(served, images, top_k))
+
+    async def embed(self, served, images: list) -> np.ndarray:
+        """``served.embed(images)``, run on the inference thread."""
+        return await self._submit(_Job(served, images, None))
+
+    async def _submit(self, job: _Job):
+        self._queue.put(job)
+        return await asyncio.wrap_future(job.done)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish the queued work and stop the thread."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+        carried = None
+        while True:
+            first = carried if carried is not None else self._queue.get()
+            if first is _STOP:
+                return
+            batch, carried = self._gather(first)
+            self._answer(batch)
+
+    def _gather(self, first: _Job) -> tuple[list[_Job], _Job | None]:
+        """``first`` and the queued jobs that join its batch; the job that did not fit, if any."""
+        batch, images = [first], len(first.images)
+        deadline = time.monotonic() + self.batching.max_wait_ms / 1000
+        while images < self.batching.max_images:
+            wait = deadline - time.monotonic()
+            try:
+                nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP or nxt.served is not first.served or images + len(nxt.images) > self.batching.max_images:
+                return batch, nxt
+            batch.append(nxt)
+            images += len(nxt.images)
+        return batch, None
+
+    def _answer(self, batch: list[_Job]) -> None:
+        served = batch[0].served
+        try:
+            vectors = served.embed([image for job in batch for image in job.images])
+        except BaseException as err:  # noqa: BLE001 - every waiting request must hear of it
+            for job in batch:
+                job.done.set_exception(err)
+            return
+        if self.on_batch:
+            self.on_batch(served, len(vectors))
+        start = 0
+        for job in batch:
+            rows = vectors[start:start + len(job.images)]
+            start += len(job.images)
+            try:
+                job.done.set_result(rows if job.top_k is None else served.match_vectors(rows, job.top_k))
+            except BaseException as err:  # noqa: BLE001
+                job.done.set_exception(err)
