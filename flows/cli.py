@@ -251,43 +251,45 @@ def serve(bento: Annotated[Optional[str], typer.Option(help="Bento tag (default:
 def match(images: Annotated[list[Path], typer.Argument(help="one or more photos to match", exists=True,
                                                         dir_okay=False)],
           url: Annotated[str, typer.Option(help="the service's base URL")] = "http://localhost:3000",
-          top_k: Annotated[int, typer.Option(min=1, max=100)] = 5) -> None:
+          top_k: Annotated[int, typer.Option(min=1, max=100)] = 5,
+          api_key: Annotated[Optional[str], typer.Option(envvar="SKUMATCH_API_KEY",
+                                                         help="the service's API key, when it requires one")] = None,
+          ) -> None:
     """Send photos to a running service and print the top SKUs of each.
 
     One photo goes to ``/match``; several go to ``/match_batch``, up to its per-request limit at a
-    time, so the service embeds them in batches.
+    time, so the service embeds them in batches. A service that requires API keys takes one from
+    ``--api-key`` or ``SKUMATCH_API_KEY``.
     """
     import httpx
 
-    from serving import MAX_BATCH_IMAGES
+    from serving.client import SkumatchClient, SkumatchError
 
-    base = url.rstrip("/")
-    field, route = ("image", "/match") if len(images) == 1 else ("images", "/match_batch")
-    for start in range(0, len(images), MAX_BATCH_IMAGES):
-        chunk = images[start:start + MAX_BATCH_IMAGES]
-        files = [(field, (path.name, path.read_bytes())) for path in chunk]
-        response = httpx.post(f"{base}{route}", files=files, data={"top_k": str(top_k)}, timeout=120)
-        if response.status_code >= 400:
-            _fail(_match_error(response, chunk))
-        answer = response.json()
-        results = answer["results"] if route == "/match_batch" else [answer]
-        for path, result in zip(chunk, results):
-            unsure = "  (no confident match)" if result.get("no_confident_match") else ""
-            typer.echo(f"{path} -> model {answer.get('model_name')} v{answer.get('model_version')}{unsure}")
-            for rank, hit in enumerate(result["matches"], start=1):
-                typer.echo(f"  {rank}. {hit['sku_id']:<30} {hit['score']:.4f}")
-
-
-def _match_error(response, sent: list[Path]) -> str:
-    # /match_batch names undecodable uploads by position; say which of the user's files they are.
     try:
-        bad = response.json().get("bad_images") or []
-    except ValueError:
-        bad = []
-    if not bad:
-        return f"{response.status_code}: {response.text}"
-    return (f"{response.status_code}: these photos could not be decoded, nothing in their batch was matched:\n"
-            + "\n".join(f"  {sent[item['index']]}: {item['error']}" for item in bad))
+        with SkumatchClient(url, api_key, timeout=120) as client:
+            # Results are printed as each request answers, so a long list shows progress and a
+            # refused request later on still leaves the earlier answers on screen.
+            results = [client.match(images[0], top_k)] if len(images) == 1 else client.iter_match_batch(images, top_k)
+            for path, result in zip(images, results):
+                unsure = "  (no confident match)" if result.no_confident_match else ""
+                typer.echo(f"{path} -> model {result.model_name} v{result.model_version}{unsure}")
+                for rank, hit in enumerate(result.matches, start=1):
+                    typer.echo(f"  {rank}. {hit.sku_id:<30} {hit.score:.4f}")
+    except SkumatchError as err:
+        _fail(_match_error(err, images))
+    except httpx.HTTPError as err:
+        _fail(f"no answer from {url}: {err}")
+
+
+def _match_error(err, sent: list[Path]) -> str:
+    """What to print for the service's refusal (a ``serving.client.SkumatchError``) of ``sent``."""
+    # The service names undecodable uploads by position; say which of the user's files they are.
+    if err.bad_images:
+        return (f"{err.status}: these photos could not be decoded, nothing in their batch was matched:\n"
+                + "\n".join(f"  {sent[bad.index]}: {bad.error}" for bad in err.bad_images))
+    if len(sent) == 1 and err.status in (400, 413) and err.reason:
+        return f"{err.status}: {sent[0]}: {err.message}"
+    return str(err)
 
 
 @data_app.command("add")

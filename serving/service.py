@@ -349,8 +349,9 @@ class Matcher:
         result = await asyncio.to_thread(self.slot.check)
         METRICS.reload(result.outcome)
         if result.outcome == "failed":
+            detail = {key: value for key, value in result.as_dict().items() if key != "error"}
             return refusal_response(409, "reload_failed", f"@champion was not swapped in, still serving version "
-                                    f"{result.model_version}: {result.error}", **result.as_dict())
+                                    f"{result.model_version}: {result.error}", **detail)
         return ReloadResponse(**result.as_dict())
 
     @bentoml.api(route="/info")

@@ -45,6 +45,12 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "clip")
 
 
+@pytest.fixture(scope="session")
+def other_tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny random CLIP (another seed): a model version whose embeddings differ."""
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip-2") / "clip", seed=1)
+
+
 @pytest.fixture
 def tiny_model_overrides(tiny_clip_dir: Path) -> list[str]:
     """``load_params(None, overrides)`` strings that select the tiny CLIP encoder."""

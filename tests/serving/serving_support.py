@@ -154,6 +154,67 @@ def package_in_subprocess(champion: RegisteredChampion, ref: str = "champion") -
 
 
 
+def copy_registry(champion: RegisteredChampion, folder: Path) -> str:
+    """A copy of the champion's MLflow database in ``folder``; returns its tracking URI.
+
+    Artifacts stay where they are (shared read-only by both databases); what the copy registers,
+    promotes or tags leaves the original, which the other serving tests use, as it was.
+    """
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{shutil.copy(champion.root / 'mlflow.db', folder / 'mlflow.db')}"
+
+
+def register_new_version(champion: RegisteredChampion, tracking_uri: str, clip_dir: Path, folder: Path,
+                         skus: list[str] | None = None, promote: bool = True) -> tuple[str, str, Path]:
+    """Register another tiny encoder (``clip_dir``) with an index of ``skus``' catalogue images.
+
+    Returns:
+        ``(version, index checksum, the index folder as logged)``.
+    """
+    with mlflow_globals_restored():
+        return _register_new_version(champion, tracking_uri, clip_dir, folder, skus, promote)
+
+
+def _register_new_version(champion, tracking_uri, clip_dir, folder, skus, promote):
+    import mlflow
+    import pandas as pd
+
+    from components import registry
+    from components.config import IndexParams, load_params
+    from components.index import build_catalogue_index, save_index
+    from components.model import build_encoder, save_encoder
+
+    params = load_params(champion.params_file, [f"registry.tracking_uri={tracking_uri}",
+                                                f"model.hf_model_id={clip_dir}"])
+    client = registry.connect(params.registry)
+    encoder, preprocess = build_encoder(params.model)
+    encoder_dir = save_encoder(encoder, preprocess, params.model, folder / "encoder")
+    chosen = skus or list(champion.catalogue)
+    rows = pd.DataFrame([{"image_path": str(path), "sku_id": sku} for sku in chosen
+                         for path in champion.catalogue[sku]])
+    with mlflow.start_run() as run:
+        version = str(registry.register_version(client, params.registry, run.info.run_id, encoder_dir,
+                                                {"catalogue": {"top1": 1.0, "top3": 1.0}}, "synthetic-v2").version)
+    index = build_catalogue_index(encoder, preprocess, rows, IndexParams(use_gpu="never"),
+                                  meta={"model_name": MODEL_NAME, "model_version": version})
+    checksum = save_index(index, folder / "index")
+    registry.attach_index(client, MODEL_NAME, version, folder / "index", checksum)
+    if promote:
+        registry.promote(client, MODEL_NAME, version)
+    return version, checksum, folder / "index"
+
+
+def logged_index_file(tracking_uri: str, version: str, name: str = "index.faiss") -> Path:
+    """Where the registry stored a version's index file (to corrupt it in place)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri, tracking_uri)
+    run = client.get_run(client.get_model_version(MODEL_NAME, version).run_id)
+    return Path(run.info.artifact_uri.removeprefix("file://")) / "index" / name
+
+
 def flip_byte(path: Path, offset: int | None = None) -> None:
     """Corrupt a file in place by inverting one byte (the middle one by default)."""
     data = bytearray(path.read_bytes())

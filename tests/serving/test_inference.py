@@ -1,0 +1,91 @@
+"""The inference thread with a real tiny served model: same answers as in-process, batches that never mix models."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.config import BatchingParams
+from components.registry import load_served_model
+from serving.inference import InferenceQueue
+
+
+@pytest.fixture(scope="module")
+def two_models(served_files):
+    load = lambda: load_served_model(served_files.encoder_dir, served_files.index_dir, "tiny", "7",  # noqa: E731
+                                     served_files.checksum, batch_size=2)
+    return load(), load()
+
+
+def _images(served_files) -> list:
+    return [Image.open(path).convert("RGB") for path in served_files.iconic.values()]
+
+
+def test_answers_equal_in_process_matching(two_models, served_files):
+    served, _ = two_models
+    images = _images(served_files)
+    queue = InferenceQueue(BatchingParams(max_images=16))
+    try:
+        async def ask():
+            return await asyncio.gather(*(queue.match(served, [image], 3) for image in images),
+                                        queue.embed(served, images[:2]))
+        *answers, vectors = asyncio.run(ask())
+    finally:
+        queue.close()
+    expected = served.match(images, 3)
+    assert [[hit["sku_id"] for hit in answer[0]] for answer in answers] == [[hit["sku_id"] for hit in hits]
+                                                                           for hits in expected]
+    assert [hit["score"] for answer in answers for hit in answer[0]] == pytest.approx(
+        [hit["score"] for hits in expected for hit in hits], abs=1e-5)
+    np.testing.assert_allclose(vectors, served.embed(images[:2]), atol=1e-5)
+
+
+def test_queued_requests_share_a_call_but_never_mix_models(two_models, served_files):
+    first, second = two_models
+    images = _images(served_files)
+    calls: list[tuple[object, int]] = []
+    queue = InferenceQueue(BatchingParams(max_images=4, max_wait_ms=200),
+                           on_batch=lambda model, count: calls.append((model, count)))
+    try:
+        async def ask():
+            # Submitted together: the thread waits up to 200 ms to fill batches of at most 4 images.
+            return await asyncio.gather(*(queue.match(first if n % 3 else second, [image], 1)
+                                          for n, image in enumerate(images)))
+        answers = asyncio.run(ask())
+    finally:
+        queue.close()
+    assert [answer[0][0]["sku_id"] for answer in answers] == list(served_files.iconic)
+    assert sum(count for _, count in calls) == len(images)
+    assert max(count for _, count in calls) > 1  # requests were batched
+    assert all(count <= 4 for _, count in calls)
+    assert {model for model, _ in calls} == {first, second}
+
+
+def test_max_images_one_is_no_batching(two_models, served_files):
+    served, _ = two_models
+    calls: list[int] = []
+    queue = InferenceQueue(BatchingParams(max_images=1, max_wait_ms=100), on_batch=lambda _, count: calls.append(count))
+    try:
+        async def ask():
+            return await asyncio.gather(*(queue.match(served, [image], 1) for image in _images(served_files)))
+        asyncio.run(ask())
+        # A request with more images than max_images is still answered whole, in one call.
+        asyncio.run(queue.match(served, _images(served_files)[:3], 1))
+    finally:
+        queue.close()
+    assert calls == [1] * len(served_files.iconic) + [3]
+
+
+def test_a_failing_call_fails_its_requests_and_the_thread_goes_on(two_models, served_files):
+    served, _ = two_models
+    queue = InferenceQueue(BatchingParams())
+    try:
+        with pytest.raises(Exception):
+            asyncio.run(queue.match(served, ["not an image"], 1))
+        assert asyncio.run(queue.match(served, _images(served_files)[:1], 1))[0][0]["sku_id"] == \
+            next(iter(served_files.iconic))
+    finally:
+        queue.close()
