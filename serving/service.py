@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import bentoml
+from bentoml.validators import ContentType
 from pydantic import BaseModel, Field
 
 from components.config import BatchingParams, ServeParams, UploadLimits
@@ -330,7 +331,7 @@ class Matcher:
                              index_checksum=served.index_checksum, embedding=[float(x) for x in vector])
 
     @bentoml.api(route="/thumbnail")
-    def thumbnail(self, sku_id: Annotated[str, Field(max_length=512)]) -> bytes:
+    def thumbnail(self, sku_id: Annotated[str, Field(max_length=512)]) -> Annotated[Path, ContentType("image/jpeg")]:
         """The catalogue thumbnail of a SKU (JPEG), as packed with the model; 404 when there is none."""
         from starlette.responses import Response
 
