@@ -252,14 +252,21 @@ def download_version(client, model_name: str, ref: str, dst: str | Path | None =
     version = resolve_version(client, model_name, ref)
     target = Path(dst or tempfile.mkdtemp(prefix="skumatch-"))
     target.mkdir(parents=True, exist_ok=True)
-    encoder_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(target / "encoder_dl")))
+    # Through the client, not mlflow's global tracking URI: a caller such as the service's hot
+    # swap may read another registry than the process-wide one.
+    for folder in ("encoder_dl", "index_dl"):
+        (target / folder).mkdir(exist_ok=True)
+    if version.run_id:
+        encoder_dir = Path(client.download_artifacts(version.run_id, ENCODER_ARTIFACT, str(target / "encoder_dl")))
+    else:  # a version registered from a source outside any run
+        encoder_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
+                                                               dst_path=str(target / "encoder_dl")))
     index_dir, checksum = None, version.tags.get("index_checksum")
     if with_index:
         if checksum is None:
             raise RegistryError(f"version {version.version} of {model_name!r} has no index")
-        index_dir = Path(mlflow.artifacts.download_artifacts(
-            run_id=version.run_id, artifact_path=version.tags.get("index_artifact", INDEX_ARTIFACT),
-            dst_path=str(target / "index_dl")))
+        index_dir = Path(client.download_artifacts(version.run_id, version.tags.get("index_artifact", INDEX_ARTIFACT),
+                                                   str(target / "index_dl")))
     return ResolvedModel(model_name, str(version.version), encoder_dir, index_dir, checksum, dict(version.tags))
 
 

@@ -250,7 +250,7 @@ def serve(bento: Annotated[Optional[str], typer.Option(help="Bento tag (default:
 @app.command()
 def match(images: Annotated[list[Path], typer.Argument(help="one or more photos to match", exists=True,
                                                         dir_okay=False)],
-          url: Annotated[str, typer.Option(help="the service's base URL")] = "http://localhost:3000",
+          url: Annotated[str, typer.Option(help="the service's base URL")] = "http://127.0.0.1:3000",
           top_k: Annotated[int, typer.Option(min=1, max=100)] = 5,
           api_key: Annotated[Optional[str], typer.Option(envvar="SKUMATCH_API_KEY",
                                                          help="the service's API key, when it requires one")] = None,

@@ -20,17 +20,17 @@ skumatch retrain --data "$DATA"
 echo "== package @champion into a Bento"
 skumatch build
 
-echo "== serve it on localhost:$PORT"
+echo "== serve it on 127.0.0.1:$PORT"
 mkdir -p .skumatch
 skumatch serve --port "$PORT" > .skumatch/serve.log 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
 for _ in $(seq 1 180); do
-  if curl -fs "http://localhost:$PORT/readyz" > /dev/null; then break; fi
+  if curl -fs "http://127.0.0.1:$PORT/readyz" > /dev/null; then break; fi
   if ! kill -0 "$SERVER" 2>/dev/null; then cat .skumatch/serve.log; echo "the service did not start" >&2; exit 1; fi
   sleep 1
 done
-curl -fs "http://localhost:$PORT/readyz" > /dev/null || { tail -50 .skumatch/serve.log; echo "service not ready after 180 s" >&2; exit 1; }
+curl -fs "http://127.0.0.1:$PORT/readyz" > /dev/null || { tail -50 .skumatch/serve.log; echo "service not ready after 180 s" >&2; exit 1; }
 
 # Four photos of the query split, never seen in training, spread over its SKUs.
 mapfile -t PHOTOS < <(python - "$DATA" <<'PY'
@@ -44,6 +44,6 @@ for position in (1, 2, 3, 4):
 PY
 )
 echo "== /match for ${PHOTOS[0]}"
-skumatch match "${PHOTOS[0]}" --url "http://localhost:$PORT" --top-k 5
+skumatch match "${PHOTOS[0]}" --url "http://127.0.0.1:$PORT" --top-k 5
 echo "== /match_batch for ${#PHOTOS[@]} photos in one request"
-skumatch match "${PHOTOS[@]}" --url "http://localhost:$PORT" --top-k 3
+skumatch match "${PHOTOS[@]}" --url "http://127.0.0.1:$PORT" --top-k 3

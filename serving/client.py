@@ -3,7 +3,7 @@
 ```python
 from serving.client import SkumatchClient
 
-with SkumatchClient("http://localhost:3000", api_key="...") as client:
+with SkumatchClient("http://127.0.0.1:3000", api_key="...") as client:
     best = client.match("photo.jpg", top_k=3).matches[0]
     for result in client.match_batch(["a.jpg", "b.jpg", "c.jpg"]):
         print(result.matches[0].sku_id, result.model_version)
@@ -169,7 +169,7 @@ class SkumatchClient:
     """A client of one matching service.
 
     Args:
-        url: the service's base URL, e.g. ``http://localhost:3000``.
+        url: the service's base URL, e.g. ``http://127.0.0.1:3000``.
         api_key: a caller key or the admin token; when set, every request sends it as
             ``Authorization: Bearer <key>``.
         timeout: seconds per request (connect, read, write each).

@@ -11,8 +11,10 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from serving.build import serve_command
 
@@ -77,3 +79,21 @@ def stop_server(server: LocalServer) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait(timeout=10)
+
+
+@contextmanager
+def running(target: str, env: dict[str, str], log: Path, cwd: Path | None = None,
+            timeout: float = 120.0) -> Iterator[LocalServer]:
+    """A started and ready server for the ``with`` block, stopped after it (see :func:`start_server`).
+
+    Raises:
+        RuntimeError: the server exited or was not ready within ``timeout``; the message ends
+            with its output.
+    """
+    server = start_server(target, env, log, cwd)
+    try:
+        if not wait_ready(server, timeout):
+            raise RuntimeError(f"bentoml serve {target} did not become ready:\n{server.output()[-5000:]}")
+        yield server
+    finally:
+        stop_server(server)

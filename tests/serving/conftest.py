@@ -17,9 +17,7 @@ from serving_support import (
     ServedFiles,
     package_in_subprocess,
     register_tiny_champion,
-    start_server,
-    stop_server,
-    wait_ready,
+    running,
 )
 
 
@@ -36,16 +34,15 @@ def packaged(registered_champion: RegisteredChampion) -> Packaged:
     return package_in_subprocess(registered_champion)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(packaged: Packaged):
-    """A real ``bentoml serve <bento>`` on a free port, ready, stopped at teardown."""
-    running = start_server(packaged.bento_tag, packaged.champion.env, packaged.champion.root / "serve.log")
-    try:
-        if not wait_ready(running):
-            pytest.fail(f"bentoml serve did not become ready:\n{running.output()[-5000:]}")
-        yield running
-    finally:
-        stop_server(running)
+    """A real ``bentoml serve <bento>`` on a free port, ready, stopped at teardown.
+
+    One for the whole session (a start costs 20-40 s here); tests that need other settings
+    start their own.
+    """
+    with running(packaged.bento_tag, packaged.champion.env, packaged.champion.root / "serve.log") as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.local import start_server, stop_server, wait_ready  # noqa: F401  (re-exported to the tests)
+from serving.local import running, start_server, stop_server, wait_ready  # noqa: F401  (re-exported to the tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBED_DIM = 16
@@ -152,6 +152,19 @@ def package_in_subprocess(champion: RegisteredChampion, ref: str = "champion") -
     return Packaged(champion, tags["bento_model"], tags["bento"], output)
 
 
+
+
+def private_home(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """``env`` with a copy of its BentoML home in ``folder``, for a server started beside the shared one.
+
+    BentoML empties its Prometheus folder, ``$BENTOML_HOME/prometheus_multiproc_dir``, whenever a
+    server starts, so two servers on one home lose each other's metrics.
+    """
+    import shutil
+
+    home = shutil.copytree(Path(env["BENTOML_HOME"]), folder / "bentoml_home", symlinks=True,
+                           ignore=shutil.ignore_patterns("prometheus_multiproc_dir"))
+    return {**env, "BENTOML_HOME": str(home)}
 
 
 def copy_registry(champion: RegisteredChampion, folder: Path) -> str:

@@ -16,7 +16,7 @@ import httpx
 import jsonschema
 import pytest
 from PIL import Image
-from serving_support import start_server, stop_server, wait_ready
+from serving_support import private_home, running
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -221,41 +221,37 @@ def test_openapi_document_lists_every_route_and_the_upload_forms(server):
 def test_api_keys_401_without_a_key_and_403_for_a_caller_key_on_admin_routes(packaged, tmp_path):
     champion = packaged.champion
     sku, paths = next(iter(champion.catalogue.items()))
-    env = {**champion.env, "SKUMATCH_API_KEYS": "k1,k2", "SKUMATCH_ADMIN_TOKEN": "adm"}
-    running = start_server(packaged.bento_tag, env, tmp_path / "serve.log")
-    try:
-        assert wait_ready(running), running.output()[-5000:]
-        with SkumatchClient(running.url, "k2") as client:
+    env = {**private_home(champion.env, tmp_path), "SKUMATCH_API_KEYS": "k1,k2", "SKUMATCH_ADMIN_TOKEN": "adm"}
+    with running(packaged.bento_tag, env, tmp_path / "serve.log") as server:
+        with SkumatchClient(server.url, "k2") as client:
             assert client.match(paths[0]).matches[0].sku_id == sku
             assert client.info()["api_keys_required"] is True
-        with SkumatchClient(running.url) as client, pytest.raises(SkumatchError) as unauthorized:
+        with SkumatchClient(server.url) as client, pytest.raises(SkumatchError) as unauthorized:
             client.match(paths[0])
         assert (unauthorized.value.status, unauthorized.value.reason) == (401, "unauthorized")
         assert "missing or wrong API key" in str(unauthorized.value)
-        with SkumatchClient(running.url, "k1") as client, pytest.raises(SkumatchError) as forbidden:
+        with SkumatchClient(server.url, "k1") as client, pytest.raises(SkumatchError) as forbidden:
             client.reload()
         assert (forbidden.value.status, forbidden.value.reason) == (403, "forbidden")
-        with SkumatchClient(running.url, "adm") as admin:
+        with SkumatchClient(server.url, "adm") as admin:
             # The fixtures' env names the registry, whose @champion is the version being served.
             reloaded = admin.reload()
             assert (reloaded["outcome"], reloaded["model_version"]) == ("unchanged", champion.version)
             assert admin.match(paths[0]).matches[0].sku_id == sku  # the admin token opens caller routes too
 
         runner = CliRunner()
-        by_option = runner.invoke(app, ["match", str(paths[0]), "--url", running.url, "--api-key", "k1"],
+        by_option = runner.invoke(app, ["match", str(paths[0]), "--url", server.url, "--api-key", "k1"],
                                   env={"SKUMATCH_API_KEY": None})
         assert by_option.exit_code == 0, by_option.output
         assert by_option.output.splitlines()[0] == f"{paths[0]} -> model skumatch-serving-test v{champion.version}"
         assert by_option.output.splitlines()[1].split()[1] == sku
-        by_env = runner.invoke(app, ["match", str(paths[0]), str(paths[1]), "--url", running.url],
+        by_env = runner.invoke(app, ["match", str(paths[0]), str(paths[1]), "--url", server.url],
                                env={"SKUMATCH_API_KEY": "k2"})
         assert by_env.exit_code == 0, by_env.output
         assert by_env.output.count(" -> model skumatch-serving-test") == 2
-        keyless = runner.invoke(app, ["match", str(paths[0]), "--url", running.url], env={"SKUMATCH_API_KEY": None})
+        keyless = runner.invoke(app, ["match", str(paths[0]), "--url", server.url], env={"SKUMATCH_API_KEY": None})
         assert keyless.exit_code == 1
         assert "HTTP 401 (unauthorized): missing or wrong API key" in keyless.output
-    finally:
-        stop_server(running)
 
 
 def test_cli_match_reports_a_bad_single_photo_by_its_path(server, tmp_path):

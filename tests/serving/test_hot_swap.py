@@ -17,10 +17,9 @@ from serving_support import (
     copy_registry,
     flip_byte,
     logged_index_file,
+    private_home,
     register_new_version,
-    start_server,
-    stop_server,
-    wait_ready,
+    running,
 )
 
 pytestmark = pytest.mark.integration
@@ -38,14 +37,11 @@ def registry_copy(packaged, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def swap_server(packaged, registry_copy, tmp_path_factory):
     """The packaged Bento, served with the registry copy and an admin token (no polling)."""
-    env = {**packaged.champion.env, "MLFLOW_TRACKING_URI": registry_copy, "SKUMATCH_ADMIN_TOKEN": ADMIN_TOKEN}
-    running = start_server(packaged.bento_tag, env, tmp_path_factory.mktemp("swap-server") / "serve.log")
-    try:
-        if not wait_ready(running):
-            pytest.fail(f"bentoml serve did not become ready:\n{running.output()[-5000:]}")
-        yield running
-    finally:
-        stop_server(running)
+    folder = tmp_path_factory.mktemp("swap-server")
+    env = {**private_home(packaged.champion.env, folder), "MLFLOW_TRACKING_URI": registry_copy,
+           "SKUMATCH_ADMIN_TOKEN": ADMIN_TOKEN}
+    with running(packaged.bento_tag, env, folder / "serve.log") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -195,21 +191,18 @@ def test_a_new_index_for_the_served_version_is_swapped_in(swap_server, packaged,
 
 def test_the_poll_interval_brings_a_promoted_version_in_without_asking(packaged, second_clip, tmp_path):
     registry_uri = copy_registry(packaged.champion, tmp_path / "registry")
-    env = {**packaged.champion.env, "MLFLOW_TRACKING_URI": registry_uri, "SKUMATCH_RELOAD_POLL_SECONDS": "1"}
-    running = start_server(packaged.bento_tag, env, tmp_path / "serve.log")
-    try:
-        assert wait_ready(running), running.output()[-5000:]
-        assert _info(running)["reload_poll_seconds"] == 1.0
+    env = {**private_home(packaged.champion.env, tmp_path), "MLFLOW_TRACKING_URI": registry_uri,
+           "SKUMATCH_RELOAD_POLL_SECONDS": "1"}
+    with running(packaged.bento_tag, env, tmp_path / "serve.log") as server:
+        assert _info(server)["reload_poll_seconds"] == 1.0
         version, checksum, _ = register_new_version(packaged.champion, registry_uri, second_clip, tmp_path / "v")
         deadline = time.monotonic() + 60
-        while _info(running)["model_version"] != version and time.monotonic() < deadline:
+        while _info(server)["model_version"] != version and time.monotonic() < deadline:
             time.sleep(0.5)
-        info = _info(running)
-        assert (info["model_version"], info["index_checksum"]) == (version, checksum), running.output()[-3000:]
+        info = _info(server)
+        assert (info["model_version"], info["index_checksum"]) == (version, checksum), server.output()[-3000:]
         # No admin token is configured: the admin route stays closed while polling works.
-        assert httpx.post(f"{running.url}/admin/reload", json={}, timeout=30).status_code == 403
-    finally:
-        stop_server(running)
+        assert httpx.post(f"{server.url}/admin/reload", json={}, timeout=30).status_code == 403
 
 
 def test_admin_route_needs_the_admin_token(swap_server):

@@ -9,6 +9,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from serving_support import private_home
+
 from serving.build import serve_command
 from serving.local import LocalServer, free_port, stop_server, wait_ready
 
@@ -78,7 +80,8 @@ def test_the_service_binds_loopback_unless_told_otherwise(packaged, tmp_path):
     import subprocess
 
     with log.open("wb") as handle:
-        process = subprocess.Popen(serve_command(packaged.bento_tag, port), env=packaged.champion.env, cwd=tmp_path,
+        process = subprocess.Popen(serve_command(packaged.bento_tag, port), cwd=tmp_path,
+                                   env=private_home(packaged.champion.env, tmp_path),
                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     running = LocalServer(f"http://127.0.0.1:{port}", process, log)
     try:

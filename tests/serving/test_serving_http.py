@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serving_support import start_server, stop_server, wait_ready
+from serving_support import private_home, running
 
 from components.config import ServeParams
 from serving import SERVICE_NAME
@@ -149,7 +149,9 @@ def test_match_batch_refuses_bad_image_lists(server, packaged, case):
                "text-value": dict(data={"images": "http://example.com/photo.jpg"}),
                "wrong-field": dict(files=_upload(good))}[case]
     response = _post(server, "/match_batch", **request)
-    assert response.status_code == (413 if case == "too-many" else 400), response.text
+    # No file at all, or only text, is not a multipart upload: 415, as a JSON body would be.
+    expected = {"too-many": 413, "none": 415, "text-value": 415}.get(case, 400)
+    assert response.status_code == expected, response.text
     assert response.json()["error"]
 
 
@@ -170,7 +172,8 @@ BAD_REQUESTS = {
     # BentoML parses a file under a field name its API lacks as JSON: a 500 without the guard.
     "file-under-another-field": dict(files={"photo": ("p.jpg", _jpeg(), "image/jpeg")}),
     "no-body": dict(),
-    "text-value-instead-of-file": dict(data={"image": "http://example.com/photo.jpg"}),
+    "text-value-instead-of-file": dict(files={"image": (None, "http://example.com/photo.jpg")}),
+    "url-encoded-form": dict(data={"image": "http://example.com/photo.jpg"}),
     "json-body": dict(json={"image": "/etc/passwd"}),
     "raw-jpeg-body": dict(content=_jpeg(), headers={"content-type": "image/jpeg"}),
     "broken-multipart": dict(content=b"--xyz\r\nContent-Disposition: form-data; name=\"image\"",
@@ -205,6 +208,8 @@ def test_bad_upload_messages_say_what_is_wrong(server):
     assert "not an image" in error(**BAD_REQUESTS["text-file"])
     assert "truncated or corrupt" in error(**BAD_REQUESTS["truncated-jpeg"])
     assert "must be a file upload" in error(**BAD_REQUESTS["text-value-instead-of-file"])
+    assert "only as multipart/form-data file uploads" in error(**BAD_REQUESTS["url-encoded-form"])
+    assert "only as multipart/form-data file uploads" in error(**BAD_REQUESTS["json-body"])
     assert "only in the form field 'image', not 'photo'" in error(**BAD_REQUESTS["file-under-another-field"])
 
 
@@ -228,18 +233,14 @@ def test_workers_share_torch_threads_out(packaged, tmp_path, workers, omp_num_th
     # requests per second on 2 cores (benchmarks/results/serving.md). The worker count comes
     # from a deploy-time override, as an operator would set it, not from the service's code.
     overrides = {"services": {SERVICE_NAME: {"workers": workers}}}
-    env = {**packaged.champion.env, "BENTOML_CONFIG_OVERRIDES": json.dumps(overrides)}
+    env = {**private_home(packaged.champion.env, tmp_path), "BENTOML_CONFIG_OVERRIDES": json.dumps(overrides)}
     env.pop("OMP_NUM_THREADS", None)
     if omp_num_threads:
         env["OMP_NUM_THREADS"] = omp_num_threads
-    running = start_server(packaged.bento_tag, env, tmp_path / "serve.log")
-    try:
-        assert wait_ready(running), running.output()[-5000:]
-        answers = [_post(running, "/info", json={}) for _ in range(6)]
+    with running(packaged.bento_tag, env, tmp_path / "serve.log") as server:
+        answers = [_post(server, "/info", json={}) for _ in range(6)]
         assert {(answer.json()["workers"], answer.json()["torch_threads"]) for answer in answers} == {
             (served_workers, threads_each)}
-    finally:
-        stop_server(running)
 
 
 def test_cli_match_sends_several_photos_as_one_batch(server, packaged, tmp_path):

@@ -133,3 +133,78 @@ def test_serve_command():
                                                   "--port", "3001"]
     assert serve_command("skumatch:abc", 3001, host="127.0.0.1")[-2:] == ["--host", "127.0.0.1"]
     assert serve_command(None, 3000)[4] == "skumatch:latest"
+
+
+# --- upload limits --------------------------------------------------------------------------------
+
+def _saved(tmp_path: Path, size, fmt="PNG", **save) -> Path:
+    path = tmp_path / f"upload.{fmt.lower()}"
+    Image.new("RGB", size, (10, 200, 30)).save(path, format=fmt, **save)
+    return path
+
+
+@pytest.mark.parametrize(("size", "limits", "reason", "status"), [
+    ((1, 500), UploadLimits(), "max_aspect_ratio", 400),
+    ((400, 10), UploadLimits(max_aspect_ratio=20), "max_aspect_ratio", 400),
+    ((100, 100), UploadLimits(max_pixels=9_999), "max_pixels", 413),
+    ((64, 64), UploadLimits(formats=["JPEG"]), "format", 400),
+    ((64, 64), UploadLimits(max_upload_bytes=10), "max_upload_bytes", 413),
+], ids=["thin", "wide", "pixels", "format", "bytes"])
+def test_decode_image_enforces_each_limit_and_names_it(tmp_path, size, limits, reason, status):
+    with pytest.raises(BadImage) as refused:
+        decode_image(_saved(tmp_path, size), limits)
+    assert (refused.value.reason, refused.value.status) == (reason, status)
+    assert reason in str(refused.value) or reason == "format"
+
+
+def test_decode_image_accepts_what_is_within_the_limits(tmp_path):
+    assert decode_image(_saved(tmp_path, (400, 20)), UploadLimits(max_aspect_ratio=20)).size == (400, 20)
+    assert decode_image(_saved(tmp_path, (100, 100)), UploadLimits(max_pixels=10_000)).size == (100, 100)
+
+
+def test_the_pixel_limit_is_checked_before_decoding(tmp_path):
+    # The header claims 12000 x 12000 pixels and the data holds almost none: had the pixels been
+    # decoded first, this would be refused as truncated, not for its size.
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    with pytest.raises(BadImage, match="12000 x 12000 = 144000000 pixels, over the limit max_pixels=50000000"):
+        decode_image(path)
+
+
+def test_decode_image_turns_a_photo_upright_by_its_exif_orientation(tmp_path):
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue, as the sensor wrote it
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "phone.jpg"
+    stored.save(path, format="JPEG", exif=exif, quality=95)
+    upright = decode_image(path)
+    assert upright.size == (20, 40)
+    assert upright.getpixel((10, 5))[2] > 200  # the blue half is now on top
+
+
+def test_decode_errors_do_not_echo_pillow(tmp_path):
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(_jpeg_bytes((64, 64))[:300])
+    with pytest.raises(BadImage) as refused:
+        decode_image(path)
+    assert str(refused.value) == "the uploaded image is truncated or corrupt and could not be decoded"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_a_served_model_matches_on_cuda_as_on_the_cpu(served_files):
+    """``serve.device: auto`` puts the served encoder on the GPU; its answers stay the CPU's."""
+    args = (served_files.encoder_dir, served_files.index_dir, "tiny", "7", served_files.checksum)
+    on_gpu, on_cpu = load_served_model(*args, device="auto"), load_served_model(*args, device="cpu")
+    assert next(on_gpu.encoder.parameters()).device.type == "cuda"
+    images = [Image.open(path).convert("RGB") for path in served_files.iconic.values()]
+    assert [hits[0]["sku_id"] for hits in on_gpu.match(images, 1)] == list(served_files.iconic)
+    np.testing.assert_allclose(on_gpu.embed(images), on_cpu.embed(images), atol=2e-2)  # bf16 on the GPU

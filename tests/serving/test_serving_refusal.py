@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serving_support import flip_byte, mlflow_globals_restored, start_server, stop_server, wait_ready
+from serving_support import flip_byte, mlflow_globals_restored, private_home, start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -20,9 +20,8 @@ def _stored_model_dir(bentoml_home: Path, model_tag: str) -> Path:
 def test_service_refuses_to_start_on_a_corrupted_index(packaged, tmp_path):
     champion = packaged.champion
     # A copy of the whole BentoML home, so the good store the other tests serve stays intact.
-    home = shutil.copytree(Path(champion.env["BENTOML_HOME"]), tmp_path / "bentoml_home", symlinks=True)
-    flip_byte(_stored_model_dir(home, packaged.model_tag) / "index" / "index.faiss")
-    env = {**champion.env, "BENTOML_HOME": str(home)}
+    env = private_home(champion.env, tmp_path)
+    flip_byte(_stored_model_dir(Path(env["BENTOML_HOME"]), packaged.model_tag) / "index" / "index.faiss")
 
     server = start_server(packaged.bento_tag, env, tmp_path / "serve.log")
     try:
