@@ -40,6 +40,7 @@ import torch
 from benchmarks.accuracy import machine, write_results
 from benchmarks.inference import noise_images
 from components.config import Params, load_params
+from serving.local import descendants
 
 RESULTS = Path(__file__).parent / "results" / "serving.md"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -422,23 +423,15 @@ def tree_rss(root: int) -> tuple[int, int]:
     Descendants rather than the process group: circus, which runs BentoML's workers, starts each
     worker in a session of its own (``os.setsid``), so the server's group holds the arbiter alone.
     """
-    parents, rss = {}, {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    total, alive = 0, 0
+    for pid in {root} | descendants(root):
         try:
-            # The parent is the second field after the command name, which may hold spaces.
-            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            line = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("VmRSS:"))
-            rss[int(entry.name)] = int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError, StopIteration):  # ended meanwhile, or a kernel thread
+            line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):  # ended meanwhile, or a kernel thread
             continue
-    tree, found = {root}, True
-    while found:
-        children = {pid for pid, parent in parents.items() if parent in tree} - tree
-        tree |= children
-        found = bool(children)
-    return sum(rss.get(pid, 0) for pid in tree), sum(pid in rss for pid in tree)
+        total, alive = total + int(line.split()[1]) * 1024, alive + 1
+    return total, alive
 
 
 # --- the servers ---------------------------------------------------------------------------------
@@ -894,7 +887,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     add("--out", default=str(RESULTS))
     add("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="callers at once, one load level each")
     add("--requests-per-caller", type=int, default=10, help="requests each caller sends per load level")
-    add("--min-requests", type=int, default=60, help="requests a load level sends at least (callers send more)")
+    add("--min-requests", type=int, default=200,
+        help="requests a load level sends at least (callers send more); enough for a p99 at one caller")
     add("--warm-up", type=int, default=8, help="uncounted requests before each server's load (and in-process)")
     add("--baseline-matches", type=int, default=30,
         help="in-process matches timed one after another in each of the baseline's 3 passes")

@@ -1,7 +1,8 @@
 """A real ``bentoml serve`` on this machine: start it on a free port, wait until ready, stop it.
 
 Used by the serving tests and by ``benchmarks.serving``. The server runs in its own process
-group, so stopping it ends exactly what was started (BentoML forks workers).
+group; its workers (circus starts each in a session of its own) are found as its descendants,
+so stopping it ends exactly what was started, even when a SIGKILL is needed.
 """
 
 from __future__ import annotations
@@ -70,13 +71,37 @@ def wait_ready(server: LocalServer, timeout: float = 120.0) -> bool:
     return False
 
 
+def descendants(root: int) -> set[int]:
+    """The process ids of every living descendant of ``root`` (children, their children...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # The parent is the second field after the command name, which may hold spaces.
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):  # ended meanwhile
+                continue
+    tree, found = {root}, True
+    while found:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        found = bool(children)
+    return tree - {root}
+
+
 def stop_server(server: LocalServer) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it has not gone in 20 s."""
+    """SIGTERM the server's process group; if it has not gone in 20 s, SIGKILL it and its workers."""
     if server.process.poll() is None:
+        workers = descendants(server.process.pid)
         os.killpg(server.process.pid, signal.SIGTERM)
         try:
             server.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
+            for pid in workers | descendants(server.process.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait(timeout=10)
 

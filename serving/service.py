@@ -28,9 +28,11 @@ the inference thread (``serving.inference``), so the event loop stays free for p
 """
 
 import asyncio
+import gc
 import json
 import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -44,7 +46,7 @@ from components.config import BatchingParams, ServeParams, UploadLimits
 from serving import SERVICE_NAME
 from serving.access import AccessGuard
 from serving.explorer import Pages
-from serving.inference import InferenceQueue
+from serving.inference import InferenceQueue, in_short_lived_thread
 from serving.observability import METRICS, RequestContext, RequestIdFilter
 from serving.refusals import refusal_response
 from serving.swap import ModelSlot, registry_loader
@@ -228,9 +230,10 @@ class Matcher:
         self.model_name = str(facts["model_name"])
         folder = Path(self.bento_model.path)
         # IndexMismatchError propagates on purpose: a service must not start on a wrong index.
-        served = load_served_model(folder / "encoder", folder / "index", self.model_name,
-                                   str(facts["model_version"]), str(facts["index_checksum"]),
-                                   self.serve.batch_size, self.serve.device)
+        # Not on this (long-lived) thread: see serving.inference.in_short_lived_thread.
+        served = in_short_lived_thread(load_served_model, folder / "encoder", folder / "index", self.model_name,
+                                       str(facts["model_version"]), str(facts["index_checksum"]),
+                                       self.serve.batch_size, self.serve.device)
         self.device = str(next(served.encoder.parameters()).device)
         self.thumbnail_dir = folder / THUMBNAILS
         index_file = self.thumbnail_dir / "index.json"
@@ -256,6 +259,13 @@ class Matcher:
 
         credentials = Credentials.from_environment()
         self.api_keys_required, self.admin_enabled = credentials.callers_need_key, credentials.admin_digest is not None
+        # Start-up leaves millions of long-lived objects (torch, MLflow, BentoML): kept out of the
+        # collector's full passes, which otherwise pause a request now and then.
+        gc.collect()
+        gc.freeze()
+        # The event loop waits for the GIL behind the inference and decoding threads; a shorter
+        # switch interval than Python's 5 ms lets it answer probes between their steps.
+        sys.setswitchinterval(0.001)
         LOGGER.info("serving %s version %s from %s (index %s, %d catalogue images) on %s; %d workers, %d torch "
                     "threads each; API keys %s; @champion checked %s", self.model_name, served.version,
                     self.bento_model_tag, served.index_checksum, len(served.catalogue.sku_ids), self.device,

@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from serving.inference import in_short_lived_thread
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -82,6 +84,12 @@ class CheckResult:
 Loader = Callable[[str, Path], Any]  # (version, scratch folder) -> a loaded, verified ServedModel
 
 
+def _load_and_test(load: Loader, version: str, folder: Path):
+    candidate = load(version, folder)
+    self_test(candidate)
+    return candidate
+
+
 class ModelSlot:
     """The pair being served, replaced atomically by :meth:`check`.
 
@@ -122,8 +130,7 @@ class ModelSlot:
             return CheckResult("unchanged", served.version, served.index_checksum)
         folder = Path(tempfile.mkdtemp(prefix="skumatch-swap-"))
         try:
-            candidate = self._load(version, folder)
-            self_test(candidate)
+            candidate = in_short_lived_thread(_load_and_test, self._load, version, folder)
         except Exception as err:  # noqa: BLE001 - a bad candidate keeps the old pair serving
             shutil.rmtree(folder, ignore_errors=True)
             LOGGER.error("hot swap to version %s (index %s) refused: %s: %s; still serving version %s", version,

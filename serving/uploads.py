@@ -14,6 +14,7 @@ opens a path or fetches a URL that a caller names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -141,7 +142,10 @@ class UploadGuard:
         if len(body) > limits.max_request_bytes:
             await self._too_large(send, limits)
             return
-        problem = await self._check_form(scope, body, limits)
+        import anyio
+
+        # Off the event loop: a burst of uploads must not hold up health probes.
+        problem = await anyio.to_thread.run_sync(self._check_form, scope["path"], content_type, body, limits)
         if problem:
             status, reason, message = problem
             await send_refusal(send, status, reason, message)
@@ -153,39 +157,91 @@ class UploadGuard:
         await send_refusal(send, 413, "max_request_bytes",
                            f"request body larger than the limit max_request_bytes={limits.max_request_bytes}")
 
-    async def _check_form(self, scope: Scope, body: bytes, limits: UploadLimits) -> tuple[int, str, str] | None:
-        from starlette.datastructures import UploadFile
-        from starlette.requests import Request
-
-        route = scope["path"]
+    def _check_form(self, route: str, content_type: str, body: bytes,
+                    limits: UploadLimits) -> tuple[int, str, str] | None:
+        """What is wrong with a multipart body for ``route``, as ``(status, reason, message)``; None if nothing."""
         field, most = self.file_fields[route]
         most = most or limits.max_images_per_request
-        request = Request(scope, receive=_replay(body, None))
         try:
-            form = await request.form(max_files=most + 1, max_fields=100)
-        except Exception:  # noqa: BLE001 - starlette raises several types for broken multipart bodies
+            parts = multipart_parts(content_type, body)
+        except ValueError:
             return 400, "malformed_form", "malformed multipart/form-data body"
-        try:
-            files = form.getlist(field)
-            if any(not isinstance(value, UploadFile) for value in files):
-                return (400, "text_instead_of_file",
-                        f"form field {field!r} must be a file upload (e.g. curl -F '{field}=@photo.jpg'), "
-                        "not a text value; paths and URLs are not opened or fetched")
-            for name, value in form.multi_items():
-                if name != field and isinstance(value, UploadFile):
-                    return 400, "unknown_file_field", f"{route} takes files only in the form field {field!r}, not {name!r}"
-            if len(files) > most:
-                return (413, "max_images_per_request",
-                        f"{route} takes at most {most} file(s) in {field!r}, got {len(files)} "
-                        f"(limit max_images_per_request={limits.max_images_per_request})")
-            for position, upload in enumerate(files):
-                if (upload.size or 0) > limits.max_upload_bytes:
-                    return (413, "max_upload_bytes",
-                            f"upload {position} is {upload.size} bytes, over the limit "
-                            f"max_upload_bytes={limits.max_upload_bytes}")
-        finally:
-            await form.close()
+        files = [part for part in parts if part.name == field]
+        if any(not part.is_file for part in files):
+            return (400, "text_instead_of_file",
+                    f"form field {field!r} must be a file upload (e.g. curl -F '{field}=@photo.jpg'), "
+                    "not a text value; paths and URLs are not opened or fetched")
+        stray = next((part for part in parts if part.is_file and part.name != field), None)
+        if stray is not None:
+            return 400, "unknown_file_field", f"{route} takes files only in the form field {field!r}, not {stray.name!r}"
+        if len(files) > most:
+            return (413, "max_images_per_request", f"{route} takes at most {most} file(s) in {field!r}, got "
+                    f"{len(files)} (limit max_images_per_request={limits.max_images_per_request})")
+        for position, part in enumerate(files):
+            if part.size > limits.max_upload_bytes:
+                return (413, "max_upload_bytes", f"upload {position} is {part.size} bytes, over the limit "
+                        f"max_upload_bytes={limits.max_upload_bytes}")
         return None
+
+
+@dataclass
+class FormPart:
+    """One part of a multipart body: its field name, whether it is a file, its size in bytes."""
+
+    name: str
+    is_file: bool
+    size: int
+
+
+def multipart_parts(content_type: str, body: bytes) -> list[FormPart]:
+    """The parts of a complete ``multipart/form-data`` body, read without keeping their data.
+
+    Raises:
+        ValueError: no boundary, a body that does not parse, or one that ends before its closing
+            boundary.
+    """
+    from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ValueError("no boundary")
+    parts: list[FormPart] = []
+    headers: dict[bytes, bytes] = {}
+    field, value, size = bytearray(), bytearray(), 0
+
+    def header_end() -> None:
+        headers[bytes(field).lower()] = bytes(value)
+        field.clear()
+        value.clear()
+
+    def part_data(data: bytes, start: int, end: int) -> None:
+        nonlocal size
+        size += end - start
+
+    def part_end() -> None:
+        nonlocal size
+        _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
+        name = disposition.get(b"name", b"").decode("latin-1")
+        parts.append(FormPart(name, b"filename" in disposition, size))
+        headers.clear()
+        size = 0
+
+    parser = MultipartParser(boundary, {
+        "on_header_field": lambda data, start, end: field.extend(data[start:end]),
+        "on_header_value": lambda data, start, end: value.extend(data[start:end]),
+        "on_header_end": header_end,
+        "on_part_data": part_data,
+        "on_part_end": part_end,
+    })
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception as err:  # noqa: BLE001 - python-multipart raises its own error types
+        raise ValueError(str(err)) from err
+    if parser.state != MultipartState.END:
+        raise ValueError("the body ends before its closing boundary")
+    return parts
 
 
 async def _read_body(receive: Receive, most: int) -> bytes | None:

@@ -89,3 +89,14 @@ def test_a_failing_call_fails_its_requests_and_the_thread_goes_on(two_models, se
             next(iter(served_files.iconic))
     finally:
         queue.close()
+
+
+def test_in_short_lived_thread_hands_back_the_result_or_the_error():
+    import threading
+
+    from serving.inference import in_short_lived_thread
+
+    caller = threading.get_ident()
+    assert in_short_lived_thread(lambda a, b: (a + b, threading.get_ident() != caller), 2, 3) == (5, True)
+    with pytest.raises(ZeroDivisionError):
+        in_short_lived_thread(lambda: 1 / 0)

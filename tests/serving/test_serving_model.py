@@ -208,3 +208,34 @@ def test_a_served_model_matches_on_cuda_as_on_the_cpu(served_files):
     images = [Image.open(path).convert("RGB") for path in served_files.iconic.values()]
     assert [hits[0]["sku_id"] for hits in on_gpu.match(images, 1)] == list(served_files.iconic)
     np.testing.assert_allclose(on_gpu.embed(images), on_cpu.embed(images), atol=2e-2)  # bf16 on the GPU
+
+
+# --- the upload guard's reading of multipart bodies ----------------------------------------------
+
+def _multipart(*parts: bytes, boundary: bytes = b"xyz", close: bool = True) -> bytes:
+    body = b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts)
+    return body + (b"--" + boundary + b"--\r\n" if close else b"")
+
+
+FILE_PART = b'Content-Disposition: form-data; name="image"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n' + b"J" * 300
+TEXT_PART = b'Content-Disposition: form-data; name="top_k"\r\n\r\n3'
+
+
+def test_multipart_parts_names_files_and_their_sizes():
+    from serving.uploads import FormPart, multipart_parts
+
+    parts = multipart_parts("multipart/form-data; boundary=xyz", _multipart(FILE_PART, TEXT_PART, FILE_PART))
+    assert parts == [FormPart("image", True, 300), FormPart("top_k", False, 1), FormPart("image", True, 300)]
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("multipart/form-data", _multipart(FILE_PART)),  # no boundary
+    ("multipart/form-data; boundary=xyz", _multipart(FILE_PART, close=False)),  # cut before the end
+    ("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Disposition: form-data; name=\"image\""),
+    ("multipart/form-data; boundary=xyz", b"no boundary anywhere"),
+], ids=["no-boundary", "unterminated", "cut-in-headers", "no-parts"])
+def test_multipart_parts_refuses_malformed_bodies(content_type, body):
+    from serving.uploads import multipart_parts
+
+    with pytest.raises(ValueError):
+        multipart_parts(content_type, body)
