@@ -121,8 +121,9 @@ class UploadGuard:
         limits = self.limits()
         field, _ = self.file_fields[scope["path"]]
         headers = Headers(scope=scope)
-        content_type = headers.get("content-type", "").lower()
-        if not content_type.startswith("multipart/form-data"):
+        # Not lower-cased: the boundary in it is case-sensitive (browsers use mixed case).
+        content_type = headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):
             await send_refusal(send, 415, "content_type",
                                f"{scope['path']} takes images only as multipart/form-data file uploads in the field "
                                f"{field!r} (e.g. curl -F '{field}=@photo.jpg'); JSON, form text, paths and URLs are "

@@ -273,3 +273,14 @@ def test_cli_match_sends_several_photos_as_one_batch(server, packaged, tmp_path)
     refused = CliRunner().invoke(app, ["match", str(paths[0]), str(broken), "--url", server.url])
     assert refused.exit_code == 1
     assert f"{broken}: the uploaded image is truncated or corrupt" in refused.output
+
+
+def test_a_mixed_case_boundary_is_matched_as_sent(server, packaged):
+    """Browsers send boundaries such as ----WebKitFormBoundaryQx7Zk: case matters in them."""
+    sku, paths = next(iter(packaged.champion.catalogue.items()))
+    boundary = "----WebKitFormBoundaryQx7Zk"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + paths[0].read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    response = _post(server, "/match", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["matches"][0]["sku_id"] == sku

@@ -213,6 +213,7 @@ def test_a_served_model_matches_on_cuda_as_on_the_cpu(served_files):
 # --- the upload guard's reading of multipart bodies ----------------------------------------------
 
 def _multipart(*parts: bytes, boundary: bytes = b"xyz", close: bool = True) -> bytes:
+    """A multipart body of ``parts`` (header lines, blank line, data)."""
     body = b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts)
     return body + (b"--" + boundary + b"--\r\n" if close else b"")
 
@@ -226,6 +227,10 @@ def test_multipart_parts_names_files_and_their_sizes():
 
     parts = multipart_parts("multipart/form-data; boundary=xyz", _multipart(FILE_PART, TEXT_PART, FILE_PART))
     assert parts == [FormPart("image", True, 300), FormPart("top_k", False, 1), FormPart("image", True, 300)]
+    # A browser's boundary is mixed case, and must be matched as sent.
+    browser = b"----WebKitFormBoundaryQx7Zk"
+    assert multipart_parts(f"Multipart/Form-Data; boundary={browser.decode()}",
+                           _multipart(FILE_PART, boundary=browser)) == [FormPart("image", True, 300)]
 
 
 @pytest.mark.parametrize(("content_type", "body"), [
