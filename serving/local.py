@@ -49,7 +49,8 @@ def start_server(target: str, env: dict[str, str], log: Path, cwd: Path | None =
     """
     port = free_port()
     with log.open("wb") as handle:
-        process = subprocess.Popen(serve_command(target, port, host="127.0.0.1"), cwd=cwd or log.parent, env=env,
+        # No --host: the service binds 127.0.0.1 by its own default, which every test server so checks.
+        process = subprocess.Popen(serve_command(target, port), cwd=cwd or log.parent, env=env,
                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     return LocalServer(f"http://127.0.0.1:{port}", process, log)
 

@@ -9,10 +9,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from serving_support import private_home
-
-from serving.build import serve_command
-from serving.local import LocalServer, free_port, stop_server, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -74,18 +70,8 @@ def test_request_id_is_echoed_and_logged(server, packaged):
     assert f"[request {generated}] POST /match -> 415" in log
 
 
-def test_the_service_binds_loopback_unless_told_otherwise(packaged, tmp_path):
-    port = free_port()
-    log = tmp_path / "serve.log"
-    import subprocess
-
-    with log.open("wb") as handle:
-        process = subprocess.Popen(serve_command(packaged.bento_tag, port), cwd=tmp_path,
-                                   env=private_home(packaged.champion.env, tmp_path),
-                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    running = LocalServer(f"http://127.0.0.1:{port}", process, log)
-    try:
-        assert wait_ready(running), running.output()[-3000:]
-        assert f"listening on http://127.0.0.1:{port}" in running.output()
-    finally:
-        stop_server(running)
+def test_the_service_binds_loopback_unless_told_otherwise(server):
+    # serving.local starts servers without --host, so this is the service's own default.
+    port = server.url.rsplit(":", 1)[1]
+    assert "--host" not in server.process.args
+    assert f"listening on http://127.0.0.1:{port}" in server.output()
