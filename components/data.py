@@ -27,7 +27,6 @@ LOGGER = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["image_path", "sku_id", "split", "role"]
 CATALOGUE_SPLIT = "catalogue"
-ROLES = ("catalogue", "query")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 

@@ -27,8 +27,6 @@ from components.data import select
 
 LOGGER = logging.getLogger(__name__)
 
-PROTOCOLS = ("nn", "catalogue")
-
 # (queries, gallery) -> similarity matrix; injected so tests can swap FAISS for brute force.
 SimilarityFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -323,6 +321,12 @@ def write_metrics(metrics: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return path
+
+
+def open_set_threshold(metrics: dict) -> float | None:
+    """The calibrated open-set threshold (``reject_below``) in evaluation metrics, if they hold one."""
+    value = metrics.get("open_set", {}).get("threshold")
+    return None if value is None else float(value)
 
 
 @dataclass

@@ -224,3 +224,31 @@ def build_catalogue_index(encoder, preprocess, catalogue_rows, index_params: Ind
     vectors = embed_images(encoder, preprocess, paths, batch_size or EvaluateParams().batch_size)
     return build_index(vectors, list(catalogue_rows["sku_id"]), paths, index_params.factory, index_params.use_gpu,
                        meta, index_params.nprobe, index_params.ef_search)
+
+
+def build_model_index(encoder_dir: str | Path, manifest, out_dir: str | Path, index_params: IndexParams,
+                      batch_size: int, model_name: str, model_version: str,
+                      reject_below: float | None) -> tuple[str, CatalogueIndex]:
+    """Build and save the catalogue index of a saved encoder: the one path every pipeline takes.
+
+    The flow's ``build-index`` task, ``skumatch index`` and the DVC ``index`` stage all call this,
+    so every index carries the same meta: the model's name and version, the calibrated open-set
+    threshold ``reject_below`` (the service's "no confident match"; ``None`` when evaluation
+    calibrated none) and the training run's fingerprint.
+
+    Args:
+        manifest: the dataset manifest; its catalogue rows are indexed.
+        model_version: the registered version, or ``local`` for an index outside the registry.
+
+    Returns:
+        The index's checksum and the index itself.
+    """
+    from components.data import select
+    from components.model import load_encoder
+
+    encoder, preprocess, description = load_encoder(encoder_dir)
+    meta = {"model_name": model_name, "model_version": str(model_version), "reject_below": reject_below,
+            "run_fingerprint": description.get("run_fingerprint")}
+    catalogue = build_catalogue_index(encoder, preprocess, select(manifest, role="catalogue"), index_params,
+                                      batch_size, meta=meta)
+    return save_index(catalogue, out_dir), catalogue

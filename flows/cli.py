@@ -98,7 +98,7 @@ def train(params: ParamsOption = Path("params.yaml"), overrides: SetOption = Non
     Prints the last epoch's validation metrics (the gate protocol); ``evaluate`` gives both.
     """
     from components.data import data_version, load_manifest
-    from components.train import train_encoder
+    from components.training import train_encoder
 
     cfg = _params(params, overrides, data)
     manifest = load_manifest(cfg.data.root, cfg.data.layout, cfg.data.max_images_per_sku)
@@ -144,23 +144,28 @@ def evaluate(
 def index(
     model_dir: Annotated[Path, typer.Option(help="a saved encoder folder")] = Path("models/encoder"),
     out: Annotated[Optional[Path], typer.Option(help="index folder (default index.output_dir)")] = None,
+    metrics: Annotated[Optional[Path], typer.Option(
+        help="the encoder's evaluation metrics, whose open-set threshold the index carries "
+             "(default evaluate.metrics_path, what `skumatch evaluate --metrics-out` writes)")] = None,
     params: ParamsOption = Path("params.yaml"), overrides: SetOption = None, data: DataOption = None,
 ) -> None:
     """Build the FAISS catalogue index from a saved encoder (DVC stage ``index``)."""
-    from components.data import load_manifest, select
-    from components.index import build_catalogue_index, save_index
-    from components.model import load_encoder
+    from components.data import load_manifest
+    from components.evaluate import open_set_threshold
+    from components.index import build_model_index
 
     cfg = _params(params, overrides, data)
-    encoder, preprocess, description = load_encoder(model_dir)
+    metrics_file = metrics or Path(cfg.evaluate.metrics_path)
+    if not metrics_file.is_file():
+        _fail(f"no evaluation metrics at {metrics_file}: run `skumatch evaluate {model_dir} --metrics-out "
+              f"{metrics_file}` first; the index carries the open-set threshold it calibrates")
     manifest = load_manifest(cfg.data.root, cfg.data.layout, cfg.data.max_images_per_sku)
-    catalogue = build_catalogue_index(encoder, preprocess, select(manifest, role="catalogue"), cfg.index,
-                                      cfg.evaluate.batch_size,
-                                      meta={"model_name": cfg.registry.model_name, "model_version": "local",
-                                            "run_fingerprint": description.get("run_fingerprint")})
-    checksum = save_index(catalogue, out or Path(cfg.index.output_dir))
-    typer.echo(json.dumps({"index_dir": str(out or cfg.index.output_dir), "checksum": checksum,
-                           "ntotal": len(catalogue.sku_ids)}))
+    out_dir = out or Path(cfg.index.output_dir)
+    checksum, catalogue = build_model_index(model_dir, manifest, out_dir, cfg.index, cfg.evaluate.batch_size,
+                                            cfg.registry.model_name, "local",
+                                            open_set_threshold(json.loads(metrics_file.read_text())))
+    typer.echo(json.dumps({"index_dir": str(out_dir), "checksum": checksum, "ntotal": len(catalogue.sku_ids),
+                           "reject_below": catalogue.meta.get("reject_below")}))
 
 
 def _move_champion(params: Path, overrides: list[str] | None, move) -> None:

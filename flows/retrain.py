@@ -53,7 +53,7 @@ def validate_data(manifest: pd.DataFrame, params: Params, report_dir: Path) -> v
 @task(name="fine-tune", cache_policy=NO_CACHE)
 def fine_tune(params: Params, manifest: pd.DataFrame, data_version: str, run_id: str):
     """Fine-tune the encoder, tracking every epoch in the MLflow run."""
-    from components.train import train_encoder
+    from components.training import train_encoder
 
     return train_encoder(params, manifest, registry.MlflowTracker(run_id), data_version, progress=True)
 
@@ -128,13 +128,9 @@ def build_index(encoder_dir: Path, params: Params, manifest: pd.DataFrame, versi
     ``reject_below`` (the calibrated open-set threshold) travels in the index's checksummed
     meta, so the service answers "no confident match" with the threshold of its own model.
     """
-    from components.model import load_encoder
-
-    encoder, preprocess, _ = load_encoder(encoder_dir)
-    catalogue = index_lib.build_catalogue_index(
-        encoder, preprocess, data_lib.select(manifest, role="catalogue"), params.index, params.evaluate.batch_size,
-        meta={"model_name": params.registry.model_name, "model_version": str(version), "reject_below": reject_below})
-    return index_lib.save_index(catalogue, out_dir)
+    checksum, _ = index_lib.build_model_index(encoder_dir, manifest, out_dir, params.index, params.evaluate.batch_size,
+                                              params.registry.model_name, str(version), reject_below)
+    return checksum
 
 
 @task(name="publish-version", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -189,7 +185,7 @@ def retrain(params_path: str = "params.yaml", overrides: list[str] | None = None
         mlflow.set_tag("gate", decision.summary())
         model_version = register(client, params, run_id, result.model_dir, metrics, version_of_data)
     checksum = build_index(result.model_dir, params, manifest, model_version.version, work / "index",
-                           metrics.get("open_set", {}).get("threshold"))
+                           evaluate_lib.open_set_threshold(metrics))
     promoted = publish_version(client, params, model_version.version, work / "index", checksum)
     summary = {
         "data_version": version_of_data, "run_id": run_id, "model_name": params.registry.model_name,

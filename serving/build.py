@@ -123,7 +123,7 @@ def package_model(resolved: ResolvedModel, serve: ServeParams | None = None, *,
     import bentoml
 
     from components.index import IndexMismatchError, load_index
-    from components.registry import load_served_model
+    from components.matcher import load_served_model
     from serving.service import MAX_TOP_K, THUMBNAILS
 
     serve = serve or ServeParams()

@@ -31,7 +31,7 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass
 class _Job:
-    served: Any  # components.registry.ServedModel
+    served: Any  # components.matcher.ServedModel
     images: list
     top_k: Optional[int]  # None: embed only
     done: Future = field(default_factory=Future)

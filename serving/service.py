@@ -205,7 +205,7 @@ class Matcher:
         # to read the service definition.
         import torch
 
-        from components.registry import load_served_model
+        from components.matcher import load_served_model
 
         # BentoML's server logging shows warnings only, outside its own loggers: the service's
         # start-up, swap and per-request lines are INFO, each prefixed with its request id.

@@ -171,6 +171,7 @@ def registry_loader(tracking_uri: str, model_name: str, batch_size: int, device:
     from mlflow import MlflowClient
 
     from components import registry
+    from components.matcher import load_served_model
 
     def client():
         return MlflowClient(tracking_uri, tracking_uri)
@@ -180,7 +181,7 @@ def registry_loader(tracking_uri: str, model_name: str, batch_size: int, device:
 
     def load(version: str, folder: Path):
         resolved = registry.download_version(client(), model_name, version, dst=folder)
-        return registry.load_served_model(resolved.encoder_dir, resolved.index_dir, model_name, resolved.version,
-                                          resolved.index_checksum, batch_size, device)
+        return load_served_model(resolved.encoder_dir, resolved.index_dir, model_name, resolved.version,
+                                 resolved.index_checksum, batch_size, device)
 
     return target, load

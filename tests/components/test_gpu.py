@@ -10,7 +10,7 @@ from components.config import load_params
 from components.data import load_manifest
 from components.index import build_index, load_index, save_index
 from components.model import autocast_for, build_encoder, load_encoder
-from components.train import train_encoder
+from components.training import train_encoder
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

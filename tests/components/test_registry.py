@@ -1,4 +1,4 @@
-"""The MLflow registry on a real SQLite store: versions, aliases, promotion, rollback, CLI."""
+"""The MLflow registry on a real SQLite store: versions, aliases, promotion, rollback, CLI, download."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from components import registry
 from components.config import ModelParams, RegistryParams
 from components.index import IndexMismatchError, build_catalogue_index, save_index
+from components.matcher import load_served_model
 from components.model import build_encoder, save_encoder
 from flows.cli import app
 
@@ -57,8 +58,8 @@ def test_version_carries_metrics_data_version_and_index(store, tiny_encoder_dir,
     assert stored.tags["metric.catalogue.top1"] == "0.900000"
     resolved = registry.download_version(client, params.model_name, version, tmp_path / "dl")
     assert (resolved.encoder_dir / "model.safetensors").exists()
-    served = registry.load_served_model(resolved.encoder_dir, resolved.index_dir, params.model_name, version,
-                                        resolved.index_checksum)
+    served = load_served_model(resolved.encoder_dir, resolved.index_dir, params.model_name, version,
+                               resolved.index_checksum)
     iconic = sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))[0]
     from PIL import Image
 
@@ -72,10 +73,9 @@ def test_served_model_refuses_index_of_another_version(store, tiny_encoder_dir, 
     first = _register_with_index(store, tiny_encoder_dir, synthetic_dataset, tmp_path)
     resolved = registry.download_version(client, params.model_name, first, tmp_path / "dl")
     with pytest.raises(IndexMismatchError, match="built from model version 1, not the served version 2"):
-        registry.load_served_model(resolved.encoder_dir, resolved.index_dir, params.model_name, "2",
-                                   resolved.index_checksum)
+        load_served_model(resolved.encoder_dir, resolved.index_dir, params.model_name, "2", resolved.index_checksum)
     with pytest.raises(IndexMismatchError, match="records deadbeef"):
-        registry.load_served_model(resolved.encoder_dir, resolved.index_dir, params.model_name, first, "deadbeef")
+        load_served_model(resolved.encoder_dir, resolved.index_dir, params.model_name, first, "deadbeef")
 
 
 def test_promote_and_rollback(store, tiny_encoder_dir, synthetic_dataset, tmp_path):
@@ -95,7 +95,6 @@ def test_promote_and_rollback(store, tiny_encoder_dir, synthetic_dataset, tmp_pa
     with pytest.raises(registry.RegistryError, match="no version or alias '99'"):
         registry.promote(client, params.model_name, "99")
     assert str(registry.resolve_version(client, params.model_name, "@champion").version) == v2
-    assert registry.champion_metrics(client, params.model_name) == METRICS
 
     assert tuple(map(str, registry.rollback(client, params.model_name))) == (v2, v1)
     assert str(client.get_model_version_by_alias(params.model_name, "champion").version) == v1
@@ -121,71 +120,3 @@ def test_cli_promote_rollback_and_champion(store, tiny_encoder_dir, synthetic_da
     assert result.exit_code == 1 and "no earlier champion" in result.output
     result = runner.invoke(app, ["promote", "42", *flags])
     assert result.exit_code == 1 and "'42'" in result.output
-
-
-def test_served_model_embeds_photos_as_queries_at_the_saved_query_zooms(tiny_clip_dir, synthetic_dataset, tmp_path):
-    from PIL import Image
-
-    from components.index import load_index
-    from components.model import embed_batch, load_encoder
-
-    params = ModelParams(backbone="hf-clip", hf_model_id=str(tiny_clip_dir), embed_dim=16, image_size=16,
-                         query_zooms=[1.0, 0.5])
-    encoder, preprocess = build_encoder(params)
-    encoder, preprocess, _ = load_encoder(save_encoder(encoder, preprocess, params, tmp_path / "encoder"))
-    rows = pd.DataFrame({"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]})
-    rows["sku_id"] = [p.split("/")[-2] for p in rows["image_path"]]
-    checksum = save_index(build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1"}), tmp_path / "index")
-    served = registry.ServedModel(encoder, preprocess, load_index(tmp_path / "index", checksum, "1"), "m", "1")
-    photo = Image.open(rows["image_path"].iat[0])
-    query = embed_batch(encoder, preprocess, [photo], as_queries=True).numpy()
-    np.testing.assert_allclose(served.embed([photo]), query, atol=1e-6)
-    # The index holds the catalogue image at zoom 1; the same image as a query is seen zoomed too.
-    indexed = embed_batch(encoder, preprocess, [photo]).numpy()
-    best = served.match([photo], top_k=1)[0][0]
-    assert best["score"] == pytest.approx(float(query[0] @ indexed[0]), abs=1e-5) and best["score"] < 0.9999
-
-
-def test_served_model_embeds_batch_size_photos_at_a_time(tiny_encoder_dir, synthetic_dataset, tmp_path):
-    from PIL import Image
-
-    from components.index import load_index
-
-    model_dir, encoder, preprocess = tiny_encoder_dir
-    rows = pd.DataFrame({"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]})
-    rows["sku_id"] = [p.split("/")[-2] for p in rows["image_path"]]
-    checksum = save_index(build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1"}), tmp_path / "index")
-    catalogue = load_index(tmp_path / "index", checksum, "1")
-    photos = [Image.open(path) for path in rows["image_path"]][:5]
-    batches = []
-    hook = encoder.register_forward_pre_hook(lambda _, inputs: batches.append(len(inputs[0])))
-    try:
-        whole = registry.ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=len(photos)).embed(photos)
-        sizes_whole, batches[:] = list(batches), []
-        in_twos = registry.ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=2).embed(photos)
-    finally:
-        hook.remove()
-    zooms = len(encoder.query_zooms)
-    assert sizes_whole == [5] * zooms and batches == [2] * zooms + [2] * zooms + [1] * zooms
-    np.testing.assert_allclose(in_twos, whole, atol=1e-6)  # the same rows, whatever the batch
-    with pytest.raises(ValueError, match="batch_size must be at least 1"):
-        registry.ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=0)
-
-
-def test_matches_below_the_calibrated_threshold_are_not_confident(tiny_encoder_dir, synthetic_dataset, tmp_path):
-    from PIL import Image
-
-    from components.index import load_index
-
-    model_dir, encoder, preprocess = tiny_encoder_dir
-    rows = pd.DataFrame({"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]})
-    rows["sku_id"] = [p.split("/")[-2] for p in rows["image_path"]]
-    catalogue = build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1", "reject_below": 0.999})
-    checksum = save_index(catalogue, tmp_path / "index")
-    served = registry.ServedModel(encoder, preprocess, load_index(tmp_path / "index", checksum, "1"), "m", "1")
-    exact = served.match([Image.open(rows["image_path"].iat[0])], top_k=2)[0]
-    assert exact[0]["confident"] and exact[0]["score"] >= 0.999
-    assert not exact[1]["confident"]  # the runner-up SKU is another product
-    rng = np.random.default_rng(0)
-    noise = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    assert not served.match([noise], top_k=1)[0][0]["confident"]

@@ -24,17 +24,11 @@ from components.config import Params, load_params
 from components.data import load_manifest, select
 from components.evaluate import evaluate_encoder
 from components.model import build_encoder, embed_images, load_encoder
-from components.train import (
-    CachedFeatures,
-    MarginHead,
-    TrainResult,
-    cache_features,
-    embed_cached,
-    pk_batches,
-    run_fingerprint,
-    train_encoder,
-    with_catalogue_images,
-)
+from components.training import TrainResult, train_encoder
+from components.training.checkpoints import run_fingerprint
+from components.training.feature_cache import CachedFeatures, cache_features, embed_cached
+from components.training.losses import MarginHead
+from components.training.sampling import pk_batches, with_catalogue_images
 
 EPOCH_KEYS = {"train.loss", "train.frozen_backbone", "val.catalogue.top1", "val.catalogue.top3",
               "val.catalogue.delta_similarity", "val.catalogue.map"}
@@ -360,7 +354,7 @@ def test_with_catalogue_images_adds_each_batch_skus_catalogue_image_once():
 
 
 def test_catalogue_anchor_loss_prefers_the_own_catalogue_image():
-    from components.train import catalogue_anchor_loss
+    from components.training.losses import catalogue_anchor_loss
 
     anchors = torch.nn.functional.normalize(torch.eye(4)[:3], dim=-1)  # SKUs 0..2 have catalogue images, 3 has none
     anchor_labels = torch.tensor([0, 1, 2])
@@ -375,7 +369,7 @@ def test_catalogue_anchor_loss_prefers_the_own_catalogue_image():
 
 
 def test_catalogue_anchor_loss_is_a_margin_softmax_over_the_anchor_skus_best_images():
-    from components.train import catalogue_anchor_loss
+    from components.training.losses import catalogue_anchor_loss
 
     generator = torch.Generator().manual_seed(0)
     photos = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=-1)
@@ -404,7 +398,7 @@ def test_catalogue_anchor_loss_is_a_margin_softmax_over_the_anchor_skus_best_ima
 
 
 def test_catalogue_anchors_are_the_whole_catalogue_up_to_the_sample_size():
-    from components.train import CatalogueAnchors
+    from components.training.sampling import CatalogueAnchors
 
     labels = np.array([5, 3, 8, 3, 1])
     for sample in (None, 5, 100):
@@ -415,7 +409,7 @@ def test_catalogue_anchors_are_the_whole_catalogue_up_to_the_sample_size():
 
 
 def test_sampled_catalogue_anchors_hold_the_steps_skus_and_random_others():
-    from components.train import CatalogueAnchors
+    from components.training.sampling import CatalogueAnchors
 
     labels = np.repeat(np.arange(500), 2)[:999]  # 500 SKUs, two catalogue images each (SKU 499 one)
     anchor_set = CatalogueAnchors(labels, sample=64)
@@ -461,7 +455,7 @@ def test_shelf_augment_crops_tensors_and_photos_alike_and_keeps_hue():
     from PIL import Image
 
     from components.model import Preprocess
-    from components.train import ShelfAugment
+    from components.training.augment import ShelfAugment
 
     preprocess = Preprocess(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     augment = ShelfAugment(preprocess, random.Random(0), out_size=16)
@@ -485,7 +479,7 @@ def test_colour_cast_tints_grey_only_when_asked_and_within_its_bound():
     from PIL import Image
 
     from components.model import Preprocess
-    from components.train import ShelfAugment
+    from components.training.augment import ShelfAugment
 
     preprocess = Preprocess(24, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # views stay in [0, 1] pixel units
     grey = Image.new("RGB", (40, 40), (128, 128, 128))
@@ -514,7 +508,7 @@ def test_erase_hides_one_solid_rectangle_of_the_crop_only_when_drawn():
     from PIL import Image
 
     from components.model import Preprocess
-    from components.train import ShelfAugment
+    from components.training.augment import ShelfAugment
 
     preprocess = Preprocess(48, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     textured = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
@@ -551,7 +545,7 @@ def test_shelf_augment_crops_only_as_much_of_the_image_as_crop_area_allows():
     from PIL import Image
 
     from components.model import Preprocess
-    from components.train import ShelfAugment
+    from components.training.augment import ShelfAugment
 
     # Black left half, white right half: a crop of the whole image always shows both.
     half_and_half = Image.fromarray(np.concatenate([np.zeros((64, 32, 3), np.uint8),
@@ -582,11 +576,11 @@ def test_augmentation_settings_are_part_of_the_cached_features_identity(tmp_path
 
 
 def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
-    """A real _CropTraining over the synthetic dataset with an untrained EfficientNet-Lite0."""
+    """A real CropTraining over the synthetic dataset with an untrained EfficientNet-Lite0."""
     import pandas as pd
 
     from components.data import select
-    from components.train import _CropTraining
+    from components.training.stages import CropTraining
 
     params = load_params(None, ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.image_size=32",
                                 "model.embed_dim=16", "train.unfrozen_batch_size=12", "train.images_per_sku=2",
@@ -600,7 +594,8 @@ def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
     head = MarginHead(encoder.embed_dim, len(sku_ids), "arcface", 0.2, 30.0)
     optimizer = torch.optim.AdamW([{"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": 1e-3},
                                    {"params": list(encoder.backbone.parameters()), "lr": 1e-3}])
-    stage = _CropTraining(preprocess, list(rows["image_path"]), catalogue_rows, params, torch.device("cpu"))
+    stage = CropTraining(preprocess, list(rows["image_path"]), catalogue_rows, params.train, params.evaluate.batch_size,
+                         torch.device("cpu"))
     return params, stage, encoder, head, optimizer, labels, torch.from_numpy(labels[catalogue_rows])
 
 
@@ -692,7 +687,7 @@ def test_frozen_stage_on_crops_runs_end_to_end_and_resumes(tmp_path, tiny_clip_d
 def test_decoded_images_keep_only_what_the_budget_holds_and_decode_the_rest_alike(tmp_path, synthetic_dataset,
                                                                                   manifest):
     from components.model import Preprocess
-    from components.train import DecodedImages
+    from components.training.decoded_images import DecodedImages
 
     paths = list(manifest["image_path"])
     store = Preprocess(image_size=20, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -809,8 +804,8 @@ def test_a_crash_while_caching_features_leaves_no_cache_that_looks_complete(tmp_
     evaluation_image = tmp_path / "moved-away.jpg"  # missing while the first run caches
 
     def cache():
-        return cache_features(encoder, preprocess, train_paths, np.array([0]), [str(evaluation_image)], params,
-                              torch.device("cpu"), None)
+        return cache_features(encoder, preprocess, train_paths, np.array([0]), [str(evaluation_image)], params.model,
+                              params.train, params.evaluate.batch_size, torch.device("cpu"), None)
 
     with pytest.raises(FileNotFoundError):
         cache()
@@ -842,26 +837,26 @@ def test_caching_sweeps_partial_caches_of_exited_processes_only(tmp_path, tiny_c
     for folder in (abandoned, busy, elsewhere):
         folder.mkdir(parents=True)
         (folder / "train_views.npy").write_bytes(b"half written")
-    cache_features(encoder, preprocess, list(manifest["image_path"][:4]), np.array([0]), [], params,
-                   torch.device("cpu"), None)
+    cache_features(encoder, preprocess, list(manifest["image_path"][:4]), np.array([0]), [], params.model,
+                   params.train, params.evaluate.batch_size, torch.device("cpu"), None)
     assert not abandoned.exists() and busy.is_dir() and elsewhere.is_dir()
     assert len(list(checkpoints.glob("features-????????????"))) == 1  # the finished cache
 
 
 def test_a_cache_another_run_published_first_is_kept(tmp_path):
-    from components.train import _publish
+    from components.training.feature_cache import publish
 
     folder, partial = tmp_path / "features-x", tmp_path / "features-x.partial-host-1"
     for made, content in ((folder, b"first"), (partial, b"second")):
         made.mkdir()
         (made / "train_views.npy").write_bytes(content)
-    _publish(partial, folder)
+    publish(partial, folder)
     assert (folder / "train_views.npy").read_bytes() == b"first" and not partial.exists()
 
-    _publish(folder, tmp_path / "features-y")  # nothing there yet: a plain rename
+    publish(folder, tmp_path / "features-y")  # nothing there yet: a plain rename
     assert (tmp_path / "features-y" / "train_views.npy").read_bytes() == b"first"
     with pytest.raises(FileNotFoundError):  # a missing partial folder is an error, not a cache
-        _publish(tmp_path / "gone.partial-host-1", tmp_path / "features-z")
+        publish(tmp_path / "gone.partial-host-1", tmp_path / "features-z")
 
 
 def test_evaluation_features_of_training_images_are_copied_not_embedded_again(tmp_path, tiny_clip_dir,
@@ -873,7 +868,7 @@ def test_evaluation_features_of_training_images_are_copied_not_embedded_again(tm
     embedded = []
     encoder.backbone.register_forward_pre_hook(lambda _, inputs: embedded.append(len(inputs[0])))
     cached = cache_features(encoder, preprocess, train_paths, np.array([0]), [train_paths[3], query_path, train_paths[0]],
-                            params, torch.device("cpu"), None)
+                            params.model, params.train, params.evaluate.batch_size, torch.device("cpu"), None)
     # Every training view and extra catalogue view, then the one image training does not hold.
     cfg = params.train
     assert sum(embedded) == cfg.cached_views * 8 + (cfg.catalogue_views - 1) + 1

@@ -12,6 +12,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from components import registry
 from components.evaluate import GateFailedError
+from components.matcher import load_served_model
 from components.validation import DataValidationError
 from flows.retrain import retrain
 
@@ -67,8 +68,8 @@ def test_first_run_registers_indexes_and_promotes(workspace):
 
     # The index verifies against the version and serves sensible matches.
     resolved = registry.download_version(client, "skumatch-encoder", "champion", workspace["root"] / "dl")
-    served = registry.load_served_model(resolved.encoder_dir, resolved.index_dir, "skumatch-encoder",
-                                        resolved.version, resolved.index_checksum)
+    served = load_served_model(resolved.encoder_dir, resolved.index_dir, "skumatch-encoder", resolved.version,
+                               resolved.index_checksum)
     assert len(served.catalogue.sku_ids) == 6
     # The open-set threshold calibrated in evaluation travels in the index meta (checksummed).
     assert served.reject_below == pytest.approx(summary["metrics"]["open_set"]["threshold"])

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from components.config import BatchingParams
-from components.registry import load_served_model
+from components.matcher import load_served_model
 from serving.inference import InferenceQueue
 
 

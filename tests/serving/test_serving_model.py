@@ -15,7 +15,8 @@ from PIL import Image
 
 from components.config import ServeParams, UploadLimits
 from components.index import IndexMismatchError
-from components.registry import ResolvedModel, load_served_model
+from components.matcher import load_served_model
+from components.registry import ResolvedModel
 from serving.build import package_model, serve_command, serving_requirements
 from serving.uploads import BadImage, decode_image
 

@@ -1,0 +1,77 @@
+"""The served model's matching: query embedding, batching and the open-set threshold, on real FAISS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from components.config import ModelParams
+from components.index import build_catalogue_index, load_index, save_index
+from components.matcher import ServedModel
+from components.model import build_encoder, embed_batch, load_encoder, save_encoder
+
+
+@pytest.fixture
+def tiny_encoder(tiny_clip_dir):
+    params = ModelParams(backbone="hf-clip", hf_model_id=str(tiny_clip_dir), embed_dim=16, image_size=16)
+    return build_encoder(params)
+
+
+def _catalogue_rows(synthetic_dataset) -> pd.DataFrame:
+    rows = pd.DataFrame({"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]})
+    rows["sku_id"] = [p.split("/")[-2] for p in rows["image_path"]]
+    return rows
+
+
+def test_served_model_embeds_photos_as_queries_at_the_saved_query_zooms(tiny_clip_dir, synthetic_dataset, tmp_path):
+    params = ModelParams(backbone="hf-clip", hf_model_id=str(tiny_clip_dir), embed_dim=16, image_size=16,
+                         query_zooms=[1.0, 0.5])
+    encoder, preprocess = build_encoder(params)
+    encoder, preprocess, _ = load_encoder(save_encoder(encoder, preprocess, params, tmp_path / "encoder"))
+    rows = _catalogue_rows(synthetic_dataset)
+    checksum = save_index(build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1"}), tmp_path / "index")
+    served = ServedModel(encoder, preprocess, load_index(tmp_path / "index", checksum, "1"), "m", "1")
+    photo = Image.open(rows["image_path"].iat[0])
+    query = embed_batch(encoder, preprocess, [photo], as_queries=True).numpy()
+    np.testing.assert_allclose(served.embed([photo]), query, atol=1e-6)
+    # The index holds the catalogue image at zoom 1; the same image as a query is seen zoomed too.
+    indexed = embed_batch(encoder, preprocess, [photo]).numpy()
+    best = served.match([photo], top_k=1)[0][0]
+    assert best["score"] == pytest.approx(float(query[0] @ indexed[0]), abs=1e-5) and best["score"] < 0.9999
+
+
+def test_served_model_embeds_batch_size_photos_at_a_time(tiny_encoder, synthetic_dataset, tmp_path):
+    encoder, preprocess = tiny_encoder
+    rows = _catalogue_rows(synthetic_dataset)
+    checksum = save_index(build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1"}), tmp_path / "index")
+    catalogue = load_index(tmp_path / "index", checksum, "1")
+    photos = [Image.open(path) for path in rows["image_path"]][:5]
+    batches = []
+    hook = encoder.register_forward_pre_hook(lambda _, inputs: batches.append(len(inputs[0])))
+    try:
+        whole = ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=len(photos)).embed(photos)
+        sizes_whole, batches[:] = list(batches), []
+        in_twos = ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=2).embed(photos)
+    finally:
+        hook.remove()
+    zooms = len(encoder.query_zooms)
+    assert sizes_whole == [5] * zooms and batches == [2] * zooms + [2] * zooms + [1] * zooms
+    np.testing.assert_allclose(in_twos, whole, atol=1e-6)  # the same rows, whatever the batch
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=0)
+
+
+def test_matches_below_the_calibrated_threshold_are_not_confident(tiny_encoder, synthetic_dataset, tmp_path):
+    encoder, preprocess = tiny_encoder
+    rows = _catalogue_rows(synthetic_dataset)
+    catalogue = build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1", "reject_below": 0.999})
+    checksum = save_index(catalogue, tmp_path / "index")
+    served = ServedModel(encoder, preprocess, load_index(tmp_path / "index", checksum, "1"), "m", "1")
+    exact = served.match([Image.open(rows["image_path"].iat[0])], top_k=2)[0]
+    assert exact[0]["confident"] and exact[0]["score"] >= 0.999
+    assert not exact[1]["confident"]  # the runner-up SKU is another product
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    assert not served.match([noise], top_k=1)[0][0]["confident"]
