@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -64,83 +64,52 @@ class ModelParams(_Section):
     query_zooms: list[Annotated[float, Field(gt=0, le=1)]] = Field(default=[1.0], min_length=1)
 
 
-class TrainParams(_Section):
-    """Fine-tuning recipe.
+class LossParams(_Section):
+    """The training objective: a margin softmax over SKUs plus a loss against catalogue anchors."""
 
-    The defaults are params.yaml's measured recipe, so that a tree built in code trains what
-    the retrain flow trains; only its crop size (``image_size``), chosen for one backbone, stays
-    the model's own here.
-    """
-
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    epochs: int = Field(default=18, ge=1)
-    batch_size: int = Field(default=64, ge=2)
-    # P x K sampling: P SKUs per batch, K images each (batch_size = P * K rounded down).
-    images_per_sku: int = Field(default=2, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    backbone_lr: float = Field(default=3e-4, ge=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    # Epochs with the backbone frozen (only the projection and head train); after that the
-    # backbone's last `unfreeze_blocks` stages train too (-1 = all of it).
-    frozen_epochs: int = Field(default=10, ge=0)
-    # What the frozen epochs train on: "cached" backbone features of a few views per image,
-    # computed once (seconds per epoch after the caching pass), or live augmented "crops"
-    # through the frozen backbone, the same input the unfrozen epochs see.
-    frozen_stage: Literal["cached", "crops"] = "cached"
-    unfreeze_blocks: int = Field(default=-1, ge=-1)
-    loss: Literal["arcface", "subcenter-arcface", "cosface"] = "arcface"
+    kind: Literal["arcface", "subcenter-arcface", "cosface"] = "arcface"
     margin: float = Field(default=0.35, ge=0)
     scale: float = Field(default=16.0, gt=0)
+    # Prototypes per SKU for subcenter-arcface: tolerates SKUs whose photos look unlike each other.
     subcenters: int = Field(default=3, ge=1)
-    augment: bool = True
-    # Area range, as fractions of the image, of the random-resized crop every shelf augmentation
-    # cuts (stage 1's augmented views and stage 2's crops). Tight crops regularise: 60-100%
-    # overfit and lost 6 / 4 points top-1 against 35-100% (benchmarks/results/accuracy.md).
-    crop_area: list[Annotated[float, Field(gt=0, le=1)]] = Field(default=[0.35, 1.0], min_length=2, max_length=2)
-    # Largest per-channel gain change of the shelf augmentation's colour cast (0 = none): 0.1
-    # draws each of R, G and B's gains from [0.9, 1.1], a white-balance shift, not a hue turn.
-    colour_cast: float = Field(default=0.0, ge=0, lt=1)
-    # Chance that a shelf augmentation hides a random rectangle of the crop under a solid colour
-    # (random erasing: an occluding hand, tag or pack; 0 = never).
-    erase: float = Field(default=0.0, ge=0, le=1)
-    # Frozen stage: cached views per training image (1 = as is, 2 = + mirrored, more = + shelf
-    # augmentations) and per catalogue image (the few catalogue images get many views).
-    cached_views: int = Field(default=2, ge=1)
-    catalogue_views: int = Field(default=16, ge=1)
     # Weight of the loss that ranks each photo's catalogue image above other SKUs' (the
     # catalogue protocol's own task); 0 turns it off.
     catalogue_anchor_weight: float = Field(default=1.0, ge=0)
-    # Catalogue images each step's anchor loss ranks photos against: those of the step's own
-    # SKUs plus others drawn at random, up to this many (None = every catalogue image). Bounds
-    # the per-step cost on large catalogues; a catalogue of at most this many uses all of it.
-    anchor_sample: int | None = Field(default=1024, ge=1)
-    # Unfrozen stage (see components.train._CropTraining): crop size (None = the model's
-    # input size), batch size (full backprop through the backbone), backbone lr warm-up steps,
-    # how often the catalogue anchors are re-embedded, and whether BatchNorm keeps its
-    # pretrained statistics.
-    image_size: int | None = Field(default=None, ge=8)
-    # Add each batch SKU's catalogue image (augmented) to every batch on crops.
-    catalogue_in_batches: bool = False
-    unfrozen_batch_size: int = Field(default=32, ge=2)
-    warmup_steps: int = Field(default=50, ge=0)
+    # Crop stage: steps between re-embeddings of the catalogue anchors (the projection moves every step).
     anchor_refresh_steps: int = Field(default=20, ge=1)
-    freeze_batchnorm: bool = True
-    # Exponential moving average of the encoder's weights over the unfrozen steps (0 = off): the
-    # average, not the last step's weights, is evaluated and saved. 0.995 spans about 200 steps.
-    ema_decay: float = Field(default=0.0, ge=0, lt=1)
-    # Unfrozen stage: decoded training images kept in memory, in MiB (143 KiB per image at the
-    # default 192 px crops, so 8 GiB holds about 58k); images beyond it are decoded again each
-    # time they are drawn, by `loader_workers` background processes (0 = by the training loop).
-    # Neither changes the results, only speed and memory.
-    decoded_cache_mb: int = Field(default=8192, ge=0)
-    loader_workers: int = Field(default=0, ge=0)
-    checkpoint_dir: str = "checkpoints"
-    output_dir: str = "models/encoder"
-    resume: bool = True
-    # Evaluate on the validation split every this many epochs (and after the last): each
-    # unfrozen-stage evaluation costs about 0.6 min of a 2-core run and changes no weight.
-    eval_every_epochs: int = Field(default=2, ge=1)
+
+
+class SamplerParams(_Section):
+    """Which images each step sees: P x K batches (P SKUs, K images each) and catalogue anchors."""
+
+    # Head stage batch (P * K, rounded down).
+    batch_size: int = Field(default=64, ge=2)
+    images_per_sku: int = Field(default=2, ge=1)
+    # Crop stage batch: full backprop through the backbone, so smaller.
+    unfrozen_batch_size: int = Field(default=32, ge=2)
+    # Add each batch SKU's catalogue image (augmented) to every crop-stage batch.
+    catalogue_in_batches: bool = False
+    # Catalogue images each step's anchor loss ranks photos against: the step's own SKUs' plus
+    # others drawn at random, up to this many (None = all). Bounds a step's cost on large catalogues.
+    anchor_sample: int | None = Field(default=1024, ge=1)
+
+
+class AugmentParams(_Section):
+    """Shelf-like augmentation of the training images, and the views the head stage caches."""
+
+    enabled: bool = True
+    # Random-resized crop area, as fractions of the image (stage 1's augmented views, stage 2's crops).
+    crop_area: list[Annotated[float, Field(gt=0, le=1)]] = Field(default=[0.35, 1.0], min_length=2, max_length=2)
+    # Largest per-channel gain change of a white-balance cast (0 = none; 0.1 = gains in [0.9, 1.1]).
+    colour_cast: float = Field(default=0.0, ge=0, lt=1)
+    # Chance of hiding a random rectangle of a crop under one colour (random erasing; 0 = never).
+    erase: float = Field(default=0.0, ge=0, le=1)
+    # Crop stage input size (None = the model's input size): lower than at test time, as FixRes found.
+    image_size: int | None = Field(default=None, ge=8)
+    # Head stage: cached views per training image (1 = as is, 2 = + mirrored, more = + shelf
+    # augmentations) and per catalogue image (the few catalogue images get many).
+    cached_views: int = Field(default=2, ge=1)
+    catalogue_views: int = Field(default=16, ge=1)
 
     @field_validator("crop_area")
     @classmethod
@@ -148,6 +117,97 @@ class TrainParams(_Section):
         if area[0] > area[1]:
             raise ValueError(f"crop_area is [smallest, largest] fraction of the image; got {area}")
         return area
+
+
+class ScheduleParams(_Section):
+    """How long and how fast: the head stage on cached features, then the backbone on crops."""
+
+    epochs: int = Field(default=18, ge=1)
+    # Epochs with the backbone frozen (only the projection and head train); after them the
+    # backbone's last `unfreeze_blocks` stages train too (-1 = all of it).
+    frozen_epochs: int = Field(default=10, ge=0)
+    # What the frozen epochs train on: "cached" backbone features (computed once), or live
+    # augmented "crops" through the frozen backbone.
+    frozen_stage: Literal["cached", "crops"] = "cached"
+    unfreeze_blocks: int = Field(default=-1, ge=-1)
+    lr: float = Field(default=1e-3, gt=0)
+    # The backbone's peak learning rate: warmed up over `warmup_steps`, then a cosine to zero.
+    backbone_lr: float = Field(default=3e-4, ge=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    # BatchNorm keeps its pretrained statistics (small P x K batches make poor batch statistics).
+    freeze_batchnorm: bool = True
+    # Moving average of the encoder's weights over the crop steps (0 = off); the average is saved.
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
+    # Validate every this many epochs and after the last; changes no weight.
+    eval_every_epochs: int = Field(default=2, ge=1)
+
+
+class TrainIOParams(_Section):
+    """Where training writes, whether it resumes, and what it keeps in memory: speed, never results."""
+
+    checkpoint_dir: str = "checkpoints"
+    output_dir: str = "models/encoder"
+    resume: bool = True
+    # Decoded training images kept in memory for the crop stage, in MiB (143 KiB each at 192 px
+    # crops); images beyond it are decoded again when drawn, by `loader_workers` processes.
+    decoded_cache_mb: int = Field(default=8192, ge=0)
+    loader_workers: int = Field(default=0, ge=0)
+
+
+# Where each key of the flat `train` section of earlier params files lives now.
+_MOVED_TRAIN_KEYS = {
+    **{key: f"loss.{key}" for key in ("margin", "scale", "subcenters", "catalogue_anchor_weight",
+                                      "anchor_refresh_steps")},
+    "loss": "loss.kind",
+    **{key: f"sampler.{key}" for key in ("batch_size", "images_per_sku", "unfrozen_batch_size",
+                                         "catalogue_in_batches", "anchor_sample")},
+    "augment": "augment.enabled",
+    **{key: f"augment.{key}" for key in ("crop_area", "colour_cast", "erase", "image_size", "cached_views",
+                                         "catalogue_views")},
+    **{key: f"schedule.{key}" for key in ("epochs", "frozen_epochs", "frozen_stage", "unfreeze_blocks", "lr",
+                                          "backbone_lr", "weight_decay", "warmup_steps", "freeze_batchnorm",
+                                          "ema_decay", "eval_every_epochs")},
+    **{key: f"io.{key}" for key in ("checkpoint_dir", "output_dir", "resume", "decoded_cache_mb",
+                                    "loader_workers")},
+}
+
+
+class TrainParams(_Section):
+    """Fine-tuning recipe, grouped as the code is: loss, sampler, augment, schedule, io.
+
+    The defaults are params.yaml's measured recipe, so that a tree built in code trains what
+    the retrain flow trains; only its crop size (``augment.image_size``), chosen for one
+    backbone, stays the model's own here.
+    """
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    loss: LossParams = LossParams()
+    sampler: SamplerParams = SamplerParams()
+    augment: AugmentParams = AugmentParams()
+    schedule: ScheduleParams = ScheduleParams()
+    io: TrainIOParams = TrainIOParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_moved_keys(cls, raw: Any) -> Any:
+        # A flat key of an earlier params file (or an old -S override) is refused with its new
+        # place, rather than moved silently: `train.loss=cosface` would replace the whole section.
+        if isinstance(raw, dict):
+            moved = [f"train.{key} is now train.{_MOVED_TRAIN_KEYS[key]}" for key, value in raw.items()
+                     if key in _MOVED_TRAIN_KEYS and not (key in cls.model_fields and isinstance(value, dict))]
+            if moved:
+                raise ValueError("; ".join(moved))
+        return raw
+
+    def flat(self) -> dict[str, Any]:
+        """The recipe as the flat mapping of earlier params files, for fingerprints that must not change."""
+        flat: dict[str, Any] = {"device": self.device, "seed": self.seed}
+        for old, new in _MOVED_TRAIN_KEYS.items():
+            group, name = new.split(".")
+            flat[old] = getattr(getattr(self, group), name)
+        return flat
 
 
 class EvaluateParams(_Section):
@@ -337,9 +397,15 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
 
 
 def flatten_params(params: Params) -> dict[str, str]:
-    """Flatten the tree to ``section.key -> str`` for experiment trackers."""
+    """Flatten the tree to dotted paths (``train.schedule.epochs``) -> str, for experiment trackers."""
     flat: dict[str, str] = {}
-    for section, values in params.model_dump().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = json.dumps(value) if not isinstance(value, str) else value
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = node if isinstance(node, str) else json.dumps(node)
+
+    walk("", params.model_dump())
     return flat

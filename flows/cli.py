@@ -28,7 +28,7 @@ data_app = typer.Typer(help="Bring datasets under DVC.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file")]
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override, e.g. train.epochs=3")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override, e.g. train.schedule.epochs=3")]
 DataOption = Annotated[Optional[str], typer.Option("--data", help="dataset path (overrides data.root)")]
 
 
@@ -93,7 +93,7 @@ def validate(params: ParamsOption = Path("params.yaml"), overrides: SetOption = 
 
 @app.command()
 def train(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None, data: DataOption = None) -> None:
-    """Fine-tune the encoder into ``train.output_dir`` (DVC stage ``train``; no registry).
+    """Fine-tune the encoder into ``train.io.output_dir`` (DVC stage ``train``; no registry).
 
     Prints the last epoch's validation metrics (the gate protocol); ``evaluate`` gives both.
     """

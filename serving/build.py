@@ -10,14 +10,11 @@ bento argument chosen at build time and the Python requirements are derived from
 project's own dependencies, neither of which a static file can express. A build only writes
 files (requirements are not locked, nothing is installed), so it works offline.
 
-Command line (from the repository root)::
-
-    python -m serving.build [--params params.yaml] [--ref champion] [-o key=value ...]
+The command line is ``skumatch build`` (``flows/cli.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -269,26 +266,3 @@ def serve_command(bento_tag: str | None, port: int, host: str | None = None) -> 
     if host:
         command += ["--host", host]
     return command
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m serving.build``: package a registered version and build its Bento."""
-    from components.config import load_params
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--ref", default="champion", help="a version number or alias (default: champion)")
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="a params override such as registry.model_name=x (repeatable)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params, args.override)
-    model_tag, bento_tag = package_champion(params, args.ref)
-    print(f"bento_model={model_tag}")
-    print(f"bento={bento_tag}")
-    print("serve with: " + " ".join(serve_command(bento_tag, params.serve.port)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from torch.nn import functional as F
 
-from components.config import TrainParams
+from components.config import AugmentParams, TrainParams
 from components.model import Preprocess
 
 # Fine-tuning crops are cut from images stored this much larger than the crop, so a crop of
@@ -24,8 +24,8 @@ STORE_MARGIN = 1.15
 AUGMENT_VERSION = 2
 
 
-# The augmentation crop's area range when a caller gives none: train.crop_area's default, one source.
-DEFAULT_CROP_AREA = tuple(TrainParams.model_fields["crop_area"].default)
+# The augmentation crop's area range when a caller gives none: train.augment.crop_area's default, one source.
+DEFAULT_CROP_AREA = tuple(AugmentParams.model_fields["crop_area"].default)
 
 
 class ShelfAugment:
@@ -48,7 +48,7 @@ class ShelfAugment:
         pixels = image if torch.is_tensor(image) else self.store.resize_crop(image)
         rng = self.rng
         height, width = pixels.shape[-2:]
-        # Random-resized crop of `crop_area` of the image (train.crop_area), aspect 3:4 to 4:3: a
+        # Random-resized crop of `crop_area` of the image (train.augment.crop_area), aspect 3:4 to 4:3: a
         # product partly in frame.
         area = height * width * rng.uniform(*self.crop_area)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -64,7 +64,7 @@ class ShelfAugment:
         crop = crop * rng.uniform(0.7, 1.3)  # brightness
         if self.colour_cast:
             # A white-balance shift (store light, phone camera): each channel's gain moves on its
-            # own by up to train.colour_cast. Drawn only when on, so a run without it keeps its
+            # own by up to train.augment.colour_cast. Drawn only when on, so a run without it keeps its
             # random stream and its figures.
             gains = [rng.uniform(1 - self.colour_cast, 1 + self.colour_cast) for _ in range(3)]
             crop = crop * torch.tensor(gains, dtype=crop.dtype)[None, :, None, None]
@@ -133,5 +133,5 @@ class Mirrored:
 def shelf_augment(preprocess: Preprocess, train: TrainParams, rng: random.Random | None = None,
                   out_size: int | None = None) -> ShelfAugment:
     """The shelf augmentation ``train``'s augment settings describe, seeded by ``train.seed`` unless given ``rng``."""
-    return ShelfAugment(preprocess, rng or random.Random(train.seed), out_size, train.crop_area, train.colour_cast,
-                        train.erase)
+    return ShelfAugment(preprocess, rng or random.Random(train.seed), out_size, train.augment.crop_area, train.augment.colour_cast,
+                        train.augment.erase)

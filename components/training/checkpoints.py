@@ -31,8 +31,11 @@ def run_fingerprint(params: Params, data_version: str | None) -> str:
     # Nor how images are decoded: decoding is deterministic, so the cache and workers change only speed.
     not_shaping = {"resume", "device", "epochs", "output_dir", "checkpoint_dir", "eval_every_epochs",
                    "decoded_cache_mb", "loader_workers"}
-    shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude=not_shaping),
-               "data": params.data.model_dump(), "data_version": data_version}
+    # The recipe's flat form, the layout of earlier params files: checkpoints from before the
+    # train section was grouped keep their names and still resume.
+    recipe = {key: value for key, value in params.train.flat().items() if key not in not_shaping}
+    shaping = {"model": params.model.model_dump(), "train": recipe, "data": params.data.model_dump(),
+               "data_version": data_version}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -67,10 +67,10 @@ def embed_cached(encoder: Encoder, features: np.ndarray, device: torch.device,
 
 def features_fingerprint(model: ModelParams, train: TrainParams, data_version: str | None, paths: list[str]) -> str:
     """A short hash of everything the cached features depend on (their folder's name)."""
-    shaping = {"model": model.model_dump(), "views": train.cached_views,
-               "catalogue_views": train.catalogue_views, "augment": train.augment,
-               "crop_area": train.crop_area, "colour_cast": train.colour_cast,
-               "erase": train.erase,
+    shaping = {"model": model.model_dump(), "views": train.augment.cached_views,
+               "catalogue_views": train.augment.catalogue_views, "augment": train.augment.enabled,
+               "crop_area": train.augment.crop_area, "colour_cast": train.augment.colour_cast,
+               "erase": train.augment.erase,
                "seed": train.seed, "augment_version": AUGMENT_VERSION, "data_version": data_version,
                "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
@@ -81,7 +81,7 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
                    device: torch.device, data_version: str | None, progress: bool = False) -> CachedFeatures:
     """Compute (or read back) the frozen stage's features.
 
-    They are stored under ``train.checkpoint_dir`` in a folder named by
+    They are stored under ``train.io.checkpoint_dir`` in a folder named by
     :func:`features_fingerprint`, and reused by any run that differs only in how the head trains
     (loss, margin, learning rate, epochs): the expensive part is paid once. Each array is
     written batch by batch into a memory-mapped ``.npy`` file (numpy's format, no pickles) in a
@@ -93,7 +93,7 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
     from numpy.lib.format import open_memmap
 
     all_paths = train_paths + evaluation_paths
-    folder = Path(train.checkpoint_dir) / f"features-{features_fingerprint(model, train, data_version, all_paths)}"
+    folder = Path(train.io.checkpoint_dir) / f"features-{features_fingerprint(model, train, data_version, all_paths)}"
     if folder.is_dir():
         LOGGER.info("reusing cached backbone features %s", folder)
         return CachedFeatures.open(folder, evaluation_paths)
@@ -111,15 +111,15 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
                      progress=progress, out=out)
 
     shelf = shelf_augment(preprocess, train, random.Random(train.seed))
-    view_transforms = [preprocess, Mirrored(preprocess)] + [shelf] * max(0, train.cached_views - 2)
-    train_views = array("train_views", (train.cached_views, len(train_paths), dim))
-    for view, transform in enumerate(view_transforms[:train.cached_views]):
+    view_transforms = [preprocess, Mirrored(preprocess)] + [shelf] * max(0, train.augment.cached_views - 2)
+    train_views = array("train_views", (train.augment.cached_views, len(train_paths), dim))
+    for view, transform in enumerate(view_transforms[:train.augment.cached_views]):
         features(train_paths, transform, train_views[view])
     catalogue_paths = [train_paths[i] for i in catalogue_rows]
-    catalogue_views = array("catalogue_views", (train.catalogue_views if catalogue_paths else 1, len(catalogue_paths), dim))
+    catalogue_views = array("catalogue_views", (train.augment.catalogue_views if catalogue_paths else 1, len(catalogue_paths), dim))
     if catalogue_paths:
         catalogue_views[0] = train_views[0, catalogue_rows]
-        for view in range(1, train.catalogue_views):
+        for view in range(1, train.augment.catalogue_views):
             features(catalogue_paths, shelf, catalogue_views[view])
     evaluation = array("evaluation", (len(evaluation_paths), dim))
     _fill_evaluation(evaluation, evaluation_paths, train_paths, train_views[0],

@@ -84,7 +84,7 @@ def catalogue_anchor_loss(embeddings: torch.Tensor, labels: torch.Tensor, anchor
 
 def margin_head(embed_dim: int, n_skus: int, train: TrainParams) -> MarginHead:
     """The margin head the recipe's loss settings describe."""
-    return MarginHead(embed_dim, n_skus, train.loss, train.margin, train.scale, train.subcenters)
+    return MarginHead(embed_dim, n_skus, train.loss.kind, train.loss.margin, train.loss.scale, train.loss.subcenters)
 
 
 def optimisation_step(head: MarginHead, optimizer: torch.optim.Optimizer, embeddings: torch.Tensor,
@@ -93,8 +93,8 @@ def optimisation_step(head: MarginHead, optimizer: torch.optim.Optimizer, embedd
     """The margin loss, plus the catalogue-anchor loss when anchors (and their SKU labels) are given; one optimiser step."""
     loss = head(embeddings, targets)
     if anchors is not None:
-        loss = loss + train.catalogue_anchor_weight * catalogue_anchor_loss(
-            embeddings, targets, anchors, anchor_labels, train.margin, train.scale)
+        loss = loss + train.loss.catalogue_anchor_weight * catalogue_anchor_loss(
+            embeddings, targets, anchors, anchor_labels, train.loss.margin, train.loss.scale)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -1,7 +1,7 @@
 """The fine-tuning recipe: set up, resume, run both stages epoch by epoch, validate, save.
 
 The objective is a margin softmax over SKUs (:mod:`~components.training.losses`) plus the
-catalogue-anchor loss; the first ``train.frozen_epochs`` train the head on cached backbone
+catalogue-anchor loss; the first ``train.schedule.frozen_epochs`` train the head on cached backbone
 features, the rest train on augmented crops (:mod:`~components.training.stages`). Every epoch
 writes a checkpoint (:mod:`~components.training.checkpoints`). The experiment tracker is passed
 in, so training needs only torch and numpy.
@@ -106,18 +106,18 @@ def training_setup(params: Params, manifest: pd.DataFrame, device: torch.device)
         raise ValueError(f"training needs at least 2 SKUs, got {len(sku_ids)}")
     labels = rows["sku_id"].map({s: i for i, s in enumerate(sku_ids)}).to_numpy()
     encoder, preprocess = build_encoder(params.model)
-    if params.model.backbone == "hf-clip" and cfg.image_size not in (None, preprocess.image_size):
+    if params.model.backbone == "hf-clip" and cfg.augment.image_size not in (None, preprocess.image_size):
         # Refused here, before the feature cache is computed, not when the unfrozen stage starts.
-        raise ValueError(f"train.image_size={cfg.image_size}: a CLIP vision tower takes only its own input size "
-                         f"({preprocess.image_size} px); set train.image_size to null")
+        raise ValueError(f"train.augment.image_size={cfg.augment.image_size}: a CLIP vision tower takes only its own input size "
+                         f"({preprocess.image_size} px); set train.augment.image_size to null")
     # The encoder comes channels-last (build_encoder): measured 61 against 94 ms/image for a
     # Lite0 training step on the CPU; CropTraining sends its crops in that layout too.
     encoder.to(device)
     head = margin_head(encoder.embed_dim, len(sku_ids), cfg).to(device)
     optimizer = torch.optim.AdamW([
-        {"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": cfg.lr},
-        {"params": list(encoder.backbone.parameters()), "lr": cfg.backbone_lr},
-    ], weight_decay=cfg.weight_decay)
+        {"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": cfg.schedule.lr},
+        {"params": list(encoder.backbone.parameters()), "lr": cfg.schedule.backbone_lr},
+    ], weight_decay=cfg.schedule.weight_decay)
     return TrainingSetup(rows, sku_ids, labels, np.flatnonzero(rows["role"].to_numpy() == "catalogue"),
                          encoder, preprocess, head, optimizer)
 
@@ -145,7 +145,7 @@ class _Run:
     def weight_average(self) -> AveragedModel:
         """A fresh moving average of the encoder's weights."""
         # use_buffers: BatchNorm statistics are averaged too, for runs that let them move.
-        return AveragedModel(self.setup.encoder, multi_avg_fn=get_ema_multi_avg_fn(self.train.ema_decay),
+        return AveragedModel(self.setup.encoder, multi_avg_fn=get_ema_multi_avg_fn(self.train.schedule.ema_decay),
                              use_buffers=True)
 
     def crop_training(self) -> CropTraining:
@@ -163,7 +163,7 @@ class _Run:
 def _resume(run: _Run) -> None:
     """Continue from the run's newest checkpoint, when resuming is on and there is one."""
     setup = run.setup
-    loaded = run.train.resume and load_latest_checkpoint(run.checkpoint_folder, setup.encoder, setup.head,
+    loaded = run.train.io.resume and load_latest_checkpoint(run.checkpoint_folder, setup.encoder, setup.head,
                                                          setup.optimizer)
     if not loaded:
         return
@@ -177,9 +177,9 @@ def _resume(run: _Run) -> None:
 def _start_frozen_stage(run: _Run, data_version: str | None, progress: bool) -> None:
     """Cache the frozen stage's features (or read them back) and start the head at each SKU's mean."""
     cfg, setup = run.train, run.setup
-    if run.start_epoch >= cfg.frozen_epochs:
+    if run.start_epoch >= cfg.schedule.frozen_epochs:
         return
-    if cfg.frozen_stage == "cached":
+    if cfg.schedule.frozen_stage == "cached":
         # Backbone features of every image, plus augmented views of the training images,
         # computed once (or read from disk) so the head trains in seconds per epoch.
         sets = run.eval_sets
@@ -198,12 +198,12 @@ def _train_one_epoch(run: _Run, epoch: int, rng: np.random.Generator, catalogue_
                      progress: bool) -> list[float]:
     """One epoch of whichever stage ``epoch`` falls in; returns the per-step losses."""
     cfg, setup = run.train, run.setup
-    frozen = epoch < cfg.frozen_epochs
-    set_trainable(setup.encoder, cfg.unfreeze_blocks, backbone_trainable=not frozen and cfg.backbone_lr > 0)
-    if not frozen and cfg.ema_decay > 0 and run.averaged is None:
+    frozen = epoch < cfg.schedule.frozen_epochs
+    set_trainable(setup.encoder, cfg.schedule.unfreeze_blocks, backbone_trainable=not frozen and cfg.schedule.backbone_lr > 0)
+    if not frozen and cfg.schedule.ema_decay > 0 and run.averaged is None:
         run.averaged = run.weight_average()  # starts from the weights the frozen stage ended with
     if frozen and run.cached is not None:
-        batches = pk_batches(setup.labels, max(2, cfg.batch_size // cfg.images_per_sku), cfg.images_per_sku, rng)
+        batches = pk_batches(setup.labels, max(2, cfg.sampler.batch_size // cfg.sampler.images_per_sku), cfg.sampler.images_per_sku, rng)
         return frozen_epoch(setup.encoder, setup.head, setup.optimizer, run.cached, setup.labels, catalogue_labels,
                             cfg, batches, rng, run.device)
     return run.crop_training().run_epoch(epoch, setup.encoder, setup.head, setup.optimizer, setup.labels,
@@ -254,7 +254,7 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
         progress: show progress bars.
 
     Returns:
-        A :class:`TrainResult`; the encoder is saved to ``params.train.output_dir``.
+        A :class:`TrainResult`; the encoder is saved to ``params.train.io.output_dir``.
     """
     cfg, tracker, started = params.train, tracker or NullTracker(), time.perf_counter()
     _seed(cfg.seed)
@@ -263,7 +263,7 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
     run = _Run(params, setup, device,
                protocol_sets(manifest, params.data.query_split, params.data.train_split,
                              params.evaluate.leak_max_distance),
-               Path(cfg.checkpoint_dir) / run_fingerprint(params, data_version))
+               Path(cfg.io.checkpoint_dir) / run_fingerprint(params, data_version))
     _resume(run)
     tracker.log_params({"train.device_resolved": device.type, "train.skus": str(len(setup.sku_ids)),
                         "train.images": str(len(setup.rows)), "data.version": data_version or "unknown"})
@@ -272,12 +272,12 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
     rng = np.random.default_rng(cfg.seed + run.start_epoch)
     catalogue_labels = torch.from_numpy(setup.labels[setup.catalogue_rows]).to(device)
     metrics: dict[str, dict[str, float]] = run.history[-1].get("_metrics", {}) if run.history else {}
-    for epoch in range(run.start_epoch, cfg.epochs):
-        on_cached_features = epoch < cfg.frozen_epochs and run.cached is not None
+    for epoch in range(run.start_epoch, cfg.schedule.epochs):
+        on_cached_features = epoch < cfg.schedule.frozen_epochs and run.cached is not None
         losses = _train_one_epoch(run, epoch, rng, catalogue_labels, progress)
         record: dict[str, Any] = {"epoch": epoch, "train.loss": float(np.mean(losses)),
-                                  "train.frozen_backbone": float(epoch < cfg.frozen_epochs)}
-        if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
+                                  "train.frozen_backbone": float(epoch < cfg.schedule.frozen_epochs)}
+        if (epoch + 1) % cfg.schedule.eval_every_epochs == 0 or epoch + 1 == cfg.schedule.epochs:
             metrics = _validate(run, on_cached_features)
             record.update({f"val.{k}": v for k, v in flatten_metrics(metrics).items()})
             record["_metrics"] = metrics
@@ -286,7 +286,7 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
         save_checkpoint(run.checkpoint_folder, epoch, setup.encoder, setup.head, setup.optimizer, run.history,
                         run.averaged)
         tracker.log_metrics({k: v for k, v in record.items() if not k.startswith("_") and k != "epoch"}, step=epoch)
-        LOGGER.info("epoch %d/%d loss %.4f %s", epoch + 1, cfg.epochs, record["train.loss"],
+        LOGGER.info("epoch %d/%d loss %.4f %s", epoch + 1, cfg.schedule.epochs, record["train.loss"],
                     " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith(("top1", "top3"))))
     return _save_model(run, metrics, data_version, time.perf_counter() - started)
 
@@ -296,7 +296,7 @@ def _save_model(run: _Run, metrics: dict[str, dict[str, float]], data_version: s
     """Save the trained encoder with what it was trained on, and describe the run."""
     trained, cfg = run.trained, run.train
     trained.eval()
-    model_dir = save_encoder(trained, run.setup.preprocess, run.params.model, cfg.output_dir, extra={
+    model_dir = save_encoder(trained, run.setup.preprocess, run.params.model, cfg.io.output_dir, extra={
         "train": cfg.model_dump(), "data_version": data_version, "sku_ids": run.setup.sku_ids,
         "metrics": metrics, "run_fingerprint": run_fingerprint(run.params, data_version)})
     return TrainResult(model_dir=model_dir, metrics=metrics,

@@ -46,14 +46,14 @@ def frozen_epoch(encoder: Encoder, head: MarginHead, optimizer: torch.optim.Opti
     """
     encoder.train()
     encoder.backbone.eval()
-    anchor_set = CatalogueAnchors(catalogue_labels.cpu().numpy(), train.anchor_sample)
+    anchor_set = CatalogueAnchors(catalogue_labels.cpu().numpy(), train.sampler.anchor_sample)
     losses = []
     for batch in batches:
         with autocast_for(device):
             views = rng.integers(0, len(cached.train_views), len(batch))
             embeddings = encoder.embed_features(torch.from_numpy(cached.train_views[views, batch]).to(device))
             anchors = anchor_labels = None
-            if train.catalogue_anchor_weight > 0 and len(catalogue_labels):
+            if train.loss.catalogue_anchor_weight > 0 and len(catalogue_labels):
                 positions = anchor_set.positions(labels[batch], rng)
                 views = rng.integers(0, len(cached.catalogue_views), len(positions))
                 anchors = encoder.embed_features(torch.from_numpy(cached.catalogue_views[views, positions]).to(device))
@@ -82,9 +82,9 @@ class CropTraining:
     (the backbone then only runs forward, and only the projection and head learn).
 
     - Images are decoded into uint8 tensors (:class:`DecodedImages`: once, and kept, up to
-      ``train.decoded_cache_mb``; beyond it, again when drawn, by ``train.loader_workers``
+      ``train.io.decoded_cache_mb``; beyond it, again when drawn, by ``train.io.loader_workers``
       processes) and augmented in torch.
-    - Crops are ``train.image_size`` (below the evaluation size: training at a lower resolution
+    - Crops are ``train.augment.image_size`` (below the evaluation size: training at a lower resolution
       than testing suits random-resized crops, as FixRes showed, and costs half the compute).
     - The backbone's learning rate warms up for ``warmup_steps`` and then follows a cosine to
       zero at the last unfrozen epoch; it is computed from the step number, so a resumed run
@@ -102,19 +102,19 @@ class CropTraining:
     def __init__(self, preprocess: Preprocess, paths: list[str], catalogue_rows: np.ndarray,
                  train: TrainParams, embed_batch_size: int, device: torch.device) -> None:
         self.train_params, self.embed_batch_size, self.device, self.preprocess = train, embed_batch_size, device, preprocess
-        self.out_size = train.image_size or preprocess.image_size
-        self.augment = shelf_augment(preprocess, train, out_size=self.out_size) if train.augment else None
+        self.out_size = train.augment.image_size or preprocess.image_size
+        self.augment = shelf_augment(preprocess, train, out_size=self.out_size) if train.augment.enabled else None
         store = self.augment.store if self.augment else replace(preprocess, image_size=self.out_size)
-        self.images = DecodedImages(paths, store, train.decoded_cache_mb * 2**20)
+        self.images = DecodedImages(paths, store, train.io.decoded_cache_mb * 2**20)
         self.catalogue_rows = catalogue_rows
-        self.steps_per_epoch = max(1, len(paths) // train.unfrozen_batch_size)
-        self.total_steps = self.steps_per_epoch * max(1, train.epochs - train.frozen_epochs)
+        self.steps_per_epoch = max(1, len(paths) // train.sampler.unfrozen_batch_size)
+        self.total_steps = self.steps_per_epoch * max(1, train.schedule.epochs - train.schedule.frozen_epochs)
 
     def backbone_lr(self, step: int) -> float:
         """Linear warm-up, then a cosine decay to zero at the last step."""
         cfg = self.train_params
-        warmup = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        return cfg.backbone_lr * warmup * 0.5 * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+        warmup = min(1.0, (step + 1) / max(1, cfg.schedule.warmup_steps))
+        return cfg.schedule.backbone_lr * warmup * 0.5 * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """A uint8 batch of decoded images -> the (augmented) normalised input on the device."""
@@ -150,28 +150,28 @@ class CropTraining:
         from tqdm.auto import tqdm
 
         cfg = self.train_params
-        use_anchors = cfg.catalogue_anchor_weight > 0 and len(self.catalogue_rows) > 0
-        batches = pk_batches(labels, max(2, cfg.unfrozen_batch_size // cfg.images_per_sku), cfg.images_per_sku, rng)
+        use_anchors = cfg.loss.catalogue_anchor_weight > 0 and len(self.catalogue_rows) > 0
+        batches = pk_batches(labels, max(2, cfg.sampler.unfrozen_batch_size // cfg.sampler.images_per_sku), cfg.sampler.images_per_sku, rng)
         losses, anchors, anchor_labels = [], None, None
-        anchor_set = CatalogueAnchors(catalogue_labels.cpu().numpy(), cfg.anchor_sample)
-        if cfg.catalogue_in_batches:
+        anchor_set = CatalogueAnchors(catalogue_labels.cpu().numpy(), cfg.sampler.anchor_sample)
+        if cfg.sampler.catalogue_in_batches:
             batches = with_catalogue_images(batches, labels, self.catalogue_rows)
         batches = batches[:self.steps_per_epoch]
-        decoded = self.images.batches(batches, cfg.loader_workers)
+        decoded = self.images.batches(batches, cfg.io.loader_workers)
         for index, (batch, images) in enumerate(tqdm(zip(batches, decoded), total=len(batches),
-                                                     desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                                     desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}",
                                                      disable=None if progress else True, leave=False)):
             # The projection moves every step, so the anchors go stale even with a frozen backbone.
-            if use_anchors and index % cfg.anchor_refresh_steps == 0:
-                upcoming = np.concatenate(batches[index:index + cfg.anchor_refresh_steps])
+            if use_anchors and index % cfg.loss.anchor_refresh_steps == 0:
+                upcoming = np.concatenate(batches[index:index + cfg.loss.anchor_refresh_steps])
                 positions = anchor_set.positions(labels[upcoming], rng)
                 anchors = self.embed_rows(encoder, self.catalogue_rows[positions])
                 anchor_labels = anchor_set.labels_at(catalogue_labels, positions)
             encoder.train()
-            if cfg.freeze_batchnorm or backbone_frozen:
+            if cfg.schedule.freeze_batchnorm or backbone_frozen:
                 encoder.backbone.eval()
             if not backbone_frozen:
-                optimizer.param_groups[1]["lr"] = self.backbone_lr((epoch - cfg.frozen_epochs) * self.steps_per_epoch + index)
+                optimizer.param_groups[1]["lr"] = self.backbone_lr((epoch - cfg.schedule.frozen_epochs) * self.steps_per_epoch + index)
             with autocast_for(self.device):
                 embeddings = encoder(self.pixels(images))
             losses.append(optimisation_step(head, optimizer, embeddings, torch.from_numpy(labels[batch]).to(self.device),

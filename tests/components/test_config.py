@@ -13,7 +13,7 @@ def test_defaults_load_without_a_file():
     params = load_params(None)
     assert isinstance(params, Params)
     assert params == Params()
-    assert params.train.epochs == 18
+    assert params.train.schedule.epochs == 18
     assert params.evaluate.ks == [1, 3, 5]
     assert params.model.backbone == "efficientnet-lite0"
 
@@ -30,40 +30,59 @@ def test_typed_defaults_are_the_recipe_params_yaml_gives():
     # trains. The differences allowed are the two tied to the default backbone's input size:
     # the 192 px training crop and the query zooms measured with it.
     repo_params = Path(__file__).resolve().parents[2] / "params.yaml"
-    typed, recipe = Params().model_dump(), load_params(repo_params).model_dump()
-    differences = {f"{section}.{key}" for section, values in typed.items() for key, value in values.items()
-                   if recipe[section][key] != value}
-    assert differences == {"train.image_size", "model.query_zooms"}
+    typed, recipe = flatten_params(Params()), flatten_params(load_params(repo_params))
+    differences = {key for key, value in typed.items() if recipe[key] != value}
+    assert differences == {"train.augment.image_size", "model.query_zooms"}
 
 
 def test_dotted_overrides_are_typed():
-    params = load_params(None, ["train.epochs=3", "evaluate.ks=[1,2]", "train.lr=0.05", "train.augment=false",
+    params = load_params(None, ["train.schedule.epochs=3", "evaluate.ks=[1,2]", "train.schedule.lr=0.05", "train.augment.enabled=false",
                                 "model.image_size=16", "data.max_images_per_sku=null", "index.factory=HNSW32"])
-    assert params.train.epochs == 3 and type(params.train.epochs) is int
+    assert params.train.schedule.epochs == 3 and type(params.train.schedule.epochs) is int
     assert params.evaluate.ks == [1, 2]
-    assert params.train.lr == pytest.approx(0.05) and isinstance(params.train.lr, float)
-    assert params.train.augment is False
+    assert params.train.schedule.lr == pytest.approx(0.05) and isinstance(params.train.schedule.lr, float)
+    assert params.train.augment.enabled is False
     assert params.model.image_size == 16
     assert params.data.max_images_per_sku is None
     assert params.index.factory == "HNSW32"
     # Untouched keys keep their defaults.
-    assert params.train.batch_size == Params().train.batch_size
+    assert params.train.sampler.batch_size == Params().train.sampler.batch_size
+
+
+def test_flat_train_keys_of_earlier_files_are_refused_with_their_new_place(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  epochs: 5\n  loss: cosface\n  augment: false\n")
+    with pytest.raises(ParamsError) as refused:
+        load_params(path)
+    message = str(refused.value)
+    for moved in ("train.epochs is now train.schedule.epochs", "train.loss is now train.loss.kind",
+                  "train.augment is now train.augment.enabled"):
+        assert moved in message
+    with pytest.raises(ParamsError, match="train.lr is now train.schedule.lr"):
+        load_params(None, ["train.lr=0.1"])
+
+
+def test_the_flat_recipe_keeps_the_fingerprint_of_earlier_files():
+    # Checkpoint and feature-cache folders are named by hashes of the flat recipe; its keys are
+    # those of the flat train section, with the same values.
+    flat = Params().train.flat()
+    assert len(flat) == 36 and flat["epochs"] == 18 and flat["loss"] == "arcface" and flat["augment"] is True
 
 
 def test_overrides_apply_on_top_of_a_file(tmp_path):
     path = tmp_path / "custom.yaml"
-    path.write_text("train:\n  epochs: 5\n  lr: 0.01\nevaluate:\n  min_top1: 0.9\n")
-    params = load_params(path, ["train.epochs=2"])
-    assert params.train.epochs == 2  # the override wins
-    assert params.train.lr == pytest.approx(0.01)  # the file beats the default
+    path.write_text("train:\n  schedule:\n    epochs: 5\n    lr: 0.01\nevaluate:\n  min_top1: 0.9\n")
+    params = load_params(path, ["train.schedule.epochs=2"])
+    assert params.train.schedule.epochs == 2  # the override wins
+    assert params.train.schedule.lr == pytest.approx(0.01)  # the file beats the default
     assert params.evaluate.min_top1 == pytest.approx(0.9)
 
 
 def test_apply_overrides_does_not_mutate_its_input():
-    raw = {"train": {"epochs": 5}}
-    result = apply_overrides(raw, ["train.epochs=7", "model.embed_dim=16"])
-    assert raw == {"train": {"epochs": 5}}
-    assert result == {"train": {"epochs": 7}, "model": {"embed_dim": 16}}
+    raw = {"train": {"schedule": {"epochs": 5}}}
+    result = apply_overrides(raw, ["train.schedule.epochs=7", "model.embed_dim=16"])
+    assert raw == {"train": {"schedule": {"epochs": 5}}}
+    assert result == {"train": {"schedule": {"epochs": 7}}, "model": {"embed_dim": 16}}
 
 
 @pytest.mark.parametrize("override, path", [
@@ -85,23 +104,23 @@ def test_unknown_key_in_a_file_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("override, path", [
-    ("train.epochs=three", "train.epochs"),
-    ("train.epochs=0", "train.epochs"),  # ge=1
+    ("train.schedule.epochs=three", "train.schedule.epochs"),
+    ("train.schedule.epochs=0", "train.schedule.epochs"),  # ge=1
     ("evaluate.min_top1=1.5", "evaluate.min_top1"),  # le=1
     ("model.backbone=resnet50", "model.backbone"),  # not one of the literals
     ("evaluate.ks=fast", "evaluate.ks"),
-    ("train.crop_area=[0.5]", "train.crop_area"),  # [smallest, largest]
+    ("train.augment.crop_area=[0.5]", "train.augment.crop_area"),  # [smallest, largest]
     ("index.ef_search=0", "index.ef_search"),  # ge=1
-    ("train.crop_area=[0,1]", "train.crop_area"),  # an empty crop
-    ("train.crop_area=[0.5,1.2]", "train.crop_area"),  # more than the image
-    ("train.decoded_cache_mb=-1", "train.decoded_cache_mb"),  # ge=0
-    ("train.loader_workers=-1", "train.loader_workers"),  # ge=0
-    ("train.crop_area=[0.8,0.3]", "train.crop_area"),  # reversed
-    ("train.anchor_sample=0", "train.anchor_sample"),  # ge=1 (null = every catalogue image)
-    ("train.colour_cast=-0.1", "train.colour_cast"),  # ge=0
-    ("train.colour_cast=1.0", "train.colour_cast"),  # a gain of 0 would black a channel out
-    ("train.erase=-0.1", "train.erase"),  # a chance: ge=0
-    ("train.erase=1.5", "train.erase"),  # le=1
+    ("train.augment.crop_area=[0,1]", "train.augment.crop_area"),  # an empty crop
+    ("train.augment.crop_area=[0.5,1.2]", "train.augment.crop_area"),  # more than the image
+    ("train.io.decoded_cache_mb=-1", "train.io.decoded_cache_mb"),  # ge=0
+    ("train.io.loader_workers=-1", "train.io.loader_workers"),  # ge=0
+    ("train.augment.crop_area=[0.8,0.3]", "train.augment.crop_area"),  # reversed
+    ("train.sampler.anchor_sample=0", "train.sampler.anchor_sample"),  # ge=1 (null = every catalogue image)
+    ("train.augment.colour_cast=-0.1", "train.augment.colour_cast"),  # ge=0
+    ("train.augment.colour_cast=1.0", "train.augment.colour_cast"),  # a gain of 0 would black a channel out
+    ("train.augment.erase=-0.1", "train.augment.erase"),  # a chance: ge=0
+    ("train.augment.erase=1.5", "train.augment.erase"),  # le=1
 ])
 def test_wrong_type_or_range_is_rejected(override, path):
     with pytest.raises(ParamsError) as info:
@@ -113,10 +132,10 @@ def test_override_into_a_scalar_is_rejected(tmp_path):
     path = tmp_path / "custom.yaml"
     path.write_text("train:\n  epochs: 3\n")
     with pytest.raises(ParamsError, match="epochs"):
-        load_params(path, ["train.epochs.value=3"])
+        load_params(path, ["train.schedule.epochs.value=3"])
 
 
-@pytest.mark.parametrize("override", ["train.epochs", "train.epochs:3", ""])
+@pytest.mark.parametrize("override", ["train.schedule.epochs", "train.schedule.epochs:3", ""])
 def test_override_without_equals_is_rejected(override):
     with pytest.raises(ParamsError, match="section.key=value"):
         load_params(None, [override])
@@ -144,8 +163,8 @@ def test_invalid_yaml_and_non_mapping_files_are_rejected(tmp_path):
 
 
 def test_flatten_params_gives_dotted_string_values():
-    flat = flatten_params(load_params(None, ["train.epochs=3", "evaluate.ks=[1,2]"]))
-    assert flat["train.epochs"] == "3"
+    flat = flatten_params(load_params(None, ["train.schedule.epochs=3", "evaluate.ks=[1,2]"]))
+    assert flat["train.schedule.epochs"] == "3"
     assert flat["evaluate.ks"] == "[1, 2]"
     assert flat["model.backbone"] == "efficientnet-lite0"
     assert all(isinstance(v, str) for v in flat.values())

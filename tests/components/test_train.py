@@ -59,14 +59,14 @@ class RecordingTracker:
 def train_params(clip_dir: Path, data_root: Path, work: Path, *extra: str) -> Params:
     """The brief's tiny recipe: 2 frozen epochs (cached features) + 1 epoch with the backbone training.
 
-    ``train.lr=0.02``: with 6 SKUs x 9 images and batches of 12 the whole run is 12 optimiser
+    ``train.schedule.lr=0.02``: with 6 SKUs x 9 images and batches of 12 the whole run is 12 optimiser
     steps; the default 1e-3 barely moves the projection in that many.
     """
     overrides = [
         "model.backbone=hf-clip", f"model.hf_model_id={clip_dir}", "model.embed_dim=16", "model.image_size=16",
-        "train.epochs=3", "train.frozen_epochs=2", "train.batch_size=12", "train.images_per_sku=2",
-        "train.lr=0.02", "train.eval_every_epochs=1",  # per-epoch curves, for the assertions on them
-        f"train.checkpoint_dir={work / 'checkpoints'}", f"train.output_dir={work / 'model'}",
+        "train.schedule.epochs=3", "train.schedule.frozen_epochs=2", "train.sampler.batch_size=12", "train.sampler.images_per_sku=2",
+        "train.schedule.lr=0.02", "train.schedule.eval_every_epochs=1",  # per-epoch curves, for the assertions on them
+        f"train.io.checkpoint_dir={work / 'checkpoints'}", f"train.io.output_dir={work / 'model'}",
         f"data.root={data_root}", "evaluate.ks=[1,3]",
     ]
     return load_params(None, overrides + list(extra))
@@ -96,14 +96,14 @@ def test_tiny_model_overrides_match_the_recipe(tiny_model_overrides, tiny_clip_d
 def test_saved_model_loads_and_embeds(trained, manifest):
     params, result, _ = trained
     assert isinstance(result, TrainResult)
-    assert result.model_dir == Path(params.train.output_dir)
+    assert result.model_dir == Path(params.train.io.output_dir)
     assert result.device == "cpu" and result.resumed_from_epoch is None
     assert result.sku_ids == sorted(manifest["sku_id"].unique())
     encoder, preprocess, description = load_encoder(result.model_dir)
     assert description["data_version"] == "synthetic.dir"
     assert description["sku_ids"] == result.sku_ids
     assert description["run_fingerprint"] == run_fingerprint(params, "synthetic.dir")
-    assert description["train"]["epochs"] == 3
+    assert description["train"]["schedule"]["epochs"] == 3
     # The saved model reproduces the metrics the run reported for its last epoch: the gate's
     # protocol, since the last epoch fine-tuned the backbone (the full evaluation is a later step).
     reloaded = evaluate_encoder(encoder, preprocess, manifest, "val", "train", params.evaluate)
@@ -135,10 +135,10 @@ def test_training_beats_the_untrained_encoder(trained, manifest):
 
 
 def test_evaluating_less_often_changes_no_weight(trained, tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
-    # train.eval_every_epochs only thins the validation curves: evaluation draws no random
+    # train.schedule.eval_every_epochs only thins the validation curves: evaluation draws no random
     # number and moves no weight, so the saved model and its final metrics are the same.
     params, result, _ = trained
-    sparse = train_encoder(train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.eval_every_epochs=3"),
+    sparse = train_encoder(train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.eval_every_epochs=3"),
                            manifest, data_version="synthetic.dir", progress=False)
     assert [("val.catalogue.top1" in record) for record in sparse.history] == [False, False, True]
     assert [record["train.loss"] for record in sparse.history] == [record["train.loss"] for record in result.history]
@@ -170,11 +170,11 @@ def test_tracker_receives_per_epoch_metrics(trained):
 
 def test_checkpoints_are_safetensors_and_json_only(trained):
     params, result, _ = trained
-    folder = Path(params.train.checkpoint_dir) / run_fingerprint(params, "synthetic.dir")
+    folder = Path(params.train.io.checkpoint_dir) / run_fingerprint(params, "synthetic.dir")
     assert folder.is_dir()
     # The last two epochs are kept, no half-written ones.
     assert sorted(p.name for p in folder.iterdir()) == ["epoch-0001", "epoch-0002"]
-    files = [p for p in Path(params.train.checkpoint_dir).rglob("*") if p.is_file()]
+    files = [p for p in Path(params.train.io.checkpoint_dir).rglob("*") if p.is_file()]
     assert files and {p.suffix for p in files} == {".safetensors", ".json", ".npy"}
     # .npy only for the cached backbone features: plain float arrays that load without pickles.
     for array_file in (p for p in files if p.suffix == ".npy"):
@@ -187,7 +187,7 @@ def test_checkpoints_are_safetensors_and_json_only(trained):
 
 
 def test_crashed_run_resumes_where_it_stopped(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
-    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=4")
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=4")
     crashing = RecordingTracker(fail_at_step=2)
     with pytest.raises(KeyboardInterrupt):
         train_encoder(params, manifest, tracker=crashing, progress=False)
@@ -212,18 +212,19 @@ def test_crashed_run_resumes_where_it_stopped(tmp_path, tiny_clip_dir, synthetic
 
 
 def test_resume_false_starts_over(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
-    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=2")
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=2")
     train_encoder(params, manifest, progress=False)
     tracker = RecordingTracker()
-    fresh = params.model_copy(update={"train": params.train.model_copy(update={"resume": False})})
+    io = params.train.io.model_copy(update={"resume": False})
+    fresh = params.model_copy(update={"train": params.train.model_copy(update={"io": io})})
     result = train_encoder(fresh, manifest, tracker=tracker, progress=False)
     assert result.resumed_from_epoch is None and tracker.steps == [0, 1]
 
 
 def test_more_epochs_resume_from_the_shorter_run(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
-    short = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=2")
+    short = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=2")
     train_encoder(short, manifest, progress=False)
-    longer = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=4", "train.resume=true")
+    longer = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=4", "train.io.resume=true")
     tracker = RecordingTracker()
     result = train_encoder(longer, manifest, tracker=tracker, progress=False)
     assert result.resumed_from_epoch == 1
@@ -231,15 +232,15 @@ def test_more_epochs_resume_from_the_shorter_run(tmp_path, tiny_clip_dir, synthe
 
 
 def test_other_params_never_resume_a_foreign_checkpoint(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
-    first = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=2")
+    first = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=2")
     train_encoder(first, manifest, progress=False)
-    other = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=2", "train.margin=0.3")
+    other = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=2", "train.loss.margin=0.3")
     assert run_fingerprint(other, None) != run_fingerprint(first, None)
     tracker = RecordingTracker()
     result = train_encoder(other, manifest, tracker=tracker, progress=False)
     assert result.resumed_from_epoch is None
     assert tracker.steps == [0, 1]
-    folder = Path(first.train.checkpoint_dir)
+    folder = Path(first.train.io.checkpoint_dir)
     runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("features-")]
     assert len(runs) == 2  # one checkpoint folder per fingerprint
     # ... but the backbone features, which a margin does not change, were computed once and shared.
@@ -250,8 +251,8 @@ def test_other_params_never_resume_a_foreign_checkpoint(tmp_path, tiny_clip_dir,
 
 def test_fingerprint_ignores_resume_device_and_image_decoding(tmp_path, tiny_clip_dir, synthetic_dataset):
     base = train_params(tiny_clip_dir, synthetic_dataset, tmp_path)
-    same = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.resume=false", "train.device=cpu",
-                        "train.decoded_cache_mb=0", "train.loader_workers=2")
+    same = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.io.resume=false", "train.device=cpu",
+                        "train.io.decoded_cache_mb=0", "train.io.loader_workers=2")
     assert run_fingerprint(base, "v") == run_fingerprint(same, "v")
 
 
@@ -433,10 +434,10 @@ def test_sampled_catalogue_anchors_hold_the_steps_skus_and_random_others():
 def test_training_samples_catalogue_anchors_beyond_the_sample_size(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
     # 6 SKUs, one catalogue image each; batches of 2 SKUs x 2 images.
     def run(name: str, sample: str):
-        params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path / name, "train.batch_size=4",
-                              "train.unfrozen_batch_size=4", "train.anchor_refresh_steps=1", f"train.anchor_sample={sample}")
+        params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path / name, "train.sampler.batch_size=4",
+                              "train.sampler.unfrozen_batch_size=4", "train.loss.anchor_refresh_steps=1", f"train.sampler.anchor_sample={sample}")
         result = train_encoder(params, manifest, progress=False)
-        return [h["train.loss"] for h in result.history], (Path(params.train.output_dir) / "model.safetensors").read_bytes()
+        return [h["train.loss"] for h in result.history], (Path(params.train.io.output_dir) / "model.safetensors").read_bytes()
 
     whole_losses, whole_weights = run("whole", "null")
     # A sample as large as the catalogue is the whole catalogue: the same training, to the byte.
@@ -563,13 +564,13 @@ def test_shelf_augment_crops_only_as_much_of_the_image_as_crop_area_allows():
 
 def test_augmentation_settings_are_part_of_the_cached_features_identity(tmp_path, tiny_clip_dir, synthetic_dataset,
                                                                         manifest):
-    # Stage 1's augmented views are cut with train.crop_area, tinted with train.colour_cast and
-    # erased with train.erase, so features cached with one setting must not be reused by a run
+    # Stage 1's augmented views are cut with train.augment.crop_area, tinted with train.augment.colour_cast and
+    # erased with train.augment.erase, so features cached with one setting must not be reused by a run
     # with another.
-    for shaping in (["train.crop_area=[0.35,1.0]"], ["train.crop_area=[0.6,1.0]"],
-                    ["train.crop_area=[0.6,1.0]", "train.colour_cast=0.1"],
-                    ["train.crop_area=[0.6,1.0]", "train.colour_cast=0.1", "train.erase=0.5"]):
-        params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=2", "train.cached_views=3",
+    for shaping in (["train.augment.crop_area=[0.35,1.0]"], ["train.augment.crop_area=[0.6,1.0]"],
+                    ["train.augment.crop_area=[0.6,1.0]", "train.augment.colour_cast=0.1"],
+                    ["train.augment.crop_area=[0.6,1.0]", "train.augment.colour_cast=0.1", "train.augment.erase=0.5"]):
+        params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=2", "train.augment.cached_views=3",
                               *shaping)
         train_encoder(params, manifest, progress=False)
     assert len(list((tmp_path / "checkpoints").glob("features-*"))) == 4
@@ -583,8 +584,8 @@ def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
     from components.training.stages import CropTraining
 
     params = load_params(None, ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.image_size=32",
-                                "model.embed_dim=16", "train.unfrozen_batch_size=12", "train.images_per_sku=2",
-                                "train.epochs=3", "train.frozen_epochs=1", "train.warmup_steps=2",
+                                "model.embed_dim=16", "train.sampler.unfrozen_batch_size=12", "train.sampler.images_per_sku=2",
+                                "train.schedule.epochs=3", "train.schedule.frozen_epochs=1", "train.schedule.warmup_steps=2",
                                 f"data.root={synthetic_dataset}", *extra])
     rows = pd.concat([select(manifest, split="train", role="query"), select(manifest, role="catalogue")]).reset_index(drop=True)
     sku_ids = sorted(rows["sku_id"].unique())
@@ -613,8 +614,8 @@ def test_unfrozen_stage_trains_the_backbone_but_keeps_batchnorm_statistics(tmp_p
 
 def test_unfrozen_stage_re_embeds_only_the_sampled_catalogue_anchors(tmp_path, synthetic_dataset, manifest):
     _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
-        tmp_path, synthetic_dataset, manifest, "train.unfrozen_batch_size=4", "train.anchor_refresh_steps=1",
-        "train.anchor_sample=3")
+        tmp_path, synthetic_dataset, manifest, "train.sampler.unfrozen_batch_size=4", "train.loss.anchor_refresh_steps=1",
+        "train.sampler.anchor_sample=3")
     embedded = []
     embed_rows = stage.embed_rows
 
@@ -632,7 +633,7 @@ def test_unfrozen_stage_re_embeds_only_the_sampled_catalogue_anchors(tmp_path, s
 
 def test_unfrozen_stage_with_catalogue_images_in_batches_trains(tmp_path, synthetic_dataset, manifest):
     _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
-        tmp_path, synthetic_dataset, manifest, "train.catalogue_in_batches=true")
+        tmp_path, synthetic_dataset, manifest, "train.sampler.catalogue_in_batches=true")
     weights_before = encoder.backbone.net._conv_stem.weight.detach().clone()
     losses = stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False)
     assert len(losses) == stage.steps_per_epoch and all(math.isfinite(loss) for loss in losses)
@@ -641,7 +642,7 @@ def test_unfrozen_stage_with_catalogue_images_in_batches_trains(tmp_path, synthe
 
 def test_unfrozen_stage_with_batch_statistics_updates_them(tmp_path, synthetic_dataset, manifest):
     _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
-        tmp_path, synthetic_dataset, manifest, "train.freeze_batchnorm=false")
+        tmp_path, synthetic_dataset, manifest, "train.schedule.freeze_batchnorm=false")
     batchnorm = encoder.backbone.net._bn0
     before = batchnorm.running_mean.clone()
     stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False)
@@ -651,7 +652,7 @@ def test_unfrozen_stage_with_batch_statistics_updates_them(tmp_path, synthetic_d
 def test_frozen_epoch_on_crops_trains_only_the_projection_and_head(tmp_path, synthetic_dataset, manifest):
     # Batch statistics requested, yet a frozen backbone must not move them either.
     _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
-        tmp_path, synthetic_dataset, manifest, "train.freeze_batchnorm=false")
+        tmp_path, synthetic_dataset, manifest, "train.schedule.freeze_batchnorm=false")
     for parameter in encoder.backbone.parameters():
         parameter.requires_grad = False
     backbone_before = {k: v.clone() for k, v in encoder.backbone.state_dict().items()}
@@ -666,8 +667,8 @@ def test_frozen_epoch_on_crops_trains_only_the_projection_and_head(tmp_path, syn
 
 
 def test_frozen_stage_on_crops_runs_end_to_end_and_resumes(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
-    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.frozen_stage=crops",
-                          "train.unfrozen_batch_size=12")
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.frozen_stage=crops",
+                          "train.sampler.unfrozen_batch_size=12")
     crashing = RecordingTracker(fail_at_step=1)
     with pytest.raises(KeyboardInterrupt):
         train_encoder(params, manifest, tracker=crashing, progress=False)
@@ -716,7 +717,7 @@ def test_unfrozen_epoch_trains_alike_whether_images_are_kept_or_decoded_by_worke
         return stage, losses, encoder.state_dict()
 
     kept, kept_losses, kept_weights = one_epoch()
-    streamed, streamed_losses, streamed_weights = one_epoch("train.decoded_cache_mb=0", "train.loader_workers=1")
+    streamed, streamed_losses, streamed_weights = one_epoch("train.io.decoded_cache_mb=0", "train.io.loader_workers=1")
     assert kept.images.cached_count == len(kept.images) and streamed.images.cached_count == 0
     assert streamed_losses == kept_losses
     assert all(torch.equal(kept_weights[name], streamed_weights[name]) for name in kept_weights)
@@ -724,7 +725,7 @@ def test_unfrozen_epoch_trains_alike_whether_images_are_kept_or_decoded_by_worke
 
 def test_backbone_lr_warms_up_then_decays_to_zero_by_the_last_step(tmp_path, synthetic_dataset, manifest):
     params, stage, *_ = fine_tuning_stage(tmp_path, synthetic_dataset, manifest)
-    peak = params.train.backbone_lr
+    peak = params.train.schedule.backbone_lr
     schedule = [stage.backbone_lr(step) for step in range(stage.total_steps + 1)]
     assert schedule[0] == pytest.approx(peak / 2 * 0.5 * (1 + math.cos(0)))  # half-way through a 2-step warm-up
     assert max(schedule) <= peak and schedule[-1] == pytest.approx(0.0, abs=1e-12)
@@ -732,7 +733,7 @@ def test_backbone_lr_warms_up_then_decays_to_zero_by_the_last_step(tmp_path, syn
 
 
 def test_clip_refuses_a_training_size_other_than_its_own(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
-    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.image_size=24")
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.augment.image_size=24")
     with pytest.raises(ValueError, match="CLIP vision tower takes only its own input size"):
         train_encoder(params, manifest, progress=False)
     # Refused before any work: no feature cache, no checkpoint.
@@ -756,8 +757,8 @@ def test_unfrozen_epoch_feeds_the_weight_average_every_step(tmp_path, synthetic_
 def test_weight_average_is_what_is_saved_and_survives_a_resume(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
     from safetensors.torch import load_file
 
-    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=4", "train.ema_decay=0.5",
-                          "train.unfrozen_batch_size=12")
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=4", "train.schedule.ema_decay=0.5",
+                          "train.sampler.unfrozen_batch_size=12")
     crashing = RecordingTracker(fail_at_step=2)  # after epoch 2, the first unfrozen one, is checkpointed
     with pytest.raises(KeyboardInterrupt):
         train_encoder(params, manifest, tracker=crashing, progress=False)
@@ -781,19 +782,19 @@ def test_weight_average_is_what_is_saved_and_survives_a_resume(tmp_path, tiny_cl
 
 def test_cached_features_are_memory_mapped_files_and_a_reuse_trains_identically(tmp_path, tiny_clip_dir,
                                                                                    synthetic_dataset, manifest):
-    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.epochs=2", "train.resume=false")
+    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=2", "train.io.resume=false")
     computed = train_encoder(params, manifest, progress=False)
-    computed_weights = (Path(params.train.output_dir) / "model.safetensors").read_bytes()
+    computed_weights = (Path(params.train.io.output_dir) / "model.safetensors").read_bytes()
     [folder] = (tmp_path / "checkpoints").glob("features-*")
     assert sorted(p.name for p in folder.iterdir()) == ["catalogue_views.npy", "evaluation.npy", "train_views.npy"]
     # Read back as memory maps: a large training set's features need not fit in memory.
     views = CachedFeatures.open(folder, evaluation_paths=[]).train_views
     assert isinstance(views, np.memmap) and views.dtype == np.float32
-    assert views.shape[:2] == (params.train.cached_views, 6 * 9)  # 6 SKUs x (8 photos + 1 catalogue image)
+    assert views.shape[:2] == (params.train.augment.cached_views, 6 * 9)  # 6 SKUs x (8 photos + 1 catalogue image)
 
     reused = train_encoder(params, manifest, progress=False)  # same features: read, not computed
     assert [h["train.loss"] for h in reused.history] == [h["train.loss"] for h in computed.history]
-    assert (Path(params.train.output_dir) / "model.safetensors").read_bytes() == computed_weights
+    assert (Path(params.train.io.output_dir) / "model.safetensors").read_bytes() == computed_weights
 
 
 def test_a_crash_while_caching_features_leaves_no_cache_that_looks_complete(tmp_path, tiny_clip_dir,
@@ -871,7 +872,7 @@ def test_evaluation_features_of_training_images_are_copied_not_embedded_again(tm
                             params.model, params.train, params.evaluate.batch_size, torch.device("cpu"), None)
     # Every training view and extra catalogue view, then the one image training does not hold.
     cfg = params.train
-    assert sum(embedded) == cfg.cached_views * 8 + (cfg.catalogue_views - 1) + 1
+    assert sum(embedded) == cfg.augment.cached_views * 8 + (cfg.augment.catalogue_views - 1) + 1
     np.testing.assert_array_equal(cached.evaluation[0], cached.train_views[0, 3])
     np.testing.assert_array_equal(cached.evaluation[2], cached.train_views[0, 0])
     query = embed_images(encoder, preprocess, [query_path], features_only=True)[0]

@@ -43,8 +43,8 @@ def dvc_repo(tmp_path, synthetic_dataset, tiny_model_overrides):
     shutil.copytree(ROOT / "components", repo / "components", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(synthetic_dataset, repo / "data" / "grocery")
     params = load_params(ROOT / "params.yaml", tiny_model_overrides + [
-        "data.root=data/grocery", "train.image_size=null", "train.epochs=2", "train.frozen_epochs=1", "train.batch_size=12",
-        "train.lr=0.01", "train.backbone_lr=0.001", f"train.checkpoint_dir={tmp_path / 'checkpoints'}"])
+        "data.root=data/grocery", "train.augment.image_size=null", "train.schedule.epochs=2", "train.schedule.frozen_epochs=1", "train.sampler.batch_size=12",
+        "train.schedule.lr=0.01", "train.schedule.backbone_lr=0.001", f"train.io.checkpoint_dir={tmp_path / 'checkpoints'}"])
     (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run([sys.executable, "-m", "dvc", "init", "-q"], repo)
@@ -57,7 +57,7 @@ def test_dvc_repro_builds_the_index_the_flow_builds(dvc_repo, tmp_path, monkeypa
     monkeypatch.chdir(dvc_repo)
     params = load_params("params.yaml")
     metrics = json.loads(Path(params.evaluate.metrics_path).read_text())
-    encoder_meta = json.loads((Path(params.train.output_dir) / "encoder.json").read_text())
+    encoder_meta = json.loads((Path(params.train.io.output_dir) / "encoder.json").read_text())
     repro = load_index(params.index.output_dir, expected_model_version="local")
     # The stage carried evaluation's open-set threshold and the training run's fingerprint.
     assert repro.meta["reject_below"] == pytest.approx(metrics["open_set"]["threshold"])
@@ -67,7 +67,7 @@ def test_dvc_repro_builds_the_index_the_flow_builds(dvc_repo, tmp_path, monkeypa
     # The flow's task, given the same encoder, data and threshold, writes the same index: same
     # meta, same vectors, hence the same checksum.
     manifest = load_manifest(params.data.root, params.data.layout, params.data.max_images_per_sku)
-    flow_checksum = build_index.fn(Path(params.train.output_dir), params, manifest, "local", tmp_path / "flow-index",
+    flow_checksum = build_index.fn(Path(params.train.io.output_dir), params, manifest, "local", tmp_path / "flow-index",
                                    metrics["open_set"]["threshold"])
     flow = load_index(tmp_path / "flow-index", expected_checksum=flow_checksum)
     assert flow.meta == repro.meta

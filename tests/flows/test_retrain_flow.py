@@ -33,8 +33,8 @@ def workspace(tmp_path, monkeypatch, tiny_model_overrides, synthetic_dataset):
     overrides = tiny_model_overrides + [
         f"registry.tracking_uri={uri}",
         f"data.root={synthetic_dataset}",
-        "train.epochs=4", "train.frozen_epochs=3", "train.batch_size=12", "train.images_per_sku=2",
-        "train.lr=0.01", "train.backbone_lr=0.001",
+        "train.schedule.epochs=4", "train.schedule.frozen_epochs=3", "train.sampler.batch_size=12", "train.sampler.images_per_sku=2",
+        "train.schedule.lr=0.01", "train.schedule.backbone_lr=0.001",
         "evaluate.min_top1=0.3", "evaluate.min_top3=0.5",
     ]
     return {"overrides": overrides, "uri": uri, "root": tmp_path}
@@ -53,10 +53,10 @@ def test_first_run_registers_indexes_and_promotes(workspace):
     assert champion.tags["index_checksum"] == summary["index_checksum"]
     # ... its run the resolved params, per-epoch history and the GX data docs.
     run = client.get_run(champion.run_id)
-    assert run.data.params["train.epochs"] == "4"
+    assert run.data.params["train.schedule.epochs"] == "4"
     assert run.data.params["data.version"] == champion.tags["data_version"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train.loss")] == [0, 1, 2, 3]
-    # Validation every train.eval_every_epochs (2 in params.yaml) and after the last epoch.
+    # Validation every train.schedule.eval_every_epochs (2 in params.yaml) and after the last epoch.
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val.catalogue.top3")] == [1, 3]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"encoder", "index", "data_docs", "metrics.json", "plots"} <= artifacts
@@ -79,9 +79,9 @@ def test_first_run_registers_indexes_and_promotes(workspace):
 def test_worse_challenger_is_refused_and_champion_kept(workspace):
     retrain(params_path="params.yaml", overrides=workspace["overrides"])
     # An untrained challenger (zero learning rates) on the same data must lose to the champion.
-    worse = workspace["overrides"] + ["train.lr=1e-12", "train.backbone_lr=0", "train.epochs=1",
-                                      "train.frozen_epochs=1", "evaluate.min_top1=0", "evaluate.min_top3=0",
-                                      "evaluate.champion_tolerance=0", "train.checkpoint_dir=checkpoints-worse"]
+    worse = workspace["overrides"] + ["train.schedule.lr=1e-12", "train.schedule.backbone_lr=0", "train.schedule.epochs=1",
+                                      "train.schedule.frozen_epochs=1", "evaluate.min_top1=0", "evaluate.min_top3=0",
+                                      "evaluate.champion_tolerance=0", "train.io.checkpoint_dir=checkpoints-worse"]
     with pytest.raises(Exception) as caught:
         retrain(params_path="params.yaml", overrides=worse)
     error = caught.value

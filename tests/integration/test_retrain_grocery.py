@@ -28,9 +28,9 @@ def test_retrain_on_grocery_subset_beats_zero_shot(tmp_path, monkeypatch):
         f"data.root={GROCERY_ROOT}", "data.max_images_per_sku=3",
         "model.backbone=efficientnet-lite0", f"registry.tracking_uri={uri}",
         # Six head-only epochs, then one that fine-tunes the backbone: both stages on real photos.
-        "train.epochs=7", "train.frozen_epochs=6", "evaluate.min_top1=0.3", "evaluate.min_top3=0.5",
+        "train.schedule.epochs=7", "train.schedule.frozen_epochs=6", "evaluate.min_top1=0.3", "evaluate.min_top3=0.5",
         # Fewer catalogue views than the default recipe keep this test near two minutes on 2 cores.
-        "train.cached_views=2", "train.catalogue_views=4",
+        "train.augment.cached_views=2", "train.augment.catalogue_views=4",
     ]
     with prefect_test_harness(server_startup_timeout=120):
         summary = retrain(params_path="params.yaml", overrides=overrides)

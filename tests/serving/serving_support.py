@@ -2,13 +2,14 @@
 into a throwaway BentoML home, and a real ``bentoml serve`` process over HTTP.
 
 Nothing is mocked: MLflow runs on SQLite under ``tmp_path``, ``BENTOML_HOME`` points at a
-temporary folder, packaging runs ``python -m serving.build`` in a subprocess (BentoML caches its
+temporary folder, packaging runs ``skumatch build`` in a subprocess (BentoML caches its
 store locations per process, so a subprocess is the only way to be sure of using the temporary
 home), and the server is a ``serving.local`` subprocess.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,7 +47,7 @@ class RegisteredChampion:
 
 @dataclass
 class Packaged:
-    """What ``python -m serving.build`` produced."""
+    """What ``skumatch build`` produced."""
 
     champion: RegisteredChampion
     model_tag: str
@@ -142,13 +143,13 @@ def _register_tiny_champion(root: Path, tiny_clip_dir: Path, dataset: Path) -> R
 
 
 def package_in_subprocess(champion: RegisteredChampion, ref: str = "champion") -> Packaged:
-    """Run ``python -m serving.build`` against the champion's stores and parse its tags."""
-    result = subprocess.run([sys.executable, "-m", "serving.build", "--params", str(champion.params_file),
+    """Run ``skumatch build`` against the champion's stores and parse its tags."""
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "build", "--params", str(champion.params_file),
                              "--ref", ref], cwd=REPO_ROOT, env=champion.env, capture_output=True, text=True,
                             timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    tags = dict(line.split("=", 1) for line in result.stdout.splitlines() if line.startswith(("bento_model=", "bento=")))
+    tags = json.loads(result.stdout[result.stdout.index("{"):])
     return Packaged(champion, tags["bento_model"], tags["bento"], output)
 
 
