@@ -3,12 +3,18 @@
 One thread runs every model call of a worker process, so the event loop stays free for health
 probes, metrics and request parsing while a match runs, and torch's intra-op threads are set
 once, on the thread that uses them. Torch work elsewhere (loading, self-tests) runs on threads
-that end with it (:func:`in_short_lived_thread`), so torch keeps one OpenMP pool per process. Requests queue; the thread takes the first, adds queued
-requests for the same model until ``max_images`` images (never splitting a request) or until
-``max_wait_ms`` has passed, embeds them in one call and searches the index for each request.
+that end with it (:func:`in_short_lived_thread`), so torch keeps one OpenMP pool per process.
+Requests queue; the thread takes the first, adds queued requests for the same model until
+``max_images`` images (never splitting a request) or until ``max_wait_ms`` has passed, embeds
+them in one call and searches the index for each request.
 
 A request names the model it was accepted under (see ``serving.swap``), so a batch never mixes
 two models, and one that arrived before a hot swap is answered by the model it arrived under.
+
+A request whose caller has gone (the route's timeout cancelled it, or the client left) is dropped
+when the thread reaches it, before any model work. Answering it anyway raised on the thread and
+stopped it: after one timeout under load, every later request of that worker waited out the
+route's 30 s timeout.
 """
 
 from __future__ import annotations
@@ -108,8 +114,11 @@ class InferenceQueue:
         carried = None
         while True:
             first = carried if carried is not None else self._queue.get()
+            carried = None
             if first is _STOP:
                 return
+            if not first.done.set_running_or_notify_cancel():
+                continue  # its caller has gone (timed out or disconnected): no model work for nobody
             batch, carried = self._gather(first)
             self._answer(batch)
 
@@ -125,6 +134,8 @@ class InferenceQueue:
                 break
             if nxt is _STOP or nxt.served is not first.served or images + len(nxt.images) > self.batching.max_images:
                 return batch, nxt
+            if not nxt.done.set_running_or_notify_cancel():
+                continue
             batch.append(nxt)
             images += len(nxt.images)
         return batch, None

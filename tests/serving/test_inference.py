@@ -100,3 +100,26 @@ def test_in_short_lived_thread_hands_back_the_result_or_the_error():
     assert in_short_lived_thread(lambda a, b: (a + b, threading.get_ident() != caller), 2, 3) == (5, True)
     with pytest.raises(ZeroDivisionError):
         in_short_lived_thread(lambda: 1 / 0)
+
+
+def test_a_request_whose_caller_has_gone_is_never_computed(two_models, served_files):
+    # A timed-out request left queued would still cost a model call, and answering it raised on
+    # the inference thread and stopped it: every later request then waited out the route's timeout.
+    served, _ = two_models
+    images = _images(served_files)
+    embedded: list[int] = []
+    queue = InferenceQueue(BatchingParams(max_images=1), on_batch=lambda model, count: embedded.append(count))
+    try:
+        async def ask():
+            busy = asyncio.ensure_future(queue.match(served, images * 4, 1))  # keeps the thread busy
+            gone = asyncio.ensure_future(queue.match(served, images[:2], 1))
+            await asyncio.sleep(0)  # both submitted
+            gone.cancel()  # what the route's timeout does to a waiting handler
+            await busy
+            after = await asyncio.wait_for(queue.match(served, images[:3], 1), timeout=60)
+            return gone, after
+        gone, after = asyncio.run(ask())
+    finally:
+        queue.close()
+    assert gone.cancelled() and len(after) == 3
+    assert embedded == [len(images) * 4, 3]  # the two images of the cancelled request never embedded
