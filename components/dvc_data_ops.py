@@ -166,24 +166,31 @@ def import_dataset(
             with _translate_import_errors(source, path, rev), _clean_erepo_clones():
                 repo.update([str(_dvc_file(target))], rev=rev)
         else:
-            if target.exists() or _dvc_file(target).exists():
-                # DVC would nest the import inside an existing folder (out/<name>) or refuse
-                # a file; neither is what the caller asked for.
-                raise DataVersioningError(
-                    f"import output {rel} already exists in {root} and is not an import of {path} "
-                    f"from {source}; remove it (and {rel}{DVC_FILE_SUFFIX}) or choose another out"
-                )
-            created = _make_parents(target.parent)  # DVC refuses a missing stage folder
-            LOGGER.info("dvc import %s -> %s (repo %s)", described, rel, root)
-            try:
-                with _translate_import_errors(source, path, rev), _clean_erepo_clones():
-                    repo.imp(source, path, out=str(target), rev=rev)
-            except DataVersioningError:
-                _remove_empty(created)
-                raise
+            _first_import(repo, source, path, target, rev)
         md5 = _recorded_md5(target)
     LOGGER.info("%s is at version %s; commit %s to git", rel, md5, _dvc_file(target).relative_to(root))
     return md5
+
+
+def _first_import(repo: Repo, source: str, path: str, target: Path, rev: str | None) -> None:
+    """``dvc import`` into ``target``, which must not exist yet; leaves no empty folder behind on failure."""
+    root = Path(repo.root_dir).resolve()
+    rel = target.relative_to(root).as_posix()
+    if target.exists() or _dvc_file(target).exists():
+        # DVC would nest the import inside an existing folder (out/<name>) or refuse
+        # a file; neither is what the caller asked for.
+        raise DataVersioningError(
+            f"import output {rel} already exists in {root} and is not an import of {path} "
+            f"from {source}; remove it (and {rel}{DVC_FILE_SUFFIX}) or choose another out"
+        )
+    created = _make_parents(target.parent)  # DVC refuses a missing stage folder
+    LOGGER.info("dvc import %s%s -> %s (repo %s)", f"{path} from {source}", f"@{rev}" if rev else "", rel, root)
+    try:
+        with _translate_import_errors(source, path, rev), _clean_erepo_clones():
+            repo.imp(source, path, out=str(target), rev=rev)
+    except DataVersioningError:
+        _remove_empty(created)
+        raise
 
 
 @contextmanager

@@ -7,21 +7,7 @@ file (does it exist, does it decode fully, its size, its content hash), a few pe
 are derived in pandas, and a GX 1.x checkpoint runs one expectation per rule over that table.
 The report names every failing image (or SKU), and the checkpoint can build GX data docs.
 
-Rules, by the names reports use:
-
-- ``image_exists``: the file is there and readable.
-- ``image_decodes``: Pillow opens and fully loads it, so a truncated file fails.
-- ``image_convertible_to_rgb``: it converts to RGB, as training and serving do.
-- ``min_width`` / ``min_height``: at least ``min_width`` x ``min_height`` pixels.
-- ``unique_image_path``: no image is listed twice.
-- ``sku_id_present``: every row names its SKU (blank counts as missing).
-- ``split_valid``: a split from ``allowed_splits``, or a plain ``[A-Za-z0-9_-]+`` name.
-- ``role_valid``: a role from ``allowed_roles``.
-- ``min_images_per_sku``: each SKU has at least ``min_images_per_sku`` query images.
-- ``catalogue_image_present``: each SKU has a catalogue image, when required.
-- ``no_cross_split_duplicate``: identical file content never appears in two splits.
-
-The two SKU rules report once per SKU, with ``image_path`` None.
+The rules, one per failure a report names, are in :mod:`components.validation_rules`.
 """
 
 from __future__ import annotations
@@ -33,18 +19,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from components.config import ValidationParams
 from components.data import MANIFEST_COLUMNS
+from components.validation_rules import Rule, checks_table, validation_rules
 
 LOGGER = logging.getLogger(__name__)
 
 FACT_COLUMNS = ["exists", "decodes", "width", "height", "mode", "convertible_to_rgb", "content_sha256", "error"]
-SPLIT_PATTERN = r"^[A-Za-z0-9_-]+$"
 # A badly broken dataset can fail thousands of rows; error messages list this many per rule.
 MAX_ROWS_PER_RULE = 20
 _DOCS_SITE = "skumatch"
@@ -214,10 +200,10 @@ def validate_dataset(
         raise ValueError(f"manifest lacks columns {missing}; expected {MANIFEST_COLUMNS}")
     start = time.perf_counter()
     manifest = manifest[MANIFEST_COLUMNS].reset_index(drop=True)
-    checks = _checks_table(manifest, compute_image_facts(manifest))
+    checks = checks_table(manifest, compute_image_facts(manifest))
     LOGGER.info("read %d images in %.1fs", len(checks), time.perf_counter() - start)
 
-    rules = _rules(params, checks)
+    rules = validation_rules(params, checks)
     docs_dir = None if report_dir is None else Path(report_dir).expanduser().resolve()
     outcome = _run_checkpoint(checks, rules, docs_dir)
     report = ValidationReport(
@@ -246,133 +232,7 @@ def raise_for_failures(report: ValidationReport) -> None:
         raise DataValidationError(report)
 
 
-def _checks_table(manifest: pd.DataFrame, facts: pd.DataFrame) -> pd.DataFrame:
-    """The table the expectations run on: manifest, facts and derived per-SKU columns.
-
-    Nulls mean "does not apply": GX skips nulls in column-value expectations, so a missing
-    file fails ``image_exists`` only, not also every rule that needs its pixels.
-    """
-    checks = manifest.join(facts)
-    checks.insert(0, "row", checks.index)
-    sku = checks["sku_id"]
-    # A blank sku_id is as useless as a null one; make it null so one expectation covers both.
-    checks["sku_id"] = sku.where(sku.notna() & sku.astype(str).str.strip().ne(""), None)
-    checks["decodes"] = facts["decodes"].where(facts["exists"], None)
-    checks["convertible_to_rgb"] = facts["convertible_to_rgb"].where(facts["decodes"], None)
-    # Rows without a SKU drop out of these groups (null counts); sku_id_present reports them.
-    checks["sku_query_images"] = checks["role"].eq("query").groupby(checks["sku_id"]).transform("sum")
-    checks["sku_has_catalogue_image"] = checks["role"].eq("catalogue").groupby(checks["sku_id"]).transform("any")
-    checks["content_splits"] = checks["split"].groupby(checks["content_sha256"]).transform("nunique")
-    return checks
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """A named rule: the expectations that check it and how to word one failing row."""
-
-    name: str
-    expectations: list[Any]
-    describe: Callable[[pd.Series], str]
-    # Report once per SKU (image_path None) instead of once per row of that SKU.
-    per_sku: bool = False
-
-    def __post_init__(self) -> None:
-        # Each GX result carries its expectation's meta, which is how a failure finds its rule.
-        for expectation in self.expectations:
-            expectation.meta = {"rule": self.name}
-
-
-def _rules(params: ValidationParams, checks: pd.DataFrame) -> list[_Rule]:
-    import great_expectations.expectations as gxe
-
-    def file_error(row: pd.Series) -> str:
-        return str(row["error"])
-
-    def other_copies(row: pd.Series) -> str:
-        same = checks[checks["content_sha256"].eq(row["content_sha256"]) & checks["split"].ne(row["split"])]
-        return "same content as " + ", ".join(f"{p} (split {s})" for p, s in zip(same["image_path"], same["split"]))
-
-    if params.allowed_splits is None:
-        split_expectation = gxe.ExpectColumnValuesToMatchRegex(column="split", regex=SPLIT_PATTERN)
-        split_rule = f"does not match {SPLIT_PATTERN}"
-    else:
-        split_expectation = gxe.ExpectColumnValuesToBeInSet(column="split", value_set=params.allowed_splits)
-        split_rule = f"is not one of {params.allowed_splits}"
-    path_counts = checks["image_path"].value_counts()
-
-    rules = [
-        _Rule("image_exists", [gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True])], file_error),
-        _Rule("image_decodes", [gxe.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True])], file_error),
-        _Rule(
-            "image_convertible_to_rgb",
-            [gxe.ExpectColumnValuesToBeInSet(column="convertible_to_rgb", value_set=[True])],
-            file_error,
-        ),
-        _Rule(
-            "min_width",
-            [gxe.ExpectColumnValuesToBeBetween(column="width", min_value=params.min_width)],
-            lambda row: f"width {row['width']} px is below the minimum {params.min_width}",
-        ),
-        _Rule(
-            "min_height",
-            [gxe.ExpectColumnValuesToBeBetween(column="height", min_value=params.min_height)],
-            lambda row: f"height {row['height']} px is below the minimum {params.min_height}",
-        ),
-        _Rule(
-            "unique_image_path",
-            [gxe.ExpectColumnValuesToBeUnique(column="image_path")],
-            lambda row: f"listed {path_counts[row['image_path']]} times in the manifest",
-        ),
-        _Rule(
-            "sku_id_present",
-            [gxe.ExpectColumnValuesToNotBeNull(column="sku_id")],
-            lambda row: "no sku_id",
-        ),
-        # Null values skip the set and regex checks, hence the not-null expectation beside them.
-        _Rule(
-            "split_valid",
-            [gxe.ExpectColumnValuesToNotBeNull(column="split"), split_expectation],
-            lambda row: "no split" if pd.isna(row["split"]) else f"split {row['split']!r} {split_rule}",
-        ),
-        _Rule(
-            "role_valid",
-            [
-                gxe.ExpectColumnValuesToNotBeNull(column="role"),
-                gxe.ExpectColumnValuesToBeInSet(column="role", value_set=params.allowed_roles),
-            ],
-            lambda row: (
-                "no role" if pd.isna(row["role"]) else f"role {row['role']!r} is not one of {params.allowed_roles}"
-            ),
-        ),
-        _Rule(
-            "min_images_per_sku",
-            [gxe.ExpectColumnValuesToBeBetween(column="sku_query_images", min_value=params.min_images_per_sku)],
-            lambda row: (
-                f"{int(row['sku_query_images'])} query images, fewer than the {params.min_images_per_sku} required"
-            ),
-            per_sku=True,
-        ),
-    ]
-    if params.require_catalogue_image:
-        rules.append(
-            _Rule(
-                "catalogue_image_present",
-                [gxe.ExpectColumnValuesToBeInSet(column="sku_has_catalogue_image", value_set=[True])],
-                lambda row: "no catalogue image",
-                per_sku=True,
-            )
-        )
-    rules.append(
-        _Rule(
-            "no_cross_split_duplicate",
-            [gxe.ExpectColumnValuesToBeBetween(column="content_splits", max_value=1)],
-            other_copies,
-        )
-    )
-    return rules
-
-
-def _run_checkpoint(checks: pd.DataFrame, rules: list[_Rule], docs_dir: Path | None) -> Any:
+def _run_checkpoint(checks: pd.DataFrame, rules: list[Rule], docs_dir: Path | None) -> Any:
     """Run one GX checkpoint over ``checks``; returns its suite validation result."""
     # Imported here: GX takes seconds to import, and the report types and image facts do not need it.
     import great_expectations as gx
@@ -426,7 +286,7 @@ def _run_checkpoint(checks: pd.DataFrame, rules: list[_Rule], docs_dir: Path | N
     return outcome
 
 
-def _failures(outcome: Any, checks: pd.DataFrame, rules: list[_Rule]) -> list[ValidationFailure]:
+def _failures(outcome: Any, checks: pd.DataFrame, rules: list[Rule]) -> list[ValidationFailure]:
     """One failure per failing row (per SKU for SKU rules), in the order the rules ran."""
     by_name = {rule.name: rule for rule in rules}
     failures: list[ValidationFailure] = []
