@@ -10,23 +10,18 @@ machine. Figures go to ``benchmarks/results/accuracy.md`` with the machine noted
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
+from benchmarks.reporting import benchmark_parser, command_line, results_page, table, write_results
 from components.config import Params, load_params
 from components.data import data_version, load_manifest
 from components.evaluate import evaluate_encoder, protocol_sets
 from components.model import build_encoder, load_encoder, resolve_device
-from components.train import train_encoder
+from components.training import train_encoder
 
 LOGGER = logging.getLogger("benchmarks.accuracy")
 RESULTS = Path(__file__).parent / "results" / "accuracy.md"
@@ -37,10 +32,10 @@ METRIC_COLUMNS = ("top1", "top3", "top5", "delta_similarity", "map")
 # the backbone costs as much as the default recipe, so only the choices that matter most are
 # here. Exploration beyond these is recorded by hand in the results file's notes.
 ABLATION: dict[str, list[str]] = {
-    "head only: no backbone fine-tuning (stage 1 alone)": ["train.epochs=10"],
+    "head only: no backbone fine-tuning (stage 1 alone)": ["train.schedule.epochs=10"],
     # Measured in earlier runs, kept in the results file's notes with the run they come from:
-    # "train.frozen_stage=crops train.epochs=10 train.frozen_epochs=2", "train.catalogue_in_batches=true",
-    # "train.freeze_batchnorm=false", "train.ema_decay=0.995".
+    # "train.schedule.frozen_stage=crops train.schedule.epochs=10 train.schedule.frozen_epochs=2", "train.sampler.catalogue_in_batches=true",
+    # "train.schedule.freeze_batchnorm=false", "train.schedule.ema_decay=0.995".
 }
 # Rows that change only how the trained model embeds at inference (test-time augmentation): they
 # re-evaluate the default row's model, so each costs an evaluation, not a training run.
@@ -49,19 +44,6 @@ INFERENCE_ABLATION: dict[str, list[str]] = {
     "no test-time augmentation (no flip, no query zooms)": ["model.flip_tta=false", "model.query_zooms=[1.0]"],
 }
 INFERENCE_ONLY = {"flip_tta", "query_zooms"}
-
-
-def machine() -> str:
-    """One line naming the hardware and software the figures come from."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{platform.system()} {platform.release()}")
 
 
 def _evaluate(encoder, preprocess, manifest, params: Params, query_split: str) -> tuple[dict, float]:
@@ -90,8 +72,9 @@ def fine_tuned(params: Params, manifest, query_split: str, version: str, scratch
     variants that differ only in how the head trains reuse the cached backbone features, as a
     user's reruns do. The first run that needs a set of features pays for it in its wall time.
     """
-    run = params.model_copy(update={"train": params.train.model_copy(update={
-        "checkpoint_dir": f"{scratch}/checkpoints", "output_dir": f"{scratch}/model", "resume": False})})
+    io = params.train.io.model_copy(update={"checkpoint_dir": f"{scratch}/checkpoints",
+                                            "output_dir": f"{scratch}/model", "resume": False})
+    run = params.model_copy(update={"train": params.train.model_copy(update={"io": io})})
     result = train_encoder(run, manifest, data_version=version, progress=False)
     encoder, preprocess, _ = load_encoder(result.model_dir)
     metrics, throughput = _evaluate(encoder, preprocess, manifest, params, query_split)
@@ -115,81 +98,56 @@ def re_evaluated(model_dir: Path, variant: Params, manifest, query_split: str) -
     return {"metrics": metrics, "images_per_s": throughput, "train_wall_time_s": 0.0}
 
 
-def _row(name: str, result: dict) -> str:
+HEADER = ("model", "cat top-1", "cat top-3", "cat top-5", "cat Δsim", "cat mAP", "nn top-1", "nn top-3", "nn top-5",
+          "nn Δsim", "nn mAP", "train min", "eval img/s")
+
+
+def _row(name: str, result: dict) -> list[str]:
     cells = [name]
     for protocol in ("catalogue", "nn"):
         cells += [f"{result['metrics'][protocol][m]:.3f}" for m in METRIC_COLUMNS]
-    cells += [f"{result['train_wall_time_s'] / 60:.1f}", f"{result['images_per_s']:.1f}"]
-    return "| " + " | ".join(cells) + " |"
+    return cells + [f"{result['train_wall_time_s'] / 60:.1f}", f"{result['images_per_s']:.1f}"]
 
 
 def render(results: dict[str, dict], ablation: dict[str, dict], params: Params, query_split: str,
-           version: str, n_queries: int, training_ablation: bool = False) -> str:
-    """The results file: the recipe, the machine, the comparison and the ablation table."""
-    header = ("| model | cat top-1 | cat top-3 | cat top-5 | cat Δsim | cat mAP | nn top-1 | nn top-3 | nn top-5 "
-              "| nn Δsim | nn mAP | train min | eval img/s |\n" + "|---" * 13 + "|")
+           version: str, n_queries: int, command: str) -> str:
+    """The results file: the comparison, the command, the machine, the recipe, then the ablation table."""
     base, tuned = results["zero-shot backbone"], results["fine-tuned (default recipe)"]
     ratios = ", ".join(
         f"{protocol} top-1 ×{tuned['metrics'][protocol]['top1'] / max(base['metrics'][protocol]['top1'], 1e-9):.2f}"
         for protocol in ("catalogue", "nn"))
-    lines = [
-        "# Accuracy benchmark",
-        "",
-        f"- Run: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, `python -m benchmarks.accuracy "
-        f"--queries {query_split}{' --ablation' if training_ablation else ''}`",
-        f"- Machine: {machine()}",
-        f"- Data: `{params.data.root}` (DVC hash `{version}`), queries = `{query_split}` ({n_queries} photos), "
+    setup = [
+        f"Data: `{params.data.root}` (DVC hash `{version}`), queries = `{query_split}` ({n_queries} photos), "
         f"`nn` gallery = `{params.data.train_split}`, `catalogue` gallery = the catalogue images",
-        f"- Backbone: `{params.model.backbone}`, image size {params.model.image_size or 'native'}, "
+        f"Backbone: `{params.model.backbone}`, image size {params.model.image_size or 'native'}, "
         f"embedding {params.model.embed_dim}",
-        f"- Test time (every row): flip TTA {params.model.flip_tta}, query zooms {params.model.query_zooms}",
-        f"- Recipe (`train` in params.yaml): `{json.dumps(params.train.model_dump(exclude={'checkpoint_dir', 'output_dir'}))}`",
-        "",
-        "Top-k over distinct SKUs; Δsim = similarity to the true SKU minus the mean similarity to the other SKUs.",
-        "",
-        header,
-        *(_row(name, result) for name, result in results.items()),
-        "",
+        f"Test time (every row): flip TTA {params.model.flip_tta}, query zooms {params.model.query_zooms}",
+        f"Recipe (`train` in params.yaml): `{json.dumps(params.train.model_dump(exclude={'io'}))}`",
+    ]
+    how_to_read = [
+        "top-k is counted over distinct SKUs; Δsim = similarity to the true SKU minus the mean similarity to the "
+        "other SKUs. `cat` columns are the catalogue protocol (the gallery is the catalogue images, one or a few per "
+        "SKU), `nn` columns the nearest-neighbour protocol (the gallery is the labelled training photos); both take "
+        "the same query photos. Both rows are measured in the same run on the same data, so their ratio holds "
+        "whatever the machine; \"train min\" and \"eval img/s\" are this machine's.",
         f"Fine-tuned vs zero-shot in this run: {ratios}.",
     ]
+    details = []
     if ablation:
-        heading = ("## Ablation (each row: the default recipe with one change, same run; \"train min\" 0.0 = "
-                   "the default row's model re-evaluated)")
-        lines += ["", heading, "", header,
-                  *(_row(name, result) for name, result in ablation.items())]
-    return "\n".join(lines) + "\n"
-
-
-NOTES_HEADING = "\n## Notes"
-
-
-def kept_notes(results_file: Path) -> str:
-    """The hand-written ``## Notes`` section of an earlier results file (exploration, caveats), kept across runs."""
-    if not results_file.exists():
-        return ""
-    text = results_file.read_text()
-    return text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
-
-
-def write_results(results_file: str | Path, text: str) -> str:
-    """Write a benchmark's results file: ``text``, then the earlier file's kept ``## Notes``. Returns what was written."""
-    path = Path(results_file)
-    text += kept_notes(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return text
+        details = ["## Ablation (each row: the default recipe with one change, same run; \"train min\" 0.0 = "
+                   "the default row's model re-evaluated)", "",
+                   *table(HEADER, (_row(name, result) for name, result in ablation.items()))]
+    return results_page("Accuracy benchmark", table(HEADER, (_row(name, result) for name, result in results.items())),
+                        command, setup, how_to_read, details)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the results file."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, RESULTS)
     parser.add_argument("--data", help="dataset root (default: data.root of params.yaml)")
     parser.add_argument("--queries", default=None, help="query split: any <name>.txt of the layout (default: data.query_split)")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", "-S", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--ablation", action="store_true",
                         help="also train and evaluate the training ablation variants (the test-time rows always run)")
-    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -215,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, changes in ABLATION.items():
                 variant = load_params(args.params, overrides + changes + [f"data.query_split={query_split}"])
                 ablation[name] = fine_tuned(variant, manifest, query_split, version, scratch)
-    print(write_results(args.out, render(results, ablation, params, query_split, version, n_queries, args.ablation)))
+    args.queries = query_split
+    command = command_line("benchmarks.accuracy", args, ("queries", "ablation"), parser,
+                           optional=("params", "data", "out"))
+    print(write_results(args.out, render(results, ablation, params, query_split, version, n_queries, command)))
     return 0
 
 

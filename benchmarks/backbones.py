@@ -17,7 +17,7 @@ times the recipe's own code paths:
 - backbone features of training photos (``embed_images(features_only=True)``: the feature cache);
 - gallery images, each with its mirror, and query photos at every query zoom with their mirrors
   (``embed_images``: the in-training gate evaluations and the saved model's evaluation);
-- ``--steps`` fine-tuning steps of the real ``_CropTraining`` (decoding, augmentation, forward,
+- ``--steps`` fine-tuning steps of the real ``CropTraining`` (decoding, augmentation, forward,
   backward, AdamW, the catalogue-anchor refresh), after the stage's images are decoded.
 
 From those unit times and the recipe's counts (params and data) it projects the minutes of
@@ -35,13 +35,12 @@ import argparse
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.accuracy import machine, write_results
+from benchmarks.reporting import benchmark_parser, command_line, results_page, table, torch_threads, write_results
 from components.config import Params, load_params
 from components.data import load_manifest
 from components.evaluate import protocol_sets
@@ -56,12 +55,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lite2": ("EfficientNet-Lite2 at 224 px", ["model.backbone=efficientnet-lite2", "model.image_size=224"]),
     "clip-b32": ("CLIP ViT-B/32, every layer trained",
                  ["model.backbone=hf-clip", f"model.hf_model_id={CLIP_B32}", "model.pretrained=false",
-                  "model.image_size=null", "train.image_size=null", "train.unfreeze_blocks=-1"]),
+                  "model.image_size=null", "train.augment.image_size=null", "train.schedule.unfreeze_blocks=-1"]),
     # Stages of a CLIP tower: embeddings, the 12 transformer layers, the final norm with the
     # projection; 5 stages = the last 4 layers and the head.
     "clip-b32-last4": ("CLIP ViT-B/32, the last 4 layers trained",
                        ["model.backbone=hf-clip", f"model.hf_model_id={CLIP_B32}", "model.pretrained=false",
-                        "model.image_size=null", "train.image_size=null", "train.unfreeze_blocks=5"]),
+                        "model.image_size=null", "train.augment.image_size=null", "train.schedule.unfreeze_blocks=5"]),
 }
 
 
@@ -93,16 +92,16 @@ class RecipeCounts:
 
 
 def recipe_counts(params: Params, rows: int, catalogue: int, galleries: dict, queries: int, steps_per_epoch: int) -> RecipeCounts:
-    """The recipe's work on this data, as :func:`components.train.train_encoder` does it."""
+    """The recipe's work on this data, as :func:`components.training.train_encoder` does it."""
     cfg = params.train
-    if cfg.frozen_stage != "cached":
-        raise ValueError(f"train.frozen_stage={cfg.frozen_stage!r}: the projection covers the cached head stage only")
-    backbone_epochs = range(cfg.frozen_epochs, cfg.epochs)
+    if cfg.schedule.frozen_stage != "cached":
+        raise ValueError(f"train.schedule.frozen_stage={cfg.schedule.frozen_stage!r}: the projection covers the cached head stage only")
+    backbone_epochs = range(cfg.schedule.frozen_epochs, cfg.schedule.epochs)
     gate = params.evaluate.gate_protocol
     return RecipeCounts(
-        features=rows * cfg.cached_views + catalogue * (cfg.catalogue_views - 1) + queries,
+        features=rows * cfg.augment.cached_views + catalogue * (cfg.augment.catalogue_views - 1) + queries,
         backbone_steps=len(backbone_epochs) * steps_per_epoch,
-        gate_evaluations=sum((epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs for epoch in backbone_epochs),
+        gate_evaluations=sum((epoch + 1) % cfg.schedule.eval_every_epochs == 0 or epoch + 1 == cfg.schedule.epochs for epoch in backbone_epochs),
         gate_gallery=len(galleries[gate]) if gate in galleries else sum(map(len, galleries.values())),
         queries=queries,
         full_gallery=len(set().union(*(g["image_path"] for g in galleries.values()))))
@@ -135,7 +134,8 @@ class VariantRun:
     """
 
     def __init__(self, params: Params, manifest, images: int) -> None:
-        from components.train import _CropTraining, _set_trainable, training_setup
+        from components.training import training_setup
+        from components.training.stages import CropTraining, set_trainable
 
         cfg = params.train
         self.params, self.device = params, resolve_device(cfg.device)
@@ -144,10 +144,10 @@ class VariantRun:
         self.sets = protocol_sets(manifest, params.data.query_split, params.data.train_split)
         self.photos = list(setup.rows["image_path"][:images])
         self.query_photos = list(self.sets.queries["image_path"][:images])
-        self.stage = _CropTraining(setup.preprocess, list(setup.rows["image_path"]), setup.catalogue_rows, params,
-                                   self.device)
+        self.stage = CropTraining(setup.preprocess, setup.paths, setup.catalogue_rows, cfg,
+                                  params.evaluate.batch_size, self.device)
         self.steps_per_epoch = self.stage.steps_per_epoch
-        _set_trainable(setup.encoder, cfg.unfreeze_blocks, backbone_trainable=True)
+        set_trainable(setup.encoder, cfg.schedule.unfreeze_blocks, backbone_trainable=True)
         self.warm_up()
 
     def embed(self, unit: str, paths: list[str]) -> None:
@@ -161,7 +161,7 @@ class VariantRun:
         ``anchor_refresh_steps`` steps do."""
         setup, cfg = self.setup, self.params.train
         self.stage.steps_per_epoch = count
-        self.stage.run_epoch(cfg.frozen_epochs, setup.encoder, setup.head, setup.optimizer, setup.labels,
+        self.stage.run_epoch(cfg.schedule.frozen_epochs, setup.encoder, setup.head, setup.optimizer, setup.labels,
                              torch.from_numpy(setup.labels[setup.catalogue_rows]).to(self.device),
                              np.random.default_rng(cfg.seed), progress=False)
 
@@ -222,53 +222,52 @@ def write_clip_b32_config(folder: Path) -> Path:
     return folder
 
 
-def render(results: dict[str, dict], params: Params, args: argparse.Namespace, device: str) -> str:
-    """The results file: unit times with ratios to the baseline, then the projected recipe minutes."""
+def render(results: dict[str, dict], params: Params, args: argparse.Namespace, device: str, command: str) -> str:
+    """The results file: the recipe's projected minutes, then the unit times they come from; ratios to the baseline."""
     base = results[BASELINE]
     sizes = base["sizes"]
     cfg = params.train
-    lines = ["# Backbone benchmark (cost per image, and the recipe's projected minutes)", "",
-             f"- Run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `python -m benchmarks.backbones --variants "
-             f"{' '.join(args.variants)} --images {args.images} --steps {args.steps} --repeats {args.repeats}`",
-             f"- Machine: {machine()}, torch threads {torch.get_num_threads()}, device {device}",
-             f"- Data: `{params.data.root}`: {sizes['rows']} training rows ({sizes['catalogue']} catalogue images), "
+    setup = [f"Data: `{params.data.root}`: {sizes['rows']} training rows ({sizes['catalogue']} catalogue images), "
              f"{sizes['queries']} `{params.data.query_split}` queries",
-             f"- Recipe (params): {cfg.epochs} epochs of which {cfg.frozen_epochs} on cached features, "
-             f"{cfg.cached_views} cached views per image and {cfg.catalogue_views} per catalogue image, stage-2 batches "
-             f"of {cfg.unfrozen_batch_size}, gate evaluation every {cfg.eval_every_epochs} epochs "
+             f"Recipe (params): {cfg.schedule.epochs} epochs of which {cfg.schedule.frozen_epochs} on cached features, "
+             f"{cfg.augment.cached_views} cached views per image and {cfg.augment.catalogue_views} per catalogue image, stage-2 batches "
+             f"of {cfg.sampler.unfrozen_batch_size}, gate evaluation every {cfg.schedule.eval_every_epochs} epochs "
              f"(`{params.evaluate.gate_protocol}`), embeddings in batches of {params.evaluate.batch_size}, flip TTA "
              f"{params.model.flip_tta}, query zooms {list(params.model.query_zooms)}",
-             f"- CLIP variants: the `openai/clip-vit-base-patch32` vision architecture with random weights "
+             f"CLIP variants: the `openai/clip-vit-base-patch32` vision architecture with random weights "
              f"(`{args.clip_config or 'CLIPVisionConfig() defaults'}`); speed does not depend on the weights' values.",
-             f"- Unit times on real images, decoding and augmentation included; each variant's fastest of {args.repeats} "
-             "rounds that alternate the variants, after a warm-up.", "",
-             "## Unit times", "",
-             "| variant | params (trained) | eval / train px | features ms/img | gallery ms/img | query ms/img "
-             "| step s (ms/img) | features vs baseline | query vs baseline | step vs baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Unit times on real images, decoding and augmentation included; each variant's fastest of {args.repeats} "
+             "rounds that alternate the variants, after a warm-up."]
+    how_to_read = ("the table above projects, in minutes, each phase of the recipe with each backbone on this machine: "
+                   "the params' counts (images cached, fine-tuning steps, gate evaluations) times the unit times "
+                   "measured below. The head epochs on cached features take seconds and are left out, so the "
+                   "projection is slightly low; the Lite0 row can be checked against the accuracy benchmark's "
+                   "\"train min\" on the same machine. \"vs baseline\" divides by the Lite0 row of the same run; "
+                   "minutes and milliseconds are this machine's.")
+    minutes, units = [], []
     for name, r in results.items():
-        u, s = r["units"], r["sizes"]
-        label = VARIANTS[name][0]
-        lines.append(
-            f"| {label} | {s['parameters'] / 1e6:.3g}M ({s['trainable'] / 1e6:.3g}M) | {u.eval_px} / {u.train_px} | "
-            f"{1000 * u.feature_s:.1f} | {1000 * u.gallery_s:.1f} | {1000 * u.query_s:.1f} | "
-            f"{u.step_s:.2f} ({1000 * u.step_s / cfg.unfrozen_batch_size:.0f}) | "
-            f"×{u.feature_s / base['units'].feature_s:.2f} | ×{u.query_s / base['units'].query_s:.2f} | "
-            f"×{u.step_s / base['units'].step_s:.2f} |")
-    lines += ["", "## Projected minutes of the recipe (params' counts × unit times; head epochs left out)", "",
-              "| variant | caching | backbone epochs | gate evaluations | train | vs baseline | evaluation after "
-              "| train + evaluation |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        m = r["minutes"]
-        lines.append(f"| {VARIANTS[name][0]} | {m['caching']:.1f} | {m['backbone epochs']:.1f} | "
-                     f"{m['gate evaluations']:.1f} | {m['train']:.1f} | ×{m['train'] / base['minutes']['train']:.2f} | "
-                     f"{m['evaluation']:.1f} | {m['train + evaluation']:.1f} |")
-    return "\n".join(lines + [""])
+        m, u, s = r["minutes"], r["units"], r["sizes"]
+        minutes.append((VARIANTS[name][0], f"{m['caching']:.1f}", f"{m['backbone epochs']:.1f}",
+                        f"{m['gate evaluations']:.1f}", f"{m['train']:.1f}",
+                        f"×{m['train'] / base['minutes']['train']:.2f}", f"{m['evaluation']:.1f}",
+                        f"{m['train + evaluation']:.1f}"))
+        units.append((VARIANTS[name][0], f"{s['parameters'] / 1e6:.3g}M ({s['trainable'] / 1e6:.3g}M)",
+                      f"{u.eval_px} / {u.train_px}", f"{1000 * u.feature_s:.1f}", f"{1000 * u.gallery_s:.1f}",
+                      f"{1000 * u.query_s:.1f}", f"{u.step_s:.2f} ({1000 * u.step_s / cfg.sampler.unfrozen_batch_size:.0f})",
+                      f"×{u.feature_s / base['units'].feature_s:.2f}", f"×{u.query_s / base['units'].query_s:.2f}",
+                      f"×{u.step_s / base['units'].step_s:.2f}"))
+    details = ["## Unit times", "",
+               *table(("variant", "params (trained)", "eval / train px", "features ms/img", "gallery ms/img",
+                       "query ms/img", "step s (ms/img)", "features vs baseline", "query vs baseline",
+                       "step vs baseline"), units)]
+    headline = table(("variant", "caching", "backbone epochs", "gate evaluations", "train", "vs baseline",
+                      "evaluation after", "train + evaluation"), minutes)
+    return results_page("Backbone benchmark (cost per image, and the recipe's projected minutes)", headline, command,
+                        setup, how_to_read, details, machine_note=f", {torch_threads()}, device {device}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
+    parser = benchmark_parser(__doc__, RESULTS)
     parser.add_argument("--data", default=None, help="dataset root (default: data.root from the params)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--clip-config", default=None,
@@ -276,8 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=64, help="photos embedded per unit time")
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps timed per variant and repeat")
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the variants; each keeps its fastest")
-    parser.add_argument("--set", "-S", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if min(args.images, args.steps, args.repeats) < 1:
         parser.error("--images, --steps and --repeats must be at least 1")
@@ -290,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         variants = {name: load_params(args.params, overrides + [o.replace(CLIP_B32, clip_config) for o in VARIANTS[name][1]])
                     for name in args.variants}
         results = measure(variants, manifest, args.images, args.steps, args.repeats)
-    write_results(args.out, render(results, params, args, resolve_device(params.train.device).type))
+    command = command_line("benchmarks.backbones", args, ("variants", "images", "steps", "repeats"), parser,
+                           optional=("params", "data", "clip_config", "out"))
+    write_results(args.out, render(results, params, args, resolve_device(params.train.device).type, command))
     return 0
 
 

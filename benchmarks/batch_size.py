@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from benchmarks.accuracy import machine, write_results
 from benchmarks.inference import PHOTO_PX, noise_images
+from benchmarks.reporting import benchmark_parser, command_line, results_page, table, torch_threads, write_results
 from components.config import Params, load_params
 from components.model import build_encoder, embed_batch
 
@@ -84,36 +83,45 @@ def measure(params: Params, batch_sizes: list[int], images: int, repeats: int) -
     return results
 
 
-def render(results: dict[str, dict[int, dict]], params: Params, args: argparse.Namespace) -> str:
-    """The results file: one table per workload, a row per batch size with its ratio to the baseline."""
+def _label(size: int, baseline: int) -> str:
+    return f"{size} (baseline)" if size == baseline else str(size)
+
+
+def render(results: dict[str, dict[int, dict]], params: Params, args: argparse.Namespace, command: str) -> str:
+    """The results file: every workload's ratios to the baseline, then one table per workload, a row per batch size."""
     model, baseline = params.model, params.evaluate.batch_size
-    lines = ["# Batch-size benchmark (embedding time per image)", "",
-             f"- Run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `python -m benchmarks.batch_size --batch-sizes "
-             f"{' '.join(map(str, args.batch_sizes))} --images {args.images} --repeats {args.repeats}`",
-             f"- Machine: {machine()}, torch threads {torch.get_num_threads()}",
-             f"- Encoder: `{model.backbone}` (pretrained {model.pretrained}), image size "
+    sizes = list(next(iter(results.values())))
+    headline = table(("batch size", *results),
+                     ((_label(size, baseline), *(f"×{by_size[size]['ms'] / by_size[baseline]['ms']:.2f}"
+                                                 for by_size in results.values())) for size in sizes))
+    setup = [f"Encoder: `{model.backbone}` (pretrained {model.pretrained}), image size "
              f"{model.image_size or 'native'}, embedding {model.embed_dim}, flip TTA {model.flip_tta}, "
              f"query zooms {list(model.query_zooms)}; {args.images} {PHOTO_PX} px noise photos",
-             f"- Each batch size's fastest of {args.repeats} alternating repeats. Baseline: batches of "
+             f"Each batch size's fastest of {args.repeats} alternating repeats. Baseline: batches of "
              f"{baseline} (`evaluate.batch_size`)."]
+    how_to_read = ("each cell above is the time per image at that batch size divided by the time per image in "
+                   f"batches of {baseline} (the baseline), for the same workload in the same run: below ×1.00 is "
+                   "faster. What a batch size buys depends on the machine (on a GPU larger batches are faster, on a "
+                   "CPU they need not be), so the ratios are this machine's. The tables below give the milliseconds "
+                   "and the largest difference from the baseline's embeddings, which stays at float rounding: the "
+                   "batch size changes speed only.")
+    details = []
     for name, by_size in results.items():
         base = by_size[baseline]["ms"]
-        lines += ["", f"## {name}", "", "| batch size | ms per image | vs baseline | max abs difference from the "
-                  "baseline's embeddings |", "|---|---|---|---|"]
-        for size, r in by_size.items():
-            label = f"{size} (baseline)" if size == baseline else str(size)
-            lines.append(f"| {label} | {r['ms']:.1f} | ×{r['ms'] / base:.2f} | {r['max_difference']:.1e} |")
-    return "\n".join(lines + [""])
+        details += [f"## {name}", "",
+                    *table(("batch size", "ms per image", "vs baseline",
+                            "max abs difference from the baseline's embeddings"),
+                           ((_label(size, baseline), f"{r['ms']:.1f}", f"×{r['ms'] / base:.2f}",
+                             f"{r['max_difference']:.1e}") for size, r in by_size.items())), ""]
+    return results_page("Batch-size benchmark (embedding time per image)", headline, command, setup, how_to_read,
+                        details, machine_note=f", {torch_threads()}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
+    parser = benchmark_parser(__doc__, RESULTS)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--images", type=int, default=64, help="photos embedded per repeat and batch size")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--set", "-S", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if min(args.images, args.repeats, *args.batch_sizes) < 1:
         parser.error("--images, --repeats and --batch-sizes must be at least 1")
@@ -121,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     # The baseline is always measured, once, and sizes keep the order given.
     args.batch_sizes = list(dict.fromkeys([*args.batch_sizes, params.evaluate.batch_size]))
     results = measure(params, args.batch_sizes, args.images, args.repeats)
-    write_results(args.out, render(results, params, args))
+    command = command_line("benchmarks.batch_size", args, ("batch_sizes", "images", "repeats"), parser)
+    write_results(args.out, render(results, params, args, command))
     return 0
 
 

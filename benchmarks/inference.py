@@ -22,17 +22,15 @@ two layouts' embeddings is reported too: the layout must change speed only. Figu
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.accuracy import machine, write_results
+from benchmarks.reporting import benchmark_parser, command_line, results_page, table, torch_threads, write_results
 from components.config import Params, load_params
 from components.model import Encoder, Preprocess, build_encoder, embed_batch
 
@@ -84,39 +82,37 @@ def measure(params: Params, queries: int, gallery_batches: int, repeats: int) ->
     return results
 
 
-def render(results: dict[str, dict], params: Params, repeats: int) -> str:
+def render(results: dict[str, dict], params: Params, repeats: int, command: str) -> str:
     """The results file: one row per workload and layout, with the ratio to the baseline."""
     model = params.model
-    lines = ["# Inference layout benchmark (channels-last vs NCHW)", "",
-             f"- Run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `python -m benchmarks.inference --repeats {repeats}`",
-             f"- Machine: {machine()}, torch threads {torch.get_num_threads()}",
-             f"- Encoder: `{model.backbone}` (pretrained {model.pretrained}), image size "
+    headline = table(("workload", "images", "NCHW ms per image (baseline)", "channels-last ms per image",
+                      "channels-last vs baseline", "max abs embedding difference"),
+                     ((name, r["images"], f"{r['ms'][BASELINE]:.1f}", f"{r['ms'][BUILT]:.1f}",
+                       f"×{r['ms'][BUILT] / r['ms'][BASELINE]:.2f}", f"{r['max_difference']:.1e}")
+                      for name, r in results.items()))
+    setup = [f"Encoder: `{model.backbone}` (pretrained {model.pretrained}), image size "
              f"{model.image_size or 'native'}, embedding {model.embed_dim}, flip TTA {model.flip_tta}, "
              f"query zooms {list(model.query_zooms)}; {PHOTO_PX} px noise photos",
-             f"- Each layout's fastest of {repeats} alternating repeats. Baseline: the same weights in NCHW layout.",
-             "", "| workload | images | NCHW ms per image (baseline) | channels-last ms per image | channels-last vs "
-             "baseline | max abs embedding difference |", "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        base, built = r["ms"][BASELINE], r["ms"][BUILT]
-        lines.append(f"| {name} | {r['images']} | {base:.1f} | {built:.1f} | ×{built / base:.2f} | "
-                     f"{r['max_difference']:.1e} |")
-    return "\n".join(lines + [""])
+             f"Each layout's fastest of {repeats} alternating repeats. Baseline: the same weights in NCHW layout."]
+    how_to_read = ("\"channels-last vs baseline\" is the time per image in the layout the encoder is built in "
+                   "divided by the same weights' time in NCHW, in the same run: below ×1.00, channels-last is "
+                   "faster. The embedding difference stays at float rounding: the layout changes speed only.")
+    return results_page("Inference layout benchmark (channels-last vs NCHW)", headline, command, setup, how_to_read,
+                        machine_note=f", {torch_threads()}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
+    parser = benchmark_parser(__doc__, RESULTS)
     parser.add_argument("--queries", type=int, default=24, help="query photos per repeat")
     parser.add_argument("--gallery-batches", type=int, default=6, help="gallery batches per repeat")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--set", "-S", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if min(args.queries, args.gallery_batches, args.repeats) < 1:
         parser.error("--queries, --gallery-batches and --repeats must be at least 1")
     params = load_params(args.params, args.overrides)
     results = measure(params, args.queries, args.gallery_batches, args.repeats)
-    write_results(args.out, render(results, params, args.repeats))
+    command = command_line("benchmarks.inference", args, ("queries", "gallery_batches", "repeats"), parser)
+    write_results(args.out, render(results, params, args.repeats, command))
     return 0
 
 

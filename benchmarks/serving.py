@@ -37,8 +37,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from benchmarks.accuracy import machine, write_results
+from benchmarks import reporting
 from benchmarks.inference import noise_images
+from benchmarks.reporting import results_page, write_results
 from components.config import Params, load_params
 from serving.local import descendants
 
@@ -121,7 +122,7 @@ class Models:
 
     batched_tag: str
     unbatched_tag: str
-    served: Any  # components.registry.ServedModel of version 1
+    served: Any  # components.matcher.ServedModel of version 1
     client: Any  # MlflowClient of the throwaway registry
     tracking_uri: str
     next_version: str
@@ -156,7 +157,7 @@ def prepare(params: Params, scratch: Path, args: argparse.Namespace) -> Models:
     import pandas as pd
 
     from components import registry
-    from components.registry import load_served_model
+    from components.matcher import load_served_model
     from serving.build import package_model
 
     tracking_uri = f"sqlite:///{scratch / 'mlflow.db'}"
@@ -765,21 +766,18 @@ def render(results: dict[str, Any], params: Params, args: argparse.Namespace, co
     base, model, batching = results["baseline"], params.model, params.serve.batching
     info = results["batched"]["info"]
     health, hostile, swap = results["health"], results["hostile"], results["swap"]
-    lines = [
-        "# Serving benchmark: bentoml serve under load, against the same model in-process", "",
-        *headline(results, args), "",
-        f"- Command: `{command}`",
-        f"- Machine: {machine()}; load generator, in-process baseline and server on this one machine",
-        f"- Server: `bentoml serve {SERVICE}` from source on 127.0.0.1, {info['workers']} worker, "
+    setup = [
+        f"Server: `bentoml serve {SERVICE}` from source on 127.0.0.1, {info['workers']} worker, "
         f"{info['torch_threads']} torch threads, device {info['device']} (from `/info`); the benchmark process "
         f"has {torch.get_num_threads()} torch threads",
-        f"- Model: `{model.backbone}` (pretrained {model.pretrained}, untrained projection), image size "
+        f"Model: `{model.backbone}` (pretrained {model.pretrained}, untrained projection), image size "
         f"{model.image_size or 'native'}, embedding {model.embed_dim}, flip TTA {model.flip_tta}, query zooms "
         f"{list(model.query_zooms)}, `serve.batch_size` {params.serve.batch_size}, top_k {args.top_k}",
-        f"- Catalogue: {args.catalogue} noise photos of {math.ceil(args.catalogue / args.skus_of)} SKUs; queries: "
+        f"Catalogue: {args.catalogue} noise photos of {math.ceil(args.catalogue / args.skus_of)} SKUs; queries: "
         f"{args.queries} noise JPEGs (348 px), each caller cycling through them",
-        "",
-        "How to read it: every ratio divides by this run's in-process baseline: the same packaged model "
+    ]
+    how_to_read = (
+        "every ratio divides by this run's in-process baseline: the same packaged model "
         "matching the same photos one after another in the benchmark process (`decode_image` + "
         "`ServedModel.match`, what the `/match` handler calls), timed while no server runs and pooled over "
         "passes before, between and after the servers. A ratio is comparable "
@@ -788,8 +786,8 @@ def render(results: dict[str, Any], params: Params, args: argparse.Namespace, co
         "concurrency and latency includes the queue (at c callers, p50 is about c ÷ requests/s). Latency "
         "ratios divide a served p99 by the in-process p50. The callers run on the same cores as the "
         "server, so they take a share of its CPU. Percentiles are numpy's (linear), over the requests "
-        f"after {args.warm_up} warm-up requests per server.",
-        "",
+        f"after {args.warm_up} warm-up requests per server.")
+    details = [
         f"## In-process baseline: decode_image + ServedModel.match, one photo after another, in "
         f"{len(base['passes'])} passes of {args.baseline_matches} after {args.warm_up} warm-up matches", "",
         "No server runs during a pass. The pooled row is the baseline every ratio divides by; passes that "
@@ -842,7 +840,9 @@ def render(results: dict[str, Any], params: Params, args: argparse.Namespace, co
         f"| latency over the run: p50, p99 | {_ms(swap['p50'])} ms, {_ms(swap['p99'])} ms |",
         f"| requests/s over the run | {swap['per_s']:.2f} |",
     ]
-    return "\n".join(lines) + "\n"
+    return results_page("Serving benchmark: bentoml serve under load, against the same model in-process",
+                        headline(results, args), command, setup, how_to_read, details,
+                        machine_note="; load generator, in-process baseline and server on this one machine")
 
 
 def soak_section(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
@@ -874,17 +874,7 @@ MEASURED_OPTIONS = ("concurrency", "requests_per_caller", "min_requests", "warm_
 
 def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """The command that repeats this run, every measured option spelled out."""
-    def value(item: Any) -> str:
-        return " ".join(map(value, item)) if isinstance(item, list) else f"{item:g}" if isinstance(item, float) \
-            else str(item)
-
-    parts = ["python -m benchmarks.serving"]
-    for name in ("params", "out"):
-        if getattr(args, name) != parser.get_default(name):
-            parts.append(f"--{name} {getattr(args, name)}")
-    parts += [f"--set {override}" for override in args.overrides]
-    parts += [f"--{name.replace('_', '-')} {value(getattr(args, name))}" for name in MEASURED_OPTIONS]
-    return " ".join(parts)
+    return reporting.command_line("benchmarks.serving", args, MEASURED_OPTIONS, parser)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:

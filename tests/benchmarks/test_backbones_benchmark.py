@@ -11,8 +11,8 @@ from benchmarks import backbones
 from components.config import load_params
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
-TINY = ["model.pretrained=false", "model.image_size=32", "model.embed_dim=16", "train.image_size=null",
-        "train.unfrozen_batch_size=12", "evaluate.batch_size=3"]
+TINY = ["model.pretrained=false", "model.image_size=32", "model.embed_dim=16", "train.augment.image_size=null",
+        "train.sampler.unfrozen_batch_size=12", "evaluate.batch_size=3"]
 
 
 def run(out: Path, data: Path, *args: str) -> int:
@@ -20,7 +20,8 @@ def run(out: Path, data: Path, *args: str) -> int:
                            *[arg for override in TINY for arg in ("--set", override)]])
 
 
-def test_each_variant_is_timed_and_projected_against_the_baseline(tmp_path, synthetic_dataset, table_rows):
+def test_each_variant_is_timed_and_projected_against_the_baseline(tmp_path, synthetic_dataset, table_rows,
+                                                                 results_file_parts):
     from transformers import CLIPVisionConfig
 
     # A CLIP config only (the variants build random weights): small, with layers enough that
@@ -33,10 +34,12 @@ def test_each_variant_is_timed_and_projected_against_the_baseline(tmp_path, synt
     assert run(out, synthetic_dataset, "--variants", "clip-b32", "clip-b32-last4", "--clip-config", str(clip_config),
                "--images", "3", "--steps", "2", "--repeats", "2") == 0
     text = out.read_text()
-    assert "Machine:" in text and "device cpu" in text and str(clip_config) in text
+    parts = results_file_parts(text, "benchmarks.backbones")
+    assert "device cpu" in text and str(clip_config) in parts.command
+    assert "--variants lite0 clip-b32 clip-b32-last4 --images 3 --steps 2 --repeats 2" in parts.command
     assert "an earlier run" not in text and text.endswith("## Notes (by hand)\n\n- kept across runs\n")
-    units_text, minutes_text = text.split("## Projected minutes")
-    units, minutes = table_rows(units_text), table_rows(minutes_text)
+    # The projected minutes are the headline; the unit times they come from follow.
+    minutes, units = table_rows(parts.headline), table_rows(parts.rest.split("\n## Unit times\n")[1])
     labels = [backbones.VARIANTS[name][0] for name in ("lite0", "clip-b32", "clip-b32-last4")]
     assert list(units) == labels and list(minutes) == labels  # the baseline was added, first
     lite0, clip_all, clip_last4 = (units[label] for label in labels)
@@ -65,7 +68,7 @@ def test_recipe_counts_follow_the_params():
     assert counts.backbone_steps == 8 * 85
     assert counts.gate_evaluations == 4 and counts.gate_gallery == 81  # epochs 12, 14, 16, 18; the catalogue
     assert counts.full_gallery == 81 + 2640
-    every_third = load_params(PARAMS, ["train.eval_every_epochs=3"])
+    every_third = load_params(PARAMS, ["train.schedule.eval_every_epochs=3"])
     assert backbones.recipe_counts(every_third, 2721, 81, galleries, 296, 85).gate_evaluations == 3  # 12, 15, 18 (last)
     units = backbones.UnitTimes(feature_s=0.01, gallery_s=0.02, query_s=0.06, step_s=1.5, steps_per_epoch=85,
                                 eval_px=224, train_px=192)
@@ -76,7 +79,7 @@ def test_recipe_counts_follow_the_params():
 
 
 def test_a_recipe_without_cached_features_is_refused():
-    params = load_params(PARAMS, ["train.frozen_stage=crops"])
+    params = load_params(PARAMS, ["train.schedule.frozen_stage=crops"])
     with pytest.raises(ValueError, match="frozen_stage='crops'"):
         backbones.recipe_counts(params, 10, 2, {"catalogue": gallery("iconic", 2)}, 4, 1)
 

@@ -18,12 +18,14 @@ def run(out: Path, *args: str) -> int:
                             *[arg for override in TINY for arg in ("--set", override)]])
 
 
-def test_every_workload_is_timed_at_every_size_with_the_baseline_added(tmp_path, table_rows):
+def test_every_workload_is_timed_at_every_size_with_the_baseline_added(tmp_path, table_rows, results_file_parts):
     out = tmp_path / "batch_size.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
     assert run(out, "--batch-sizes", "1", "2", "--images", "5", "--repeats", "2") == 0
     text = out.read_text()
-    assert "Machine:" in text and "Baseline: batches of 3 (`evaluate.batch_size`)" in text
+    parts = results_file_parts(text, "benchmarks.batch_size")
+    assert "--batch-sizes 1 2 3 --images 5 --repeats 2" in parts.command
+    assert "Baseline: batches of 3 (`evaluate.batch_size`)" in parts.setup[-1]
     assert "an earlier run" not in text and text.endswith("## Notes (by hand)\n\n- kept across runs\n")
     sections = text.split("## ")[1:-1]  # the three workloads; the last section is the notes
     assert [section.splitlines()[0] for section in sections] == [
@@ -37,6 +39,14 @@ def test_every_workload_is_timed_at_every_size_with_the_baseline_added(tmp_path,
         for ms, ratio, difference in rows.values():
             assert float(ms) > 0 and float(ratio.removeprefix("×")) > 0
             assert float(difference) < 1e-4  # the batch changes speed, not embeddings
+    # The headline: a row per batch size, a column per workload, each its table's ratio to the baseline.
+    headline = table_rows(parts.headline)
+    workloads = [section.splitlines()[0] for section in sections]
+    assert parts.headline.splitlines()[0] == "| batch size | " + " | ".join(workloads) + " |"
+    assert list(headline) == ["1", "2", "3 (baseline)"]
+    for column, section in enumerate(sections):
+        assert {size: cells[column] for size, cells in headline.items()} == \
+               {size: cells[1] for size, cells in table_rows(section).items()}
 
 
 @pytest.mark.parametrize("args", [["--repeats", "0"], ["--images", "0"], ["--batch-sizes", "4", "0"]])

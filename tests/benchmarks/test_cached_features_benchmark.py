@@ -11,8 +11,8 @@ from benchmarks import cached_features
 from components.config import ParamsError
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
-TINY = ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.embed_dim=16", "train.cached_views=2",
-        "train.catalogue_views=3"]
+TINY = ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.embed_dim=16", "train.augment.cached_views=2",
+        "train.augment.catalogue_views=3"]
 
 
 def run(tmp_path: Path, *extra: str) -> int:
@@ -21,16 +21,19 @@ def run(tmp_path: Path, *extra: str) -> int:
     return cached_features.main(argv + [arg for override in TINY for arg in ("--set", override)])
 
 
-def test_every_way_runs_the_head_batches_in_its_own_process(tmp_path, table_rows):
+def test_every_way_runs_the_head_batches_in_its_own_process(tmp_path, table_rows, results_file_parts):
     out = tmp_path / "cached_features.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
     # Batches of 2 SKUs x 4 photos; each ranks against 4 of the 12 catalogue images.
-    assert run(tmp_path, "--set", "train.batch_size=8", "--set", "train.anchor_sample=4") == 0
+    assert run(tmp_path, "--set", "train.sampler.batch_size=8", "--set", "train.sampler.anchor_sample=4") == 0
     text = out.read_text()
-    assert "Machine:" in text and "60 training rows (12 SKUs x 4 photos + 1 catalogue image)" in text
-    assert "`train.anchor_sample` 4 in the default way" in text
+    parts = results_file_parts(text, "benchmarks.cached_features")
+    assert "--set train.sampler.anchor_sample=4" in parts.command
+    assert parts.command.endswith("--skus 12 --images-per-sku 4 --batches 3")
+    assert parts.setup[0].startswith("Features: 60 training rows (12 SKUs x 4 photos + 1 catalogue image)")
+    assert "`train.sampler.anchor_sample` 4 in the default way" in parts.setup[1]
     assert "an earlier run" not in text and text.endswith("## Notes (by hand)\n\n- kept across runs\n")
-    table = table_rows(text)
+    table = table_rows(parts.headline)
     assert set(table) == set(cached_features.WAYS)
     baseline, all_anchors = table[cached_features.BASELINE], table[cached_features.MAPPED_ALL_ANCHORS]
     sampled = table[cached_features.MAPPED]
@@ -44,8 +47,8 @@ def test_bad_arguments_and_bad_params_are_refused_before_anything_is_written(tmp
     with pytest.raises(SystemExit):
         run(tmp_path, "--skus", "1")
     assert "--skus must be at least 2" in capsys.readouterr().err
-    with pytest.raises(ParamsError, match="train.images_per_sku"):
-        run(tmp_path, "--set", "train.images_per_sku=0")
+    with pytest.raises(ParamsError, match="train.sampler.images_per_sku"):
+        run(tmp_path, "--set", "train.sampler.images_per_sku=0")
     assert list(tmp_path.iterdir()) == []  # no results file, no features folder
 
 

@@ -8,19 +8,22 @@ from benchmarks import decoded_images
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 TINY = ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.image_size=32", "model.embed_dim=16",
-        "train.image_size=null", "train.unfrozen_batch_size=12", "train.images_per_sku=2"]
+        "train.augment.image_size=null", "train.sampler.unfrozen_batch_size=12", "train.sampler.images_per_sku=2"]
 
 
 def test_every_way_is_measured_in_its_own_process_against_the_kept_baseline(tmp_path, synthetic_dataset,
-                                                                            table_rows):
+                                                                            table_rows, results_file_parts):
     out = tmp_path / "decoded_images.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
     argv = ["--data", str(synthetic_dataset), "--params", str(PARAMS), "--steps", "2", "--out", str(out)]
     assert decoded_images.main(argv + [arg for override in TINY for arg in ("--set", override)]) == 0
     text = out.read_text()
-    assert "Machine:" in text and "2 fine-tuning steps" in text
+    parts = results_file_parts(text, "benchmarks.decoded_images")
+    assert f"--data {synthetic_dataset}" in parts.command and parts.command.endswith("--steps 2")
+    assert "2 fine-tuning steps" in parts.setup[1]
+    assert "keeping a million training images would take" in parts.rest
     assert "an earlier run" not in text and text.endswith("## Notes (by hand)\n\n- kept across runs\n")
-    table = table_rows(text)
+    table = table_rows(parts.headline)
     assert set(table) == set(decoded_images.WAYS)
     images = int(table[decoded_images.BASELINE][0])
     assert images > 0  # the baseline keeps every image; the other ways keep none

@@ -13,20 +13,28 @@ from components.config import IndexParams
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
-def test_every_factory_is_measured_against_flat_at_every_size(tmp_path, table_rows):
+def test_every_factory_is_measured_against_flat_at_every_size(tmp_path, table_rows, results_file_parts):
     out = tmp_path / "index_scale.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
     argv = ["--params", str(PARAMS), "--out", str(out), "--sizes", "300", "1200", "--queries", "80",
             "--factories", "IVF{nlist},Flat@4", "HNSW32@8"]
     assert index_scale.main(argv) == 0
     text = out.read_text()
-    assert "Machine:" in text and "one 256-d unit embedding per SKU" in text
+    parts = results_file_parts(text, "benchmarks.index_scale")
+    assert parts.command.endswith("--sizes 300 1200 --queries 80 --factories Flat 'IVF{nlist},Flat@4' HNSW32@8")
+    assert "one 256-d unit embedding per SKU" in parts.setup[0]
     assert "an earlier run" not in text and text.endswith("## Notes (by hand)\n\n- kept across runs\n")
+    # The headline: every factory's batch search ratio and recall@1 at each size, as its size's table has them.
+    headline = table_rows(parts.headline)
+    assert list(headline) == ["Flat (baseline)", "IVF{nlist},Flat@4", "HNSW32@8"]
+    assert headline["Flat (baseline)"] == ["×1.00", "1.000", "×1.00", "1.000"]
     for size, nlist in ((300, 64), (1200, 128)):  # about 4·√N lists, a power of two
         section = text.split(f"## {size:,} SKUs")[1].split("## ")[0]
         rows = table_rows(section)
         assert list(rows) == ["Flat (baseline)", f"IVF{nlist},Flat", "HNSW32"]  # the baseline was added, first
         flat, ivf, hnsw = rows.values()
+        column = 2 * [300, 1200].index(size)
+        assert [cells[column:column + 2] for cells in headline.values()] == [row[5:7] for row in rows.values()]
         assert flat[0] == "-" and ivf[0] == "4" and hnsw[0] == "8"
         assert flat[5:8] == ["×1.00", "1.000", "1.000"]  # Flat agrees with itself
         for row in rows.values():
