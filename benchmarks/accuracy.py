@@ -34,8 +34,9 @@ METRIC_COLUMNS = ("top1", "top3", "top5", "delta_similarity", "map")
 ABLATION: dict[str, list[str]] = {
     "head only: no backbone fine-tuning (stage 1 alone)": ["train.schedule.epochs=10"],
     # Measured in earlier runs, kept in the results file's notes with the run they come from:
-    # "train.schedule.frozen_stage=crops train.schedule.epochs=10 train.schedule.frozen_epochs=2", "train.sampler.catalogue_in_batches=true",
-    # "train.schedule.freeze_batchnorm=false", "train.schedule.ema_decay=0.995".
+    # "train.schedule.frozen_stage=crops train.schedule.epochs=10 train.schedule.frozen_epochs=2",
+    # "train.sampler.catalogue_in_batches=true", "train.schedule.freeze_batchnorm=false",
+    # "train.schedule.ema_decay=0.995".
 }
 # Rows that change only how the trained model embeds at inference (test-time augmentation): they
 # re-evaluate the default row's model, so each costs an evaluation, not a training run.
@@ -52,8 +53,9 @@ def _evaluate(encoder, preprocess, manifest, params: Params, query_split: str) -
     n_images = len(set(sets.queries["image_path"]).union(*(g["image_path"] for g in sets.galleries.values())))
     device = resolve_device(params.train.device)
     started = time.perf_counter()
-    metrics = evaluate_encoder(encoder.to(device), preprocess, manifest, query_split, params.data.train_split,
-                               params.evaluate, device=device)
+    metrics = evaluate_encoder(
+        encoder.to(device), preprocess, manifest, query_split, params.data.train_split, params.evaluate, device=device
+    )
     return metrics, n_images / (time.perf_counter() - started)
 
 
@@ -72,22 +74,29 @@ def fine_tuned(params: Params, manifest, query_split: str, version: str, scratch
     variants that differ only in how the head trains reuse the cached backbone features, as a
     user's reruns do. The first run that needs a set of features pays for it in its wall time.
     """
-    io = params.train.io.model_copy(update={"checkpoint_dir": f"{scratch}/checkpoints",
-                                            "output_dir": f"{scratch}/model", "resume": False})
+    io = params.train.io.model_copy(
+        update={"checkpoint_dir": f"{scratch}/checkpoints", "output_dir": f"{scratch}/model", "resume": False}
+    )
     run = params.model_copy(update={"train": params.train.model_copy(update={"io": io})})
     result = train_encoder(run, manifest, data_version=version, progress=False)
     encoder, preprocess, _ = load_encoder(result.model_dir)
     metrics, throughput = _evaluate(encoder, preprocess, manifest, params, query_split)
-    return {"metrics": metrics, "images_per_s": throughput, "train_wall_time_s": result.wall_time_s,
-            "model_dir": result.model_dir}
+    return {
+        "metrics": metrics,
+        "images_per_s": throughput,
+        "train_wall_time_s": result.wall_time_s,
+        "model_dir": result.model_dir,
+    }
 
 
 def check_inference_only(name: str, params: Params, variant: Params) -> None:
     """Refuse a test-time row that changes more than test-time settings: its figures would be wrong."""
     changed = {key for key, value in variant.model.model_dump().items() if value != getattr(params.model, key)}
     if not changed <= INFERENCE_ONLY or variant.train != params.train or variant.data != params.data:
-        raise ValueError(f"inference ablation {name!r} changes more than model.{sorted(INFERENCE_ONLY)}: "
-                         "it would need a training run of its own")
+        raise ValueError(
+            f"inference ablation {name!r} changes more than model.{sorted(INFERENCE_ONLY)}: "
+            "it would need a training run of its own"
+        )
 
 
 def re_evaluated(model_dir: Path, variant: Params, manifest, query_split: str) -> dict:
@@ -98,8 +107,21 @@ def re_evaluated(model_dir: Path, variant: Params, manifest, query_split: str) -
     return {"metrics": metrics, "images_per_s": throughput, "train_wall_time_s": 0.0}
 
 
-HEADER = ("model", "cat top-1", "cat top-3", "cat top-5", "cat Δsim", "cat mAP", "nn top-1", "nn top-3", "nn top-5",
-          "nn Δsim", "nn mAP", "train min", "eval img/s")
+HEADER = (
+    "model",
+    "cat top-1",
+    "cat top-3",
+    "cat top-5",
+    "cat Δsim",
+    "cat mAP",
+    "nn top-1",
+    "nn top-3",
+    "nn top-5",
+    "nn Δsim",
+    "nn mAP",
+    "train min",
+    "eval img/s",
+)
 
 
 def _row(name: str, result: dict) -> list[str]:
@@ -109,13 +131,21 @@ def _row(name: str, result: dict) -> list[str]:
     return cells + [f"{result['train_wall_time_s'] / 60:.1f}", f"{result['images_per_s']:.1f}"]
 
 
-def render(results: dict[str, dict], ablation: dict[str, dict], params: Params, query_split: str,
-           version: str, n_queries: int, command: str) -> str:
+def render(
+    results: dict[str, dict],
+    ablation: dict[str, dict],
+    params: Params,
+    query_split: str,
+    version: str,
+    n_queries: int,
+    command: str,
+) -> str:
     """The results file: the comparison, the command, the machine, the recipe, then the ablation table."""
     base, tuned = results["zero-shot backbone"], results["fine-tuned (default recipe)"]
     ratios = ", ".join(
         f"{protocol} top-1 ×{tuned['metrics'][protocol]['top1'] / max(base['metrics'][protocol]['top1'], 1e-9):.2f}"
-        for protocol in ("catalogue", "nn"))
+        for protocol in ("catalogue", "nn")
+    )
     setup = [
         f"Data: `{params.data.root}` (DVC hash `{version}`), queries = `{query_split}` ({n_queries} photos), "
         f"`nn` gallery = `{params.data.train_split}`, `catalogue` gallery = the catalogue images",
@@ -129,25 +159,39 @@ def render(results: dict[str, dict], ablation: dict[str, dict], params: Params, 
         "other SKUs. `cat` columns are the catalogue protocol (the gallery is the catalogue images, one or a few per "
         "SKU), `nn` columns the nearest-neighbour protocol (the gallery is the labelled training photos); both take "
         "the same query photos. Both rows are measured in the same run on the same data, so their ratio holds "
-        "whatever the machine; \"train min\" and \"eval img/s\" are this machine's.",
+        'whatever the machine; "train min" and "eval img/s" are this machine\'s.',
         f"Fine-tuned vs zero-shot in this run: {ratios}.",
     ]
     details = []
     if ablation:
-        details = ["## Ablation (each row: the default recipe with one change, same run; \"train min\" 0.0 = "
-                   "the default row's model re-evaluated)", "",
-                   *table(HEADER, (_row(name, result) for name, result in ablation.items()))]
-    return results_page("Accuracy benchmark", table(HEADER, (_row(name, result) for name, result in results.items())),
-                        command, setup, how_to_read, details)
+        details = [
+            '## Ablation (each row: the default recipe with one change, same run; "train min" 0.0 = '
+            "the default row's model re-evaluated)",
+            "",
+            *table(HEADER, (_row(name, result) for name, result in ablation.items())),
+        ]
+    return results_page(
+        "Accuracy benchmark",
+        table(HEADER, (_row(name, result) for name, result in results.items())),
+        command,
+        setup,
+        how_to_read,
+        details,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the results file."""
     parser = benchmark_parser(__doc__, RESULTS)
     parser.add_argument("--data", help="dataset root (default: data.root of params.yaml)")
-    parser.add_argument("--queries", default=None, help="query split: any <name>.txt of the layout (default: data.query_split)")
-    parser.add_argument("--ablation", action="store_true",
-                        help="also train and evaluate the training ablation variants (the test-time rows always run)")
+    parser.add_argument(
+        "--queries", default=None, help="query split: any <name>.txt of the layout (default: data.query_split)"
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also train and evaluate the training ablation variants (the test-time rows always run)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -160,22 +204,26 @@ def main(argv: list[str] | None = None) -> int:
     version = data_version(params.data.root)
 
     with tempfile.TemporaryDirectory(prefix="skumatch-bench-") as scratch:
-        results = {"zero-shot backbone": zero_shot(params, manifest, query_split),
-                   "fine-tuned (default recipe)": fine_tuned(params, manifest, query_split, version, scratch)}
+        results = {
+            "zero-shot backbone": zero_shot(params, manifest, query_split),
+            "fine-tuned (default recipe)": fine_tuned(params, manifest, query_split, version, scratch),
+        }
         ablation = {}
         for name, changes in INFERENCE_ABLATION.items():
             variant = load_params(args.params, overrides + changes + [f"data.query_split={query_split}"])
             check_inference_only(name, params, variant)
             # Before the training rows: they overwrite the default row's model in scratch.
-            ablation[name] = re_evaluated(results["fine-tuned (default recipe)"]["model_dir"], variant, manifest,
-                                          query_split)
+            ablation[name] = re_evaluated(
+                results["fine-tuned (default recipe)"]["model_dir"], variant, manifest, query_split
+            )
         if args.ablation:
             for name, changes in ABLATION.items():
                 variant = load_params(args.params, overrides + changes + [f"data.query_split={query_split}"])
                 ablation[name] = fine_tuned(variant, manifest, query_split, version, scratch)
     args.queries = query_split
-    command = command_line("benchmarks.accuracy", args, ("queries", "ablation"), parser,
-                           optional=("params", "data", "out"))
+    command = command_line(
+        "benchmarks.accuracy", args, ("queries", "ablation"), parser, optional=("params", "data", "out")
+    )
     print(write_results(args.out, render(results, ablation, params, query_split, version, n_queries, command)))
     return 0
 

@@ -1,6 +1,7 @@
 """What each backbone costs on this machine, and what the default recipe would take with it, against EfficientNet-Lite0.
 
-    python -m benchmarks.backbones --data ../shared/datasets/grocery-store [--variants lite0 lite2 clip-b32 clip-b32-last4]
+    python -m benchmarks.backbones --data ../shared/datasets/grocery-store \
+        [--variants lite0 lite2 clip-b32 clip-b32-last4]
 
 The accuracy targets may need a stronger pretrained backbone than the packaged Lite0, such as
 CLIP ViT-B/32 from the hub (``model.backbone: hf-clip``). Whether the recipe could then still run
@@ -53,14 +54,30 @@ CLIP_B32 = "{clip}"  # replaced by the CLIP config folder
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     BASELINE: ("EfficientNet-Lite0, the params' recipe (baseline)", []),
     "lite2": ("EfficientNet-Lite2 at 224 px", ["model.backbone=efficientnet-lite2", "model.image_size=224"]),
-    "clip-b32": ("CLIP ViT-B/32, every layer trained",
-                 ["model.backbone=hf-clip", f"model.hf_model_id={CLIP_B32}", "model.pretrained=false",
-                  "model.image_size=null", "train.augment.image_size=null", "train.schedule.unfreeze_blocks=-1"]),
+    "clip-b32": (
+        "CLIP ViT-B/32, every layer trained",
+        [
+            "model.backbone=hf-clip",
+            f"model.hf_model_id={CLIP_B32}",
+            "model.pretrained=false",
+            "model.image_size=null",
+            "train.augment.image_size=null",
+            "train.schedule.unfreeze_blocks=-1",
+        ],
+    ),
     # Stages of a CLIP tower: embeddings, the 12 transformer layers, the final norm with the
     # projection; 5 stages = the last 4 layers and the head.
-    "clip-b32-last4": ("CLIP ViT-B/32, the last 4 layers trained",
-                       ["model.backbone=hf-clip", f"model.hf_model_id={CLIP_B32}", "model.pretrained=false",
-                        "model.image_size=null", "train.augment.image_size=null", "train.schedule.unfreeze_blocks=5"]),
+    "clip-b32-last4": (
+        "CLIP ViT-B/32, the last 4 layers trained",
+        [
+            "model.backbone=hf-clip",
+            f"model.hf_model_id={CLIP_B32}",
+            "model.pretrained=false",
+            "model.image_size=null",
+            "train.augment.image_size=null",
+            "train.schedule.unfreeze_blocks=5",
+        ],
+    ),
 }
 
 
@@ -91,28 +108,39 @@ class RecipeCounts:
     full_gallery: int  # every protocol's gallery, each image once
 
 
-def recipe_counts(params: Params, rows: int, catalogue: int, galleries: dict, queries: int, steps_per_epoch: int) -> RecipeCounts:
+def recipe_counts(
+    params: Params, rows: int, catalogue: int, galleries: dict, queries: int, steps_per_epoch: int
+) -> RecipeCounts:
     """The recipe's work on this data, as :func:`components.training.train_encoder` does it."""
     cfg = params.train
     if cfg.schedule.frozen_stage != "cached":
-        raise ValueError(f"train.schedule.frozen_stage={cfg.schedule.frozen_stage!r}: the projection covers the cached head stage only")
+        raise ValueError(
+            f"train.schedule.frozen_stage={cfg.schedule.frozen_stage!r}: "
+            "the projection covers the cached head stage only"
+        )
     backbone_epochs = range(cfg.schedule.frozen_epochs, cfg.schedule.epochs)
     gate = params.evaluate.gate_protocol
     return RecipeCounts(
         features=rows * cfg.augment.cached_views + catalogue * (cfg.augment.catalogue_views - 1) + queries,
         backbone_steps=len(backbone_epochs) * steps_per_epoch,
-        gate_evaluations=sum((epoch + 1) % cfg.schedule.eval_every_epochs == 0 or epoch + 1 == cfg.schedule.epochs for epoch in backbone_epochs),
+        gate_evaluations=sum(
+            (epoch + 1) % cfg.schedule.eval_every_epochs == 0 or epoch + 1 == cfg.schedule.epochs
+            for epoch in backbone_epochs
+        ),
         gate_gallery=len(galleries[gate]) if gate in galleries else sum(map(len, galleries.values())),
         queries=queries,
-        full_gallery=len(set().union(*(g["image_path"] for g in galleries.values()))))
+        full_gallery=len(set().union(*(g["image_path"] for g in galleries.values()))),
+    )
 
 
 def projected_minutes(units: UnitTimes, counts: RecipeCounts) -> dict[str, float]:
     """Minutes of each phase of the recipe, and the totals, from unit times and counts."""
     evaluation = counts.gate_gallery * units.gallery_s + counts.queries * units.query_s
-    phases = {"caching": counts.features * units.feature_s,
-              "backbone epochs": counts.backbone_steps * units.step_s,
-              "gate evaluations": counts.gate_evaluations * evaluation}
+    phases = {
+        "caching": counts.features * units.feature_s,
+        "backbone epochs": counts.backbone_steps * units.step_s,
+        "gate evaluations": counts.gate_evaluations * evaluation,
+    }
     minutes = {name: seconds / 60 for name, seconds in phases.items()}
     minutes["train"] = sum(minutes.values())
     minutes["evaluation"] = (counts.full_gallery * units.gallery_s + counts.queries * units.query_s) / 60
@@ -144,8 +172,9 @@ class VariantRun:
         self.sets = protocol_sets(manifest, params.data.query_split, params.data.train_split)
         self.photos = list(setup.rows["image_path"][:images])
         self.query_photos = list(self.sets.queries["image_path"][:images])
-        self.stage = CropTraining(setup.preprocess, setup.paths, setup.catalogue_rows, cfg,
-                                  params.evaluate.batch_size, self.device)
+        self.stage = CropTraining(
+            setup.preprocess, setup.paths, setup.catalogue_rows, cfg, params.evaluate.batch_size, self.device
+        )
         self.steps_per_epoch = self.stage.steps_per_epoch
         set_trainable(setup.encoder, cfg.schedule.unfreeze_blocks, backbone_trainable=True)
         self.warm_up()
@@ -161,9 +190,16 @@ class VariantRun:
         ``anchor_refresh_steps`` steps do."""
         setup, cfg = self.setup, self.params.train
         self.stage.steps_per_epoch = count
-        self.stage.run_epoch(cfg.schedule.frozen_epochs, setup.encoder, setup.head, setup.optimizer, setup.labels,
-                             torch.from_numpy(setup.labels[setup.catalogue_rows]).to(self.device),
-                             np.random.default_rng(cfg.seed), progress=False)
+        self.stage.run_epoch(
+            cfg.schedule.frozen_epochs,
+            setup.encoder,
+            setup.head,
+            setup.optimizer,
+            setup.labels,
+            torch.from_numpy(setup.labels[setup.catalogue_rows]).to(self.device),
+            np.random.default_rng(cfg.seed),
+            progress=False,
+        )
 
     def warm_up(self) -> None:
         # Kernels are picked on the first call of each shape, and the first read of a JPEG comes from disk.
@@ -174,9 +210,10 @@ class VariantRun:
 
     def time_units(self, steps: int) -> dict[str, float]:
         """Seconds per image of each embedding workload and per fine-tuning step, measured now."""
-        units = {unit: _seconds_each(lambda unit=unit, paths=paths: self.embed(unit, paths), len(paths))
-                 for unit, paths in (("feature_s", self.photos), ("gallery_s", self.photos),
-                                     ("query_s", self.query_photos))}
+        units = {
+            unit: _seconds_each(lambda unit=unit, paths=paths: self.embed(unit, paths), len(paths))
+            for unit, paths in (("feature_s", self.photos), ("gallery_s", self.photos), ("query_s", self.query_photos))
+        }
         timed = min(steps, self.steps_per_epoch)
         units["step_s"] = _seconds_each(lambda: self.run_steps(timed), timed)
         return units
@@ -184,10 +221,14 @@ class VariantRun:
     def sizes(self) -> dict:
         """The data's sizes and the encoder's parameter counts."""
         encoder = self.setup.encoder
-        return {"rows": len(self.setup.rows), "catalogue": len(self.setup.catalogue_rows),
-                "galleries": self.sets.galleries, "queries": len(self.sets.queries),
-                "trainable": sum(p.numel() for p in encoder.parameters() if p.requires_grad),
-                "parameters": sum(p.numel() for p in encoder.parameters())}
+        return {
+            "rows": len(self.setup.rows),
+            "catalogue": len(self.setup.catalogue_rows),
+            "galleries": self.sets.galleries,
+            "queries": len(self.sets.queries),
+            "trainable": sum(p.numel() for p in encoder.parameters() if p.requires_grad),
+            "parameters": sum(p.numel() for p in encoder.parameters()),
+        }
 
 
 def measure(variants: dict[str, Params], manifest, images: int, steps: int, repeats: int) -> dict[str, dict]:
@@ -204,11 +245,16 @@ def measure(variants: dict[str, Params], manifest, images: int, steps: int, repe
                 fastest[name][unit] = min(seconds, fastest[name].get(unit, float("inf")))
     results = {}
     for name, run in runs.items():
-        units = UnitTimes(**fastest[name], steps_per_epoch=run.steps_per_epoch,
-                          eval_px=run.setup.preprocess.image_size, train_px=run.stage.out_size)
+        units = UnitTimes(
+            **fastest[name],
+            steps_per_epoch=run.steps_per_epoch,
+            eval_px=run.setup.preprocess.image_size,
+            train_px=run.stage.out_size,
+        )
         sizes = run.sizes()
-        counts = recipe_counts(run.params, sizes["rows"], sizes["catalogue"], sizes["galleries"], sizes["queries"],
-                               units.steps_per_epoch)
+        counts = recipe_counts(
+            run.params, sizes["rows"], sizes["catalogue"], sizes["galleries"], sizes["queries"], units.steps_per_epoch
+        )
         results[name] = {"units": units, "sizes": sizes, "minutes": projected_minutes(units, counts)}
         print(name, {k: round(v, 1) for k, v in results[name]["minutes"].items()}, flush=True)
     return results
@@ -227,51 +273,109 @@ def render(results: dict[str, dict], params: Params, args: argparse.Namespace, d
     base = results[BASELINE]
     sizes = base["sizes"]
     cfg = params.train
-    setup = [f"Data: `{params.data.root}`: {sizes['rows']} training rows ({sizes['catalogue']} catalogue images), "
-             f"{sizes['queries']} `{params.data.query_split}` queries",
-             f"Recipe (params): {cfg.schedule.epochs} epochs of which {cfg.schedule.frozen_epochs} on cached features, "
-             f"{cfg.augment.cached_views} cached views per image and {cfg.augment.catalogue_views} per catalogue image, stage-2 batches "
-             f"of {cfg.sampler.unfrozen_batch_size}, gate evaluation every {cfg.schedule.eval_every_epochs} epochs "
-             f"(`{params.evaluate.gate_protocol}`), embeddings in batches of {params.evaluate.batch_size}, flip TTA "
-             f"{params.model.flip_tta}, query zooms {list(params.model.query_zooms)}",
-             f"CLIP variants: the `openai/clip-vit-base-patch32` vision architecture with random weights "
-             f"(`{args.clip_config or 'CLIPVisionConfig() defaults'}`); speed does not depend on the weights' values.",
-             f"Unit times on real images, decoding and augmentation included; each variant's fastest of {args.repeats} "
-             "rounds that alternate the variants, after a warm-up."]
-    how_to_read = ("the table above projects, in minutes, each phase of the recipe with each backbone on this machine: "
-                   "the params' counts (images cached, fine-tuning steps, gate evaluations) times the unit times "
-                   "measured below. The head epochs on cached features take seconds and are left out, so the "
-                   "projection is slightly low; the Lite0 row can be checked against the accuracy benchmark's "
-                   "\"train min\" on the same machine. \"vs baseline\" divides by the Lite0 row of the same run; "
-                   "minutes and milliseconds are this machine's.")
+    setup = [
+        f"Data: `{params.data.root}`: {sizes['rows']} training rows ({sizes['catalogue']} catalogue images), "
+        f"{sizes['queries']} `{params.data.query_split}` queries",
+        f"Recipe (params): {cfg.schedule.epochs} epochs of which {cfg.schedule.frozen_epochs} on cached features, "
+        f"{cfg.augment.cached_views} cached views per image and {cfg.augment.catalogue_views} per catalogue image, "
+        f"stage-2 batches of {cfg.sampler.unfrozen_batch_size}, "
+        f"gate evaluation every {cfg.schedule.eval_every_epochs} epochs "
+        f"(`{params.evaluate.gate_protocol}`), embeddings in batches of {params.evaluate.batch_size}, flip TTA "
+        f"{params.model.flip_tta}, query zooms {list(params.model.query_zooms)}",
+        f"CLIP variants: the `openai/clip-vit-base-patch32` vision architecture with random weights "
+        f"(`{args.clip_config or 'CLIPVisionConfig() defaults'}`); speed does not depend on the weights' values.",
+        f"Unit times on real images, decoding and augmentation included; each variant's fastest of {args.repeats} "
+        "rounds that alternate the variants, after a warm-up.",
+    ]
+    how_to_read = (
+        "the table above projects, in minutes, each phase of the recipe with each backbone on this machine: "
+        "the params' counts (images cached, fine-tuning steps, gate evaluations) times the unit times "
+        "measured below. The head epochs on cached features take seconds and are left out, so the "
+        "projection is slightly low; the Lite0 row can be checked against the accuracy benchmark's "
+        '"train min" on the same machine. "vs baseline" divides by the Lite0 row of the same run; '
+        "minutes and milliseconds are this machine's."
+    )
     minutes, units = [], []
     for name, r in results.items():
         m, u, s = r["minutes"], r["units"], r["sizes"]
-        minutes.append((VARIANTS[name][0], f"{m['caching']:.1f}", f"{m['backbone epochs']:.1f}",
-                        f"{m['gate evaluations']:.1f}", f"{m['train']:.1f}",
-                        f"×{m['train'] / base['minutes']['train']:.2f}", f"{m['evaluation']:.1f}",
-                        f"{m['train + evaluation']:.1f}"))
-        units.append((VARIANTS[name][0], f"{s['parameters'] / 1e6:.3g}M ({s['trainable'] / 1e6:.3g}M)",
-                      f"{u.eval_px} / {u.train_px}", f"{1000 * u.feature_s:.1f}", f"{1000 * u.gallery_s:.1f}",
-                      f"{1000 * u.query_s:.1f}", f"{u.step_s:.2f} ({1000 * u.step_s / cfg.sampler.unfrozen_batch_size:.0f})",
-                      f"×{u.feature_s / base['units'].feature_s:.2f}", f"×{u.query_s / base['units'].query_s:.2f}",
-                      f"×{u.step_s / base['units'].step_s:.2f}"))
-    details = ["## Unit times", "",
-               *table(("variant", "params (trained)", "eval / train px", "features ms/img", "gallery ms/img",
-                       "query ms/img", "step s (ms/img)", "features vs baseline", "query vs baseline",
-                       "step vs baseline"), units)]
-    headline = table(("variant", "caching", "backbone epochs", "gate evaluations", "train", "vs baseline",
-                      "evaluation after", "train + evaluation"), minutes)
-    return results_page("Backbone benchmark (cost per image, and the recipe's projected minutes)", headline, command,
-                        setup, how_to_read, details, machine_note=f", {torch_threads()}, device {device}")
+        minutes.append(
+            (
+                VARIANTS[name][0],
+                f"{m['caching']:.1f}",
+                f"{m['backbone epochs']:.1f}",
+                f"{m['gate evaluations']:.1f}",
+                f"{m['train']:.1f}",
+                f"×{m['train'] / base['minutes']['train']:.2f}",
+                f"{m['evaluation']:.1f}",
+                f"{m['train + evaluation']:.1f}",
+            )
+        )
+        units.append(
+            (
+                VARIANTS[name][0],
+                f"{s['parameters'] / 1e6:.3g}M ({s['trainable'] / 1e6:.3g}M)",
+                f"{u.eval_px} / {u.train_px}",
+                f"{1000 * u.feature_s:.1f}",
+                f"{1000 * u.gallery_s:.1f}",
+                f"{1000 * u.query_s:.1f}",
+                f"{u.step_s:.2f} ({1000 * u.step_s / cfg.sampler.unfrozen_batch_size:.0f})",
+                f"×{u.feature_s / base['units'].feature_s:.2f}",
+                f"×{u.query_s / base['units'].query_s:.2f}",
+                f"×{u.step_s / base['units'].step_s:.2f}",
+            )
+        )
+    details = [
+        "## Unit times",
+        "",
+        *table(
+            (
+                "variant",
+                "params (trained)",
+                "eval / train px",
+                "features ms/img",
+                "gallery ms/img",
+                "query ms/img",
+                "step s (ms/img)",
+                "features vs baseline",
+                "query vs baseline",
+                "step vs baseline",
+            ),
+            units,
+        ),
+    ]
+    headline = table(
+        (
+            "variant",
+            "caching",
+            "backbone epochs",
+            "gate evaluations",
+            "train",
+            "vs baseline",
+            "evaluation after",
+            "train + evaluation",
+        ),
+        minutes,
+    )
+    return results_page(
+        "Backbone benchmark (cost per image, and the recipe's projected minutes)",
+        headline,
+        command,
+        setup,
+        how_to_read,
+        details,
+        machine_note=f", {torch_threads()}, device {device}",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__, RESULTS)
     parser.add_argument("--data", default=None, help="dataset root (default: data.root from the params)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--clip-config", default=None,
-                        help="a folder or hub id with the CLIP config to time (default: ViT-B/32's, written here)")
+    parser.add_argument(
+        "--clip-config",
+        default=None,
+        help="a folder or hub id with the CLIP config to time (default: ViT-B/32's, written here)",
+    )
     parser.add_argument("--images", type=int, default=64, help="photos embedded per unit time")
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps timed per variant and repeat")
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the variants; each keeps its fastest")
@@ -284,11 +388,18 @@ def main(argv: list[str] | None = None) -> int:
     manifest = load_manifest(params.data.root, params.data.layout, params.data.max_images_per_sku)
     with tempfile.TemporaryDirectory(prefix="skumatch-clip-config-") as scratch:
         clip_config = args.clip_config or str(write_clip_b32_config(Path(scratch)))
-        variants = {name: load_params(args.params, overrides + [o.replace(CLIP_B32, clip_config) for o in VARIANTS[name][1]])
-                    for name in args.variants}
+        variants = {
+            name: load_params(args.params, overrides + [o.replace(CLIP_B32, clip_config) for o in VARIANTS[name][1]])
+            for name in args.variants
+        }
         results = measure(variants, manifest, args.images, args.steps, args.repeats)
-    command = command_line("benchmarks.backbones", args, ("variants", "images", "steps", "repeats"), parser,
-                           optional=("params", "data", "clip_config", "out"))
+    command = command_line(
+        "benchmarks.backbones",
+        args,
+        ("variants", "images", "steps", "repeats"),
+        parser,
+        optional=("params", "data", "clip_config", "out"),
+    )
     write_results(args.out, render(results, params, args, resolve_device(params.train.device).type, command))
     return 0
 

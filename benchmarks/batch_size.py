@@ -48,17 +48,20 @@ def workloads(params: Params) -> dict[str, Callable[[list], torch.Tensor]]:
         pixels = torch.stack([preprocess(image) for image in images])
         return encoder.features(pixels.contiguous(memory_format=torch.channels_last))
 
-    return {"gallery (image + mirror, 2 passes)": lambda images: embed_batch(encoder, preprocess, images),
-            f"queries (every zoom + mirror, {passes} passes)":
-                lambda images: embed_batch(encoder, preprocess, images, as_queries=True),
-            "backbone features (1 pass, the feature cache)": features}
+    return {
+        "gallery (image + mirror, 2 passes)": lambda images: embed_batch(encoder, preprocess, images),
+        f"queries (every zoom + mirror, {passes} passes)": lambda images: embed_batch(
+            encoder, preprocess, images, as_queries=True
+        ),
+        "backbone features (1 pass, the feature cache)": features,
+    }
 
 
 @torch.no_grad()
 def embed_all(embed: Callable[[list], torch.Tensor], images: list, batch_size: int) -> tuple[float, torch.Tensor]:
     """Seconds per image to embed ``images`` in batches of ``batch_size``, and the embeddings."""
     started = time.perf_counter()
-    rows = [embed(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
+    rows = [embed(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
     return (time.perf_counter() - started) / len(images), torch.cat(rows)
 
 
@@ -76,9 +79,10 @@ def measure(params: Params, batch_sizes: list[int], images: int, repeats: int) -
             for size in batch_sizes:
                 seconds, rows[size] = embed_all(embed, photos, size)
                 fastest[size] = min(fastest[size], seconds)
-        results[name] = {size: {"ms": 1000 * fastest[size],
-                                "max_difference": (rows[size] - rows[baseline]).abs().max().item()}
-                         for size in batch_sizes}
+        results[name] = {
+            size: {"ms": 1000 * fastest[size], "max_difference": (rows[size] - rows[baseline]).abs().max().item()}
+            for size in batch_sizes
+        }
         print(name, {size: round(r["ms"], 1) for size, r in results[name].items()}, flush=True)
     return results
 
@@ -91,30 +95,55 @@ def render(results: dict[str, dict[int, dict]], params: Params, args: argparse.N
     """The results file: every workload's ratios to the baseline, then one table per workload, a row per batch size."""
     model, baseline = params.model, params.evaluate.batch_size
     sizes = list(next(iter(results.values())))
-    headline = table(("batch size", *results),
-                     ((_label(size, baseline), *(f"×{by_size[size]['ms'] / by_size[baseline]['ms']:.2f}"
-                                                 for by_size in results.values())) for size in sizes))
-    setup = [f"Encoder: `{model.backbone}` (pretrained {model.pretrained}), image size "
-             f"{model.image_size or 'native'}, embedding {model.embed_dim}, flip TTA {model.flip_tta}, "
-             f"query zooms {list(model.query_zooms)}; {args.images} {PHOTO_PX} px noise photos",
-             f"Each batch size's fastest of {args.repeats} alternating repeats. Baseline: batches of "
-             f"{baseline} (`evaluate.batch_size`)."]
-    how_to_read = ("each cell above is the time per image at that batch size divided by the time per image in "
-                   f"batches of {baseline} (the baseline), for the same workload in the same run: below ×1.00 is "
-                   "faster. What a batch size buys depends on the machine (on a GPU larger batches are faster, on a "
-                   "CPU they need not be), so the ratios are this machine's. The tables below give the milliseconds "
-                   "and the largest difference from the baseline's embeddings, which stays at float rounding: the "
-                   "batch size changes speed only.")
+    headline = table(
+        ("batch size", *results),
+        (
+            (
+                _label(size, baseline),
+                *(f"×{by_size[size]['ms'] / by_size[baseline]['ms']:.2f}" for by_size in results.values()),
+            )
+            for size in sizes
+        ),
+    )
+    setup = [
+        f"Encoder: `{model.backbone}` (pretrained {model.pretrained}), image size "
+        f"{model.image_size or 'native'}, embedding {model.embed_dim}, flip TTA {model.flip_tta}, "
+        f"query zooms {list(model.query_zooms)}; {args.images} {PHOTO_PX} px noise photos",
+        f"Each batch size's fastest of {args.repeats} alternating repeats. Baseline: batches of "
+        f"{baseline} (`evaluate.batch_size`).",
+    ]
+    how_to_read = (
+        "each cell above is the time per image at that batch size divided by the time per image in "
+        f"batches of {baseline} (the baseline), for the same workload in the same run: below ×1.00 is "
+        "faster. What a batch size buys depends on the machine (on a GPU larger batches are faster, on a "
+        "CPU they need not be), so the ratios are this machine's. The tables below give the milliseconds "
+        "and the largest difference from the baseline's embeddings, which stays at float rounding: the "
+        "batch size changes speed only."
+    )
     details = []
     for name, by_size in results.items():
         base = by_size[baseline]["ms"]
-        details += [f"## {name}", "",
-                    *table(("batch size", "ms per image", "vs baseline",
-                            "max abs difference from the baseline's embeddings"),
-                           ((_label(size, baseline), f"{r['ms']:.1f}", f"×{r['ms'] / base:.2f}",
-                             f"{r['max_difference']:.1e}") for size, r in by_size.items())), ""]
-    return results_page("Batch-size benchmark (embedding time per image)", headline, command, setup, how_to_read,
-                        details, machine_note=f", {torch_threads()}")
+        details += [
+            f"## {name}",
+            "",
+            *table(
+                ("batch size", "ms per image", "vs baseline", "max abs difference from the baseline's embeddings"),
+                (
+                    (_label(size, baseline), f"{r['ms']:.1f}", f"×{r['ms'] / base:.2f}", f"{r['max_difference']:.1e}")
+                    for size, r in by_size.items()
+                ),
+            ),
+            "",
+        ]
+    return results_page(
+        "Batch-size benchmark (embedding time per image)",
+        headline,
+        command,
+        setup,
+        how_to_read,
+        details,
+        machine_note=f", {torch_threads()}",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,9 +42,11 @@ BASELINE = "read whole into memory, all anchors (before)"
 MAPPED_ALL_ANCHORS = "memory-mapped, all anchors"
 MAPPED = "memory-mapped, sampled anchors (default)"
 # Each way: whether its arrays are read whole into memory, and its params overrides (after the user's).
-WAYS = {BASELINE: (True, ["train.sampler.anchor_sample=null"]),
-        MAPPED_ALL_ANCHORS: (False, ["train.sampler.anchor_sample=null"]),
-        MAPPED: (False, [])}
+WAYS = {
+    BASELINE: (True, ["train.sampler.anchor_sample=null"]),
+    MAPPED_ALL_ANCHORS: (False, ["train.sampler.anchor_sample=null"]),
+    MAPPED: (False, []),
+}
 
 
 def synthetic_manifest(skus: int, images_per_sku: int, train_split: str = "train"):
@@ -54,8 +56,11 @@ def synthetic_manifest(skus: int, images_per_sku: int, train_split: str = "train
     """
     import pandas as pd
 
-    photos = [(f"photos/{sku}/{i}.jpg", f"sku{sku}", train_split, "query")
-              for sku in range(skus) for i in range(images_per_sku)]
+    photos = [
+        (f"photos/{sku}/{i}.jpg", f"sku{sku}", train_split, "query")
+        for sku in range(skus)
+        for i in range(images_per_sku)
+    ]
     catalogue = [(f"catalogue/{sku}.jpg", f"sku{sku}", "catalogue", "catalogue") for sku in range(skus)]
     return pd.DataFrame(photos + catalogue, columns=["image_path", "sku_id", "split", "role"])
 
@@ -73,22 +78,25 @@ def write_features(folder: Path, params, rows: int, catalogue_images: int, featu
     from components.training.feature_cache import FEATURE_CHUNK_ROWS
 
     rng = np.random.default_rng(0)
-    shapes = {"train_views": (params.train.augment.cached_views, rows, feature_dim),
-              "catalogue_views": (params.train.augment.catalogue_views, catalogue_images, feature_dim),
-              "evaluation": (1, feature_dim)}
+    shapes = {
+        "train_views": (params.train.augment.cached_views, rows, feature_dim),
+        "catalogue_views": (params.train.augment.catalogue_views, catalogue_images, feature_dim),
+        "evaluation": (1, feature_dim),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     for name, shape in shapes.items():
         array = open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
         for start in range(0, shape[-2], FEATURE_CHUNK_ROWS):  # in slices: this process never holds it all
-            block = array[..., start:start + FEATURE_CHUNK_ROWS, :]
+            block = array[..., start : start + FEATURE_CHUNK_ROWS, :]
             block[...] = rng.standard_normal(block.shape, dtype=np.float32)
         array.flush()
         del array
     return sum((folder / f"{name}.npy").stat().st_size for name in shapes) / 2**20
 
 
-def measure_one(way: str, folder: Path, params_path: str, overrides: list[str], skus: int, images_per_sku: int,
-                batches: int) -> dict:
+def measure_one(
+    way: str, folder: Path, params_path: str, overrides: list[str], skus: int, images_per_sku: int, batches: int
+) -> dict:
     """Open the features one way and run the head stage's start and ``batches`` batches; memory and times."""
     import torch
 
@@ -109,8 +117,12 @@ def measure_one(way: str, folder: Path, params_path: str, overrides: list[str], 
     started = time.perf_counter()
     cached = CachedFeatures.open(folder, evaluation_paths=["unused"])
     if read_into_memory:
-        cached = CachedFeatures(np.array(cached.train_views), np.array(cached.catalogue_views),
-                                np.array(cached.evaluation), cached.evaluation_paths)
+        cached = CachedFeatures(
+            np.array(cached.train_views),
+            np.array(cached.catalogue_views),
+            np.array(cached.evaluation),
+            cached.evaluation_paths,
+        )
     open_s = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -118,40 +130,82 @@ def measure_one(way: str, folder: Path, params_path: str, overrides: list[str], 
     init_s = time.perf_counter() - started
 
     rng = np.random.default_rng(cfg.seed)
-    drawn = pk_batches(setup.labels, max(2, cfg.sampler.batch_size // cfg.sampler.images_per_sku), cfg.sampler.images_per_sku, rng)[:batches]
+    drawn = pk_batches(
+        setup.labels, max(2, cfg.sampler.batch_size // cfg.sampler.images_per_sku), cfg.sampler.images_per_sku, rng
+    )[:batches]
     catalogue_labels = torch.from_numpy(setup.labels[setup.catalogue_rows]).to(device)
     started = time.perf_counter()
-    losses = frozen_epoch(setup.encoder, setup.head, setup.optimizer, cached, setup.labels, catalogue_labels, cfg,
-                          drawn, rng, device)
+    losses = frozen_epoch(
+        setup.encoder, setup.head, setup.optimizer, cached, setup.labels, catalogue_labels, cfg, drawn, rng, device
+    )
     batch_s = (time.perf_counter() - started) / len(drawn)
     after = _process_memory()
-    return {"device": device.type, "anchor_sample": cfg.sampler.anchor_sample, "open_s": open_s, "init_s": init_s, "batch_s": batch_s, "batches": len(drawn),
-            "mean_loss": float(np.mean(losses)), "anon_mib": after["RssAnon"] - before["RssAnon"],
-            "file_mib": after["RssFile"] - before["RssFile"], "peak_mib": after["VmHWM"]}
+    return {
+        "device": device.type,
+        "anchor_sample": cfg.sampler.anchor_sample,
+        "open_s": open_s,
+        "init_s": init_s,
+        "batch_s": batch_s,
+        "batches": len(drawn),
+        "mean_loss": float(np.mean(losses)),
+        "anon_mib": after["RssAnon"] - before["RssAnon"],
+        "file_mib": after["RssFile"] - before["RssFile"],
+        "peak_mib": after["VmHWM"],
+    }
 
 
 def render(results: dict[str, dict], args: argparse.Namespace, features_mib: float, rows: int, command: str) -> str:
     """The results file: one row per way, with ratios to the baseline."""
     base = results[BASELINE]
-    data = (f"Features: {rows:,} training rows ({args.skus:,} SKUs x {args.images_per_sku} photos + 1 catalogue "
-            f"image), random float32 in `cache_features`' layout, {features_mib:,.0f} MiB on disk (just written, "
-            "so in the OS page cache)")
-    method = (f"Each row: its own process ({base['device']}) opens the folder, initialises the head from every row's embedding, "
-              f"then runs {base['batches']} head-stage batches (`frozen_epoch`, with `train.sampler.anchor_sample` "
-              f"{results[MAPPED]['anchor_sample']} in the default way). Memory is the growth from opening "
-              "the folder to the end: anonymous (the process's own) and file-backed (mapped pages, which the OS "
-              "can drop and re-read).")
-    how_to_read = ("the first row is how the features were held before (read whole into memory, every catalogue "
-                   "image an anchor in every batch), and every ratio divides by it. Anonymous memory is the cost "
-                   "that grows with the catalogue; file-backed pages are ones the OS can give back. The two ways "
-                   "with all anchors train identically, so their mean loss is equal; sampled anchors are a "
-                   "different loss.")
-    headline = table(("way", "open s", "head init s", "s/batch", "anonymous MiB", "file-backed MiB", "peak RSS MiB",
-                      "mean loss", "s/batch vs baseline", "anonymous vs baseline"),
-                     ((name, f"{r['open_s']:.2f}", f"{r['init_s']:.2f}", f"{r['batch_s']:.4f}", f"{r['anon_mib']:.0f}",
-                       f"{r['file_mib']:.0f}", f"{r['peak_mib']:.0f}", f"{r['mean_loss']:.4f}",
-                       f"×{r['batch_s'] / base['batch_s']:.2f}", f"×{r['anon_mib'] / max(base['anon_mib'], 1.0):.2f}")
-                      for name, r in results.items()))
+    data = (
+        f"Features: {rows:,} training rows ({args.skus:,} SKUs x {args.images_per_sku} photos + 1 catalogue "
+        f"image), random float32 in `cache_features`' layout, {features_mib:,.0f} MiB on disk (just written, "
+        "so in the OS page cache)"
+    )
+    method = (
+        f"Each row: its own process ({base['device']}) opens the folder, initialises the head from every row's "
+        f"embedding, then runs {base['batches']} head-stage batches "
+        f"(`frozen_epoch`, with `train.sampler.anchor_sample` "
+        f"{results[MAPPED]['anchor_sample']} in the default way). Memory is the growth from opening "
+        "the folder to the end: anonymous (the process's own) and file-backed (mapped pages, which the OS "
+        "can drop and re-read)."
+    )
+    how_to_read = (
+        "the first row is how the features were held before (read whole into memory, every catalogue "
+        "image an anchor in every batch), and every ratio divides by it. Anonymous memory is the cost "
+        "that grows with the catalogue; file-backed pages are ones the OS can give back. The two ways "
+        "with all anchors train identically, so their mean loss is equal; sampled anchors are a "
+        "different loss."
+    )
+    headline = table(
+        (
+            "way",
+            "open s",
+            "head init s",
+            "s/batch",
+            "anonymous MiB",
+            "file-backed MiB",
+            "peak RSS MiB",
+            "mean loss",
+            "s/batch vs baseline",
+            "anonymous vs baseline",
+        ),
+        (
+            (
+                name,
+                f"{r['open_s']:.2f}",
+                f"{r['init_s']:.2f}",
+                f"{r['batch_s']:.4f}",
+                f"{r['anon_mib']:.0f}",
+                f"{r['file_mib']:.0f}",
+                f"{r['peak_mib']:.0f}",
+                f"{r['mean_loss']:.4f}",
+                f"×{r['batch_s'] / base['batch_s']:.2f}",
+                f"×{r['anon_mib'] / max(base['anon_mib'], 1.0):.2f}",
+            )
+            for name, r in results.items()
+        ),
+    )
     return results_page("Cached-features benchmark (head stage)", headline, command, [data, method], how_to_read)
 
 
@@ -167,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--skus must be at least 2, --images-per-sku and --batches at least 1")
     if args.one is not None:
         way, folder = json.loads(args.one)
-        print(json.dumps(measure_one(way, Path(folder), args.params, args.overrides, args.skus, args.images_per_sku,
-                                     args.batches)))
+        print(
+            json.dumps(
+                measure_one(
+                    way, Path(folder), args.params, args.overrides, args.skus, args.images_per_sku, args.batches
+                )
+            )
+        )
         return 0
 
     from components.config import load_params
@@ -182,9 +241,21 @@ def main(argv: list[str] | None = None) -> int:
         features_mib = write_features(folder, params, rows, args.skus, feature_dim)
         results = {}
         for way in WAYS:
-            child = [sys.executable, "-m", "benchmarks.cached_features", "--params", args.params, "--skus",
-                     str(args.skus), "--images-per-sku", str(args.images_per_sku), "--batches", str(args.batches),
-                     "--one", json.dumps([way, str(folder)])] + [a for o in args.overrides for a in ("--set", o)]
+            child = [
+                sys.executable,
+                "-m",
+                "benchmarks.cached_features",
+                "--params",
+                args.params,
+                "--skus",
+                str(args.skus),
+                "--images-per-sku",
+                str(args.images_per_sku),
+                "--batches",
+                str(args.batches),
+                "--one",
+                json.dumps([way, str(folder)]),
+            ] + [a for o in args.overrides for a in ("--set", o)]
             results[way] = measure_in_child(way, child)
     command = command_line("benchmarks.cached_features", args, ("skus", "images_per_sku", "batches"), parser)
     write_results(args.out, render(results, args, features_mib, rows, command))

@@ -56,44 +56,88 @@ def measure_one(params_path: str, overrides: list[str], steps: int) -> dict:
 
     before_build = _rss_mib()
     started = time.perf_counter()
-    stage = CropTraining(setup.preprocess, setup.paths, catalogue_rows, params.train, params.evaluate.batch_size,
-                         torch.device("cpu"))
+    stage = CropTraining(
+        setup.preprocess, setup.paths, catalogue_rows, params.train, params.evaluate.batch_size, torch.device("cpu")
+    )
     build_s = time.perf_counter() - started
     held_mib = _rss_mib() - before_build
     stage.steps_per_epoch = min(steps, stage.steps_per_epoch)  # a slice of an epoch is enough to time a step
     started = time.perf_counter()
-    stage.run_epoch(cfg.schedule.frozen_epochs, setup.encoder, setup.head, setup.optimizer, labels,
-                    torch.from_numpy(labels[catalogue_rows]), np.random.default_rng(cfg.seed), progress=False)
+    stage.run_epoch(
+        cfg.schedule.frozen_epochs,
+        setup.encoder,
+        setup.head,
+        setup.optimizer,
+        labels,
+        torch.from_numpy(labels[catalogue_rows]),
+        np.random.default_rng(cfg.seed),
+        progress=False,
+    )
     step_s = (time.perf_counter() - started) / stage.steps_per_epoch
     # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN is the largest loader worker.
-    return {"images": len(setup.rows), "cached": stage.images.cached_count, "store_px": stage.images.store.image_size,
-            "build_s": build_s, "held_mib": held_mib, "step_s": step_s, "steps": stage.steps_per_epoch,
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return {
+        "images": len(setup.rows),
+        "cached": stage.images.cached_count,
+        "store_px": stage.images.store.image_size,
+        "build_s": build_s,
+        "held_mib": held_mib,
+        "step_s": step_s,
+        "steps": stage.steps_per_epoch,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
 
 
 def render(results: dict[str, dict], data_root: str, budget_mib: int, command: str) -> str:
     """The results file: one row per way, with ratios to the baseline."""
     base = results[BASELINE]
     image_kib = 3 * base["store_px"] ** 2 / 1024
-    data = (f"Data: `{data_root}`, {base['images']} training and catalogue images, decoded at {base['store_px']} px "
-            f"({image_kib:.0f} KiB each as uint8)")
-    method = (f"Each row: its own process builds `CropTraining` and runs {base['steps']} fine-tuning steps of the "
-              "default recipe (augmentation, forward, backward, AdamW). Baseline: the default, every decoded image kept.")
+    data = (
+        f"Data: `{data_root}`, {base['images']} training and catalogue images, decoded at {base['store_px']} px "
+        f"({image_kib:.0f} KiB each as uint8)"
+    )
+    method = (
+        f"Each row: its own process builds `CropTraining` and runs {base['steps']} fine-tuning steps of the "
+        "default recipe (augmentation, forward, backward, AdamW). Baseline: the default, every decoded image kept."
+    )
     how_to_read = [
-        "the ratios divide by the first row, the default. \"memory held by images\" is what the store adds to "
+        'the ratios divide by the first row, the default. "memory held by images" is what the store adds to '
         "the process once built; the peaks are the whole process's (and the largest loader worker's). A way that "
         "keeps no images trades that memory for decoding in each step, which the s/step column shows.",
         f"At {image_kib:.0f} KiB per decoded image, keeping a million training images would take "
         f"{image_kib * 1e6 / 2**20:.0f} GiB; the default budget (`train.io.decoded_cache_mb: {budget_mib}`) "
-        f"holds {budget_mib * 1024 / image_kib:,.0f} and decodes the rest when drawn."]
-    headline = table(("way", "images kept", "build s", "memory held by images MiB", "peak RSS MiB", "worker peak MiB",
-                      "s/step", "step time vs baseline", "held memory vs baseline"),
-                     ((name, r["cached"], f"{r['build_s']:.1f}", f"{r['held_mib']:.0f}", f"{r['peak_mib']:.0f}",
-                       f"{r['worker_peak_mib']:.0f}", f"{r['step_s']:.3f}", f"×{r['step_s'] / base['step_s']:.2f}",
-                       f"×{r['held_mib'] / max(base['held_mib'], 1.0):.2f}") for name, r in results.items()))
-    return results_page("Decoded-image store benchmark (unfrozen training stage)", headline, command, [data, method],
-                        how_to_read)
+        f"holds {budget_mib * 1024 / image_kib:,.0f} and decodes the rest when drawn.",
+    ]
+    headline = table(
+        (
+            "way",
+            "images kept",
+            "build s",
+            "memory held by images MiB",
+            "peak RSS MiB",
+            "worker peak MiB",
+            "s/step",
+            "step time vs baseline",
+            "held memory vs baseline",
+        ),
+        (
+            (
+                name,
+                r["cached"],
+                f"{r['build_s']:.1f}",
+                f"{r['held_mib']:.0f}",
+                f"{r['peak_mib']:.0f}",
+                f"{r['worker_peak_mib']:.0f}",
+                f"{r['step_s']:.3f}",
+                f"×{r['step_s'] / base['step_s']:.2f}",
+                f"×{r['held_mib'] / max(base['held_mib'], 1.0):.2f}",
+            )
+            for name, r in results.items()
+        ),
+    )
+    return results_page(
+        "Decoded-image store benchmark (unfrozen training stage)", headline, command, [data, method], how_to_read
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,8 +153,17 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for name, way in WAYS.items():
-        child = [sys.executable, "-m", "benchmarks.decoded_images", "--params", args.params, "--steps",
-                 str(args.steps), "--one", json.dumps(way)] + [arg for o in overrides for arg in ("--set", o)]
+        child = [
+            sys.executable,
+            "-m",
+            "benchmarks.decoded_images",
+            "--params",
+            args.params,
+            "--steps",
+            str(args.steps),
+            "--one",
+            json.dumps(way),
+        ] + [arg for o in overrides for arg in ("--set", o)]
         results[name] = measure_in_child(name, child)
     from components.config import load_params
 

@@ -49,8 +49,16 @@ from components.index import INDEX_FILE, CatalogueIndex, build_index, save_index
 
 RESULTS = Path(__file__).parent / "results" / "index_scale.md"
 BASELINE = "Flat"
-DEFAULT_FACTORIES = [BASELINE, "IVF{nlist},Flat", "IVF{nlist},Flat@64", "IVF{nlist},SQ8", "IVF{nlist},PQ32",
-                     "HNSW32@16", "HNSW32", "HNSW32@512"]
+DEFAULT_FACTORIES = [
+    BASELINE,
+    "IVF{nlist},Flat",
+    "IVF{nlist},Flat@64",
+    "IVF{nlist},SQ8",
+    "IVF{nlist},PQ32",
+    "HNSW32@16",
+    "HNSW32",
+    "HNSW32@512",
+]
 SKUS_PER_CATEGORY = 100
 BATCH = 64
 TOP_K = 5
@@ -87,7 +95,7 @@ def _search_ms(catalogue: CatalogueIndex, queries: np.ndarray, batch: int, limit
     rows = queries[:limit] if limit else queries
     started = time.perf_counter()
     for start in range(0, len(rows), batch):
-        catalogue.search(rows[start:start + batch], TOP_K)
+        catalogue.search(rows[start : start + batch], TOP_K)
     return 1000 * (time.perf_counter() - started) / len(rows)
 
 
@@ -95,21 +103,24 @@ def _load_in_fresh_process(folder: Path) -> dict:
     """Load the saved index as the service does, in a child process: its seconds and peak memory."""
     # The peak is VmHWM, the process's own high-water mark: getrusage's ru_maxrss survives exec,
     # so a child would report the benchmark's own (GiB-sized) memory at the fork.
-    code = ("import json, sys, time\n"
-            "from components.index import load_index\n"
-            "started = time.perf_counter()\n"
-            "load_index(sys.argv[1])\n"
-            "load_s = time.perf_counter() - started\n"
-            "status = open('/proc/self/status').read().split('VmHWM:')[1].split()\n"
-            "print(json.dumps({'load_s': load_s, 'peak_mib': int(status[0]) / 1024}))\n")
+    code = (
+        "import json, sys, time\n"
+        "from components.index import load_index\n"
+        "started = time.perf_counter()\n"
+        "load_index(sys.argv[1])\n"
+        "load_s = time.perf_counter() - started\n"
+        "status = open('/proc/self/status').read().split('VmHWM:')[1].split()\n"
+        "print(json.dumps({'load_s': load_s, 'peak_mib': int(status[0]) / 1024}))\n"
+    )
     finished = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=False)
     if finished.returncode != 0:
         raise RuntimeError(f"loading {folder} failed:\n{finished.stderr[-3000:]}")
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
-def measure_size(size: int, factories: list[str], dim: int, n_queries: int, index_params: IndexParams,
-                 scratch: Path) -> dict[str, dict]:
+def measure_size(
+    size: int, factories: list[str], dim: int, n_queries: int, index_params: IndexParams, scratch: Path
+) -> dict[str, dict]:
     """Every factory at one catalogue size; recall is against the Flat index's answers."""
     catalogue, queries, truth = synthetic_catalogue(size, dim, n_queries)
     sku_ids = [f"sku-{row}" for row in range(size)]
@@ -126,17 +137,26 @@ def measure_size(size: int, factories: list[str], dim: int, n_queries: int, inde
         folder = scratch / f"{size}-{len(results)}"
         save_index(built, folder)
         results[factory] = {
-            "factory": resolved, "visited": nprobe if "IVF" in resolved else ef_search if "HNSW" in resolved else None,
+            "factory": resolved,
+            "visited": nprobe if "IVF" in resolved else ef_search if "HNSW" in resolved else None,
             "build_s": build_s,
             "index_mib": (folder / INDEX_FILE).stat().st_size / 2**20,  # what FAISS wrote, not a second copy
-            "ms_single": _search_ms(built, queries, 1, limit=200), "ms_batch": _search_ms(built, queries, BATCH),
+            "ms_single": _search_ms(built, queries, 1, limit=200),
+            "ms_batch": _search_ms(built, queries, BATCH),
             "recall1": float(np.mean([t == e[0][0] for t, e in zip(top1, exact)])),
-            "recall5": float(np.mean([len({s for s, _ in a} & {s for s, _ in e}) / TOP_K for a, e in zip(answers, exact)])),
+            "recall5": float(
+                np.mean([len({s for s, _ in a} & {s for s, _ in e}) / TOP_K for a, e in zip(answers, exact)])
+            ),
             "accuracy1": float(np.mean([t == f"sku-{row}" for t, row in zip(top1, truth)])),
-            **_load_in_fresh_process(folder)}
+            **_load_in_fresh_process(folder),
+        }
         shutil.rmtree(folder)  # a million rows of Flat is a GiB on disk
-        print(size, factory, {k: round(v, 3) if isinstance(v, float) else v for k, v in results[factory].items()},
-              flush=True)
+        print(
+            size,
+            factory,
+            {k: round(v, 3) if isinstance(v, float) else v for k, v in results[factory].items()},
+            flush=True,
+        )
         del built
     return results
 
@@ -158,31 +178,71 @@ def render(results: dict[int, dict[str, dict]], args: argparse.Namespace, dim: i
             r, base = results[size][factory], results[size][BASELINE]
             cells += [f"×{_ratio(r['ms_batch'] / base['ms_batch'])}", f"{r['recall1']:.3f}"]
         headline.append(cells)
-    setup = [f"Synthetic catalogue: one {dim}-d unit embedding per SKU, categories of {SKUS_PER_CATEGORY} SKUs "
-             f"(cosine about 0.8 within one), {args.queries} queries (cosine about 0.55 to their SKU); top {TOP_K} "
-             "distinct SKUs per query through `CatalogueIndex.search`.",
-             "Recall: the share of queries whose top SKU is Flat's, and the overlap of the top-5 SKU sets with "
-             "Flat's. Load: `load_index` (checksum verified) in a fresh process. Search ms are per query."]
-    how_to_read = ("Flat is the exact search, and every ratio and recall is against it in the same run: a batch "
-                   "search ratio of ×0.01 is a hundred times faster than a full scan, a recall of 1.000 the same "
-                   "answers as the exact search. `{nlist}` is about 4·√N lists, so it grows with the catalogue; `@N` "
-                   "is how much a search visits (IVF lists or HNSW candidates). The catalogue is synthetic: the "
-                   "figures show how the index types compare and scale, not the recall of a real catalogue. The "
-                   "tables below give every figure at each size.")
+    setup = [
+        f"Synthetic catalogue: one {dim}-d unit embedding per SKU, categories of {SKUS_PER_CATEGORY} SKUs "
+        f"(cosine about 0.8 within one), {args.queries} queries (cosine about 0.55 to their SKU); top {TOP_K} "
+        "distinct SKUs per query through `CatalogueIndex.search`.",
+        "Recall: the share of queries whose top SKU is Flat's, and the overlap of the top-5 SKU sets with "
+        "Flat's. Load: `load_index` (checksum verified) in a fresh process. Search ms are per query.",
+    ]
+    how_to_read = (
+        "Flat is the exact search, and every ratio and recall is against it in the same run: a batch "
+        "search ratio of ×0.01 is a hundred times faster than a full scan, a recall of 1.000 the same "
+        "answers as the exact search. `{nlist}` is about 4·√N lists, so it grows with the catalogue; `@N` "
+        "is how much a search visits (IVF lists or HNSW candidates). The catalogue is synthetic: the "
+        "figures show how the index types compare and scale, not the recall of a real catalogue. The "
+        "tables below give every figure at each size."
+    )
     details = []
     for size, by_factory in results.items():
         base = by_factory[BASELINE]
-        rows = [(f"{r['factory']} (baseline)" if name == BASELINE else r["factory"], r["visited"] or "-",
-                 f"{r['build_s']:.1f}", f"{r['index_mib']:.1f}", f"{r['ms_single']:.2f}", f"{r['ms_batch']:.3f}",
-                 f"×{_ratio(r['ms_batch'] / base['ms_batch'])}", f"{r['recall1']:.3f}", f"{r['recall5']:.3f}",
-                 f"{r['accuracy1']:.3f}", f"{r['load_s']:.2f}", f"{r['peak_mib']:.0f}")
-                for name, r in by_factory.items()]
-        details += [f"## {size:,} SKUs", "",
-                    *table(("factory", "nprobe / efSearch", "build s", "index MiB", "ms/query, 1 at a time",
-                            f"ms/query, batches of {BATCH}", "batch search vs Flat", "recall@1 vs Flat",
-                            "top-5 overlap", "top-1 accuracy", "load s", "load peak MiB"), rows), ""]
-    return results_page("Index benchmark at catalogue scale (FAISS factories against exact Flat)",
-                        table(header, headline), command, setup, how_to_read, details)
+        rows = [
+            (
+                f"{r['factory']} (baseline)" if name == BASELINE else r["factory"],
+                r["visited"] or "-",
+                f"{r['build_s']:.1f}",
+                f"{r['index_mib']:.1f}",
+                f"{r['ms_single']:.2f}",
+                f"{r['ms_batch']:.3f}",
+                f"×{_ratio(r['ms_batch'] / base['ms_batch'])}",
+                f"{r['recall1']:.3f}",
+                f"{r['recall5']:.3f}",
+                f"{r['accuracy1']:.3f}",
+                f"{r['load_s']:.2f}",
+                f"{r['peak_mib']:.0f}",
+            )
+            for name, r in by_factory.items()
+        ]
+        details += [
+            f"## {size:,} SKUs",
+            "",
+            *table(
+                (
+                    "factory",
+                    "nprobe / efSearch",
+                    "build s",
+                    "index MiB",
+                    "ms/query, 1 at a time",
+                    f"ms/query, batches of {BATCH}",
+                    "batch search vs Flat",
+                    "recall@1 vs Flat",
+                    "top-5 overlap",
+                    "top-1 accuracy",
+                    "load s",
+                    "load peak MiB",
+                ),
+                rows,
+            ),
+            "",
+        ]
+    return results_page(
+        "Index benchmark at catalogue scale (FAISS factories against exact Flat)",
+        table(header, headline),
+        command,
+        setup,
+        how_to_read,
+        details,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

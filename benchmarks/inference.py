@@ -46,11 +46,13 @@ def noise_images(count: int, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, size=(PHOTO_PX, PHOTO_PX, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def seconds_per_image(encoder: Encoder, preprocess: Preprocess, images: list, batch_size: int, as_queries: bool) -> float:
+def seconds_per_image(
+    encoder: Encoder, preprocess: Preprocess, images: list, batch_size: int, as_queries: bool
+) -> float:
     """Wall time of embedding ``images`` in batches of ``batch_size``, per image."""
     started = time.perf_counter()
     for start in range(0, len(images), batch_size):
-        embed_batch(encoder, preprocess, images[start:start + batch_size], as_queries=as_queries)
+        embed_batch(encoder, preprocess, images[start : start + batch_size], as_queries=as_queries)
     return (time.perf_counter() - started) / len(images)
 
 
@@ -62,8 +64,11 @@ def measure(params: Params, queries: int, gallery_batches: int, repeats: int) ->
     batch_size = params.evaluate.batch_size
     workloads = {
         f"/match query (1 photo, {2 * len(built.query_zooms)} passes)": (noise_images(queries, seed=1), 1, True),
-        f"gallery (batches of {batch_size}, 2 passes each)": (noise_images(batch_size * gallery_batches, seed=2),
-                                                               batch_size, False),
+        f"gallery (batches of {batch_size}, 2 passes each)": (
+            noise_images(batch_size * gallery_batches, seed=2),
+            batch_size,
+            False,
+        ),
     }
     results = {}
     for name, (images, size, as_queries) in workloads.items():
@@ -74,10 +79,20 @@ def measure(params: Params, queries: int, gallery_batches: int, repeats: int) ->
             for layout, encoder in ((BASELINE, plain), (BUILT, built)):
                 fastest[layout] = min(fastest[layout], seconds_per_image(encoder, preprocess, images, size, as_queries))
         sample = images[:size]
-        difference = (embed_batch(built, preprocess, sample, as_queries=as_queries)
-                      - embed_batch(plain, preprocess, sample, as_queries=as_queries)).abs().max().item()
-        results[name] = {"ms": {layout: 1000 * s for layout, s in fastest.items()}, "max_difference": difference,
-                         "images": len(images)}
+        difference = (
+            (
+                embed_batch(built, preprocess, sample, as_queries=as_queries)
+                - embed_batch(plain, preprocess, sample, as_queries=as_queries)
+            )
+            .abs()
+            .max()
+            .item()
+        )
+        results[name] = {
+            "ms": {layout: 1000 * s for layout, s in fastest.items()},
+            "max_difference": difference,
+            "images": len(images),
+        }
         print(name, results[name], flush=True)
     return results
 
@@ -85,20 +100,46 @@ def measure(params: Params, queries: int, gallery_batches: int, repeats: int) ->
 def render(results: dict[str, dict], params: Params, repeats: int, command: str) -> str:
     """The results file: one row per workload and layout, with the ratio to the baseline."""
     model = params.model
-    headline = table(("workload", "images", "NCHW ms per image (baseline)", "channels-last ms per image",
-                      "channels-last vs baseline", "max abs embedding difference"),
-                     ((name, r["images"], f"{r['ms'][BASELINE]:.1f}", f"{r['ms'][BUILT]:.1f}",
-                       f"×{r['ms'][BUILT] / r['ms'][BASELINE]:.2f}", f"{r['max_difference']:.1e}")
-                      for name, r in results.items()))
-    setup = [f"Encoder: `{model.backbone}` (pretrained {model.pretrained}), image size "
-             f"{model.image_size or 'native'}, embedding {model.embed_dim}, flip TTA {model.flip_tta}, "
-             f"query zooms {list(model.query_zooms)}; {PHOTO_PX} px noise photos",
-             f"Each layout's fastest of {repeats} alternating repeats. Baseline: the same weights in NCHW layout."]
-    how_to_read = ("\"channels-last vs baseline\" is the time per image in the layout the encoder is built in "
-                   "divided by the same weights' time in NCHW, in the same run: below ×1.00, channels-last is "
-                   "faster. The embedding difference stays at float rounding: the layout changes speed only.")
-    return results_page("Inference layout benchmark (channels-last vs NCHW)", headline, command, setup, how_to_read,
-                        machine_note=f", {torch_threads()}")
+    headline = table(
+        (
+            "workload",
+            "images",
+            "NCHW ms per image (baseline)",
+            "channels-last ms per image",
+            "channels-last vs baseline",
+            "max abs embedding difference",
+        ),
+        (
+            (
+                name,
+                r["images"],
+                f"{r['ms'][BASELINE]:.1f}",
+                f"{r['ms'][BUILT]:.1f}",
+                f"×{r['ms'][BUILT] / r['ms'][BASELINE]:.2f}",
+                f"{r['max_difference']:.1e}",
+            )
+            for name, r in results.items()
+        ),
+    )
+    setup = [
+        f"Encoder: `{model.backbone}` (pretrained {model.pretrained}), image size "
+        f"{model.image_size or 'native'}, embedding {model.embed_dim}, flip TTA {model.flip_tta}, "
+        f"query zooms {list(model.query_zooms)}; {PHOTO_PX} px noise photos",
+        f"Each layout's fastest of {repeats} alternating repeats. Baseline: the same weights in NCHW layout.",
+    ]
+    how_to_read = (
+        '"channels-last vs baseline" is the time per image in the layout the encoder is built in '
+        "divided by the same weights' time in NCHW, in the same run: below ×1.00, channels-last is "
+        "faster. The embedding difference stays at float rounding: the layout changes speed only."
+    )
+    return results_page(
+        "Inference layout benchmark (channels-last vs NCHW)",
+        headline,
+        command,
+        setup,
+        how_to_read,
+        machine_note=f", {torch_threads()}",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

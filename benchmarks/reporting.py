@@ -40,13 +40,18 @@ def machine() -> str:
 
     cpu = platform.processor() or "unknown CPU"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{platform.system()} {platform.release()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 def torch_threads() -> str:
@@ -75,8 +80,13 @@ def _option(name: str, value: Any) -> list[str]:
     return [flag, *(f"{item:g}" if isinstance(item, float) else shlex.quote(str(item)) for item in values)]
 
 
-def command_line(module: str, args: argparse.Namespace, measured: Iterable[str],
-                 parser: argparse.ArgumentParser | None = None, optional: Iterable[str] = ("params", "out")) -> str:
+def command_line(
+    module: str,
+    args: argparse.Namespace,
+    measured: Iterable[str],
+    parser: argparse.ArgumentParser | None = None,
+    optional: Iterable[str] = ("params", "out"),
+) -> str:
     """The command that repeats a run: ``python -m <module>``, then the options as ``args`` holds them.
 
     Args:
@@ -97,8 +107,15 @@ def command_line(module: str, args: argparse.Namespace, measured: Iterable[str],
     return " ".join(parts)
 
 
-def results_page(title: str, headline: Sequence[str], command: str, setup: Sequence[str],
-                 how_to_read: str | Sequence[str], details: Sequence[str] = (), machine_note: str = "") -> str:
+def results_page(
+    title: str,
+    headline: Sequence[str],
+    command: str,
+    setup: Sequence[str],
+    how_to_read: str | Sequence[str],
+    details: Sequence[str] = (),
+    machine_note: str = "",
+) -> str:
     """A results file's text: the title, the headline table, the command, the machine, the setup, how to read it.
 
     Args:
@@ -112,8 +129,16 @@ def results_page(title: str, headline: Sequence[str], command: str, setup: Seque
         machine_note: appended to the machine line (``, torch threads 2``).
     """
     paragraphs = [how_to_read] if isinstance(how_to_read, str) else list(how_to_read)
-    lines = [f"# {title}", "", *headline, "", f"- Command: `{command}`", f"- Machine: {machine()}{machine_note}",
-             *(f"- {item}" for item in setup), ""]
+    lines = [
+        f"# {title}",
+        "",
+        *headline,
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {machine()}{machine_note}",
+        *(f"- {item}" for item in setup),
+        "",
+    ]
     for number, paragraph in enumerate(paragraphs):
         lines += [f"How to read it: {paragraph}" if number == 0 else paragraph, ""]
     lines += details
@@ -124,8 +149,11 @@ def results_page(title: str, headline: Sequence[str], command: str, setup: Seque
 
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     """A markdown table's lines: the header, the rule, a row each (cells already formatted)."""
-    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
-            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
 
 
 def kept_notes(results_file: Path) -> str:
@@ -133,11 +161,11 @@ def kept_notes(results_file: Path) -> str:
     if not results_file.exists():
         return ""
     text = results_file.read_text()
-    return text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
+    return text[text.index(NOTES_HEADING) :] if NOTES_HEADING in text else ""
 
 
 def write_results(results_file: str | Path, text: str) -> str:
-    """Write a benchmark's results file: ``text``, then the earlier file's kept ``## Notes``; return what was written."""
+    """Write a benchmark's results file: ``text``, then the earlier file's kept ``## Notes``; returns the text."""
     path = Path(results_file)
     text += kept_notes(path)
     path.parent.mkdir(parents=True, exist_ok=True)

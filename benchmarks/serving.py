@@ -30,9 +30,10 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,12 +57,20 @@ THROUGHPUT_TARGET, LATENCY_TARGET, READYZ_TARGET_MS, RSS_GROWTH_TARGET = 0.9, 1.
 SOAK_MAX_PER_SECOND = 100
 # Environment that would change what the servers run (keys, polling, worker overrides): the
 # benchmark serves the service as configured by its packaged params alone.
-CLEARED_ENV = ("SKUMATCH_API_KEYS", "SKUMATCH_API_KEYS_FILE", "SKUMATCH_ADMIN_TOKEN", "SKUMATCH_ADMIN_TOKEN_FILE",
-               "SKUMATCH_RELOAD_POLL_SECONDS", "SKUMATCH_BENTO_MODEL", "MLFLOW_TRACKING_URI",
-               "BENTOML_CONFIG_OVERRIDES")
+CLEARED_ENV = (
+    "SKUMATCH_API_KEYS",
+    "SKUMATCH_API_KEYS_FILE",
+    "SKUMATCH_ADMIN_TOKEN",
+    "SKUMATCH_ADMIN_TOKEN_FILE",
+    "SKUMATCH_RELOAD_POLL_SECONDS",
+    "SKUMATCH_BENTO_MODEL",
+    "MLFLOW_TRACKING_URI",
+    "BENTOML_CONFIG_OVERRIDES",
+)
 
 
 # --- inputs ------------------------------------------------------------------------------------
+
 
 def write_photos(folder: Path, count: int, seed: int) -> list[Path]:
     """``count`` seeded noise photos saved as JPEG files in ``folder``."""
@@ -83,12 +92,17 @@ def _image_bytes(size: tuple[int, int], fmt: str) -> bytes:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` pixels, with one tiny compressed row of data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def hostile_requests(photo: bytes) -> dict[str, dict[str, Any]]:
@@ -96,9 +110,8 @@ def hostile_requests(photo: bytes) -> dict[str, dict[str, Any]]:
     return {
         "1×5000 PNG": {"files": {"image": ("thin.png", _image_bytes((1, 5000), "PNG"), "image/png")}},
         "JSON body naming /etc/passwd": {"json": {"image": "/etc/passwd"}},
-        "truncated JPEG": {"files": {"image": ("cut.jpg", photo[:len(photo) // 2], "image/jpeg")}},
-        "PNG header claiming 12000×12000": {"files": {"image": ("huge.png", png_claiming(12000, 12000),
-                                                                "image/png")}},
+        "truncated JPEG": {"files": {"image": ("cut.jpg", photo[: len(photo) // 2], "image/jpeg")}},
+        "PNG header claiming 12000×12000": {"files": {"image": ("huge.png", png_claiming(12000, 12000), "image/png")}},
         # A closed port of this machine: nothing may be fetched, and nothing off the machine is named.
         "URL as a text value in the file field": {"files": {"image": (None, "http://127.0.0.1:9/photo.jpg")}},
         "GIF": {"files": {"image": ("a.gif", _image_bytes((8, 8), "GIF"), "image/gif")}},
@@ -115,6 +128,7 @@ def hostile_plan(total: int, share: float, kinds: list[str]) -> list[str]:
 
 
 # --- the model ---------------------------------------------------------------------------------
+
 
 @dataclass
 class Models:
@@ -140,10 +154,18 @@ def register(client, params: Params, rows, seed: int, folder: Path) -> str:
     encoder, preprocess = build_encoder(params.model)
     encoder_dir = save_encoder(encoder, preprocess, params.model, folder / "encoder")
     with mlflow.start_run() as run:
-        version = str(registry.register_version(client, params.registry, run.info.run_id, encoder_dir,
-                                                {}, "serving-benchmark").version)
-    index = build_catalogue_index(encoder, preprocess, rows, params.index.model_copy(update={"use_gpu": "never"}),
-                                  meta={"model_name": params.registry.model_name, "model_version": version})
+        version = str(
+            registry.register_version(
+                client, params.registry, run.info.run_id, encoder_dir, {}, "serving-benchmark"
+            ).version
+        )
+    index = build_catalogue_index(
+        encoder,
+        preprocess,
+        rows,
+        params.index.model_copy(update={"use_gpu": "never"}),
+        meta={"model_name": params.registry.model_name, "model_version": version},
+    )
     checksum = save_index(index, folder / "index")
     registry.attach_index(client, params.registry.model_name, version, folder / "index", checksum)
     return version
@@ -161,12 +183,21 @@ def prepare(params: Params, scratch: Path, args: argparse.Namespace) -> Models:
     from serving.build import package_model
 
     tracking_uri = f"sqlite:///{scratch / 'mlflow.db'}"
-    params = params.model_copy(update={"registry": params.registry.model_copy(update={
-        "tracking_uri": tracking_uri, "experiment": "serving-benchmark", "model_name": MODEL_NAME})})
+    params = params.model_copy(
+        update={
+            "registry": params.registry.model_copy(
+                update={"tracking_uri": tracking_uri, "experiment": "serving-benchmark", "model_name": MODEL_NAME}
+            )
+        }
+    )
     client = registry.connect(params.registry)
     photos = write_photos(scratch / "catalogue", args.catalogue, seed=3)
-    rows = pd.DataFrame({"image_path": [str(p) for p in photos],
-                         "sku_id": [f"sku-{number // args.skus_of:05d}" for number in range(len(photos))]})
+    rows = pd.DataFrame(
+        {
+            "image_path": [str(p) for p in photos],
+            "sku_id": [f"sku-{number // args.skus_of:05d}" for number in range(len(photos))],
+        }
+    )
     first = register(client, params, rows, params.train.seed, scratch / "v1")
     registry.promote(client, MODEL_NAME, first)
     # Version 2 differs in its projection only; promoted just before the swap it is tested with.
@@ -174,12 +205,23 @@ def prepare(params: Params, scratch: Path, args: argparse.Namespace) -> Models:
     resolved = registry.download_version(client, MODEL_NAME, "champion", dst=scratch / "download")
     # Polling off: the only swap is the one the benchmark asks for.
     serve = params.serve.model_copy(update={"reload_poll_seconds": 0.0})
-    unbatched = serve.model_copy(update={"bento_model_name": f"{MODEL_NAME}-unbatched",
-                                         "batching": serve.batching.model_copy(update={"max_images": 1})})
+    unbatched = serve.model_copy(
+        update={
+            "bento_model_name": f"{MODEL_NAME}-unbatched",
+            "batching": serve.batching.model_copy(update={"max_images": 1}),
+        }
+    )
     batched = serve.model_copy(update={"bento_model_name": f"{MODEL_NAME}-batched"})
     tags = [package_model(resolved, chosen, tracking_uri=tracking_uri) for chosen in (batched, unbatched)]
-    served = load_served_model(resolved.encoder_dir, resolved.index_dir, MODEL_NAME, resolved.version,
-                               resolved.index_checksum, serve.batch_size, serve.device)
+    served = load_served_model(
+        resolved.encoder_dir,
+        resolved.index_dir,
+        MODEL_NAME,
+        resolved.version,
+        resolved.index_checksum,
+        serve.batch_size,
+        serve.device,
+    )
     return Models(tags[0], tags[1], served, client, tracking_uri, second)
 
 
@@ -218,8 +260,11 @@ class Baseline:
         """Matches, matches per second and latency percentiles of one pass, or of all pooled."""
         chosen = [self.passes[name]] if name else list(self.passes.values())
         latencies = [ms for pass_ms, _ in chosen for ms in pass_ms]
-        return {"n": len(latencies), "per_s": len(latencies) / sum(seconds for _, seconds in chosen),
-                **percentiles(latencies)}
+        return {
+            "n": len(latencies),
+            "per_s": len(latencies) / sum(seconds for _, seconds in chosen),
+            **percentiles(latencies),
+        }
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
@@ -231,6 +276,7 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
 
 
 # --- load --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Answer:
@@ -286,8 +332,12 @@ class Phase:
         """Requests, failures, latency percentiles of good requests, good answers per second."""
         good = self.good()
         ok = sum(answer.ok for answer in good)
-        return {"n": len(good), "failed": len(good) - ok, "per_s": ok / self.seconds if self.seconds else 0.0,
-                **percentiles([answer.ms for answer in good])}
+        return {
+            "n": len(good),
+            "failed": len(good) - ok,
+            "per_s": ok / self.seconds if self.seconds else 0.0,
+            **percentiles([answer.ms for answer in good]),
+        }
 
 
 Request = Callable[[int, int], tuple[str, dict[str, Any]]]  # (caller, turn) -> (kind, httpx arguments)
@@ -301,8 +351,17 @@ class Load:
     says so, up to ``cap``; every caller stops once ``seconds`` have passed.
     """
 
-    def __init__(self, url: str, callers: int, per_caller: int, seconds: float, request: Request, top_k: int,
-                 keep_going: Callable[[list[Answer]], bool] | None = None, cap: int | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        callers: int,
+        per_caller: int,
+        seconds: float,
+        request: Request,
+        top_k: int,
+        keep_going: Callable[[list[Answer]], bool] | None = None,
+        cap: int | None = None,
+    ) -> None:
         self.url, self.per_caller, self.seconds, self.request, self.top_k = url, per_caller, seconds, request, top_k
         self.keep_going, self.cap = keep_going, max(cap or per_caller, per_caller)
         self.answered = 0
@@ -311,8 +370,10 @@ class Load:
         self._timed_out = threading.Event()
         self._lock = threading.Lock()
         self._gate = threading.Barrier(callers + 1)
-        self._threads = [threading.Thread(target=self._call, args=(caller,), name=f"bench-caller-{caller}")
-                         for caller in range(callers)]
+        self._threads = [
+            threading.Thread(target=self._call, args=(caller,), name=f"bench-caller-{caller}")
+            for caller in range(callers)
+        ]
         self._started = self._deadline = 0.0
 
     def _call(self, caller: int) -> None:
@@ -335,7 +396,7 @@ class Load:
         finally:
             self._finished[caller] = time.perf_counter()
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         """Start every caller at once."""
         self._deadline = time.monotonic() + self.seconds
         for thread in self._threads:
@@ -353,8 +414,11 @@ class Load:
             thread.join(self.seconds + REQUEST_TIMEOUT + 30)
         if self.running():
             raise RuntimeError("a benchmark caller did not stop")
-        return Phase([answer for answers in self._answers for answer in answers],
-                     max(self._finished) - self._started, self._timed_out.is_set())
+        return Phase(
+            [answer for answers in self._answers for answer in answers],
+            max(self._finished) - self._started,
+            self._timed_out.is_set(),
+        )
 
 
 def good_request(photos: list[tuple[str, bytes]], top_k: int, callers: int) -> Request:
@@ -365,10 +429,17 @@ def good_request(photos: list[tuple[str, bytes]], top_k: int, callers: int) -> R
     """
     boundary = "skumatch-benchmark-boundary"
     headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
-    bodies = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
-               "Content-Type: image/jpeg\r\n\r\n").encode() + body
-              + (f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"top_k\"\r\n\r\n{top_k}"
-                 f"\r\n--{boundary}--\r\n").encode() for name, body in photos]
+    bodies = [
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + body
+        + (
+            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n{top_k}\r\n--{boundary}--\r\n'
+        ).encode()
+        for name, body in photos
+    ]
 
     def request(caller: int, turn: int) -> tuple[str, dict[str, Any]]:
         return GOOD, {"content": bodies[(caller + turn * callers) % len(bodies)], "headers": headers}
@@ -401,7 +472,7 @@ class Probe:
                     self.results[path].append((status, 1000 * (time.perf_counter() - begun)))
                 self._stop.wait(max(0.0, self.interval - (time.perf_counter() - tick)))
 
-    def __enter__(self) -> "Probe":
+    def __enter__(self) -> Probe:
         self._thread.start()
         return self
 
@@ -411,8 +482,14 @@ class Probe:
 
     def figures(self) -> dict[str, dict[str, float]]:
         """Per path: probes, probes not answered 200, latency percentiles."""
-        return {path: {"n": len(found), "failed": sum(status != 200 for status, _ in found),
-                       **percentiles([ms for _, ms in found])} for path, found in self.results.items()}
+        return {
+            path: {
+                "n": len(found),
+                "failed": sum(status != 200 for status, _ in found),
+                **percentiles([ms for _, ms in found]),
+            }
+            for path, found in self.results.items()
+        }
 
 
 def model_calls(url: str) -> tuple[float, float]:
@@ -437,8 +514,9 @@ def tree_rss(root: int) -> tuple[int, int]:
     total, alive = 0, 0
     for pid in {root} | descendants(root):
         try:
-            line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                        if line.startswith("VmRSS:"))
+            line = next(
+                line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS:")
+            )
         except (OSError, StopIteration):  # ended meanwhile, or a kernel thread
             continue
         total, alive = total + int(line.split()[1]) * 1024, alive + 1
@@ -447,12 +525,19 @@ def tree_rss(root: int) -> tuple[int, int]:
 
 # --- the servers ---------------------------------------------------------------------------------
 
+
 def serve_env(tag: str, tracking_uri: str | None = None, admin_token: str | None = None) -> dict[str, str]:
     """The server's environment: the packaged model, no telemetry, the repository importable."""
     env = {key: value for key, value in os.environ.items() if key not in CLEARED_ENV}
-    env.update({"SKUMATCH_BENTO_MODEL": tag, "BENTOML_DO_NOT_TRACK": "True", "DO_NOT_TRACK": "1",
-                "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
+    env.update(
+        {
+            "SKUMATCH_BENTO_MODEL": tag,
+            "BENTOML_DO_NOT_TRACK": "True",
+            "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        }
+    )
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     if admin_token:
@@ -468,7 +553,7 @@ class Server:
         self.running = None
         self.info: dict[str, Any] = {}
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         import httpx
 
         from serving.local import start_server, wait_ready
@@ -503,8 +588,18 @@ class Server:
 def warm_up(server: Server, photos, args: argparse.Namespace) -> None:
     """A few requests from a few callers at once (not counted): kernels chosen, batches of several seen."""
     callers = max(1, min(4, args.warm_up))
-    phase = Load(server.url, callers, math.ceil(args.warm_up / callers), args.phase_seconds,
-                 good_request(photos, args.top_k, callers), args.top_k).start().join()
+    phase = (
+        Load(
+            server.url,
+            callers,
+            math.ceil(args.warm_up / callers),
+            args.phase_seconds,
+            good_request(photos, args.top_k, callers),
+            args.top_k,
+        )
+        .start()
+        .join()
+    )
     if phase.failed():
         raise RuntimeError(f"warm-up requests failed: {[answer.detail for answer in phase.failed()[:3]]}")
 
@@ -515,14 +610,30 @@ def load_levels(server: Server, photos, args: argparse.Namespace) -> dict[int, d
     for callers in args.concurrency:
         per_caller = max(args.requests_per_caller, math.ceil(args.min_requests / callers))
         images, calls = model_calls(server.url)
-        phase = Load(server.url, callers, per_caller, args.phase_seconds,
-                     good_request(photos, args.top_k, callers), args.top_k).start().join()
+        phase = (
+            Load(
+                server.url,
+                callers,
+                per_caller,
+                args.phase_seconds,
+                good_request(photos, args.top_k, callers),
+                args.top_k,
+            )
+            .start()
+            .join()
+        )
         later_images, later_calls = model_calls(server.url)
-        levels[callers] = {**phase.figures(), "planned": callers * per_caller, "timed_out": phase.timed_out,
-                           "per_call": (later_images - images) / max(later_calls - calls, 1)}
+        levels[callers] = {
+            **phase.figures(),
+            "planned": callers * per_caller,
+            "timed_out": phase.timed_out,
+            "per_call": (later_images - images) / max(later_calls - calls, 1),
+        }
         report_failures(f"concurrency {callers}", phase)
-        print(f"  concurrency {callers}: {levels[callers]['per_s']:.2f} req/s, p99 {levels[callers]['p99']:.1f} ms",
-              flush=True)
+        print(
+            f"  concurrency {callers}: {levels[callers]['per_s']:.2f} req/s, p99 {levels[callers]['p99']:.1f} ms",
+            flush=True,
+        )
     return levels
 
 
@@ -534,8 +645,14 @@ def report_failures(name: str, phase: Phase) -> None:
 
 def health_under_load(server: Server, photos, args: argparse.Namespace) -> dict[str, Any]:
     """``/readyz`` and ``/metrics`` latency while ``--probe-callers`` load the server."""
-    load = Load(server.url, args.probe_callers, args.requests_per_caller, args.phase_seconds,
-                good_request(photos, args.top_k, args.probe_callers), args.top_k)
+    load = Load(
+        server.url,
+        args.probe_callers,
+        args.requests_per_caller,
+        args.phase_seconds,
+        good_request(photos, args.top_k, args.probe_callers),
+        args.top_k,
+    )
     with Probe(server.url, ("/readyz", "/metrics"), args.probe_interval_ms / 1000, args.phase_seconds) as probe:
         phase = load.start().join()
     report_failures("health", phase)
@@ -560,13 +677,21 @@ def hostile_mix(server: Server, photos, args: argparse.Namespace) -> dict[str, A
     kinds = {}
     for kind in [GOOD, *bad]:
         answers = [answer for answer in phase.answers if answer.kind == kind]
-        kinds[kind] = {"n": len(answers), "ok": sum(answer.ok for answer in answers),
-                       "4xx": sum(400 <= answer.status < 500 for answer in answers),
-                       "statuses": Counter(answer.status for answer in answers)}
+        kinds[kind] = {
+            "n": len(answers),
+            "ok": sum(answer.ok for answer in answers),
+            "4xx": sum(400 <= answer.status < 500 for answer in answers),
+            "statuses": Counter(answer.status for answer in answers),
+        }
     bad_answers = [answer for answer in phase.answers if answer.kind != GOOD]
-    return {"kinds": kinds, "bad": len(bad_answers), "bad_json_4xx": sum(answer.ok for answer in bad_answers),
-            "bad_not_4xx": sum(not 400 <= answer.status < 500 for answer in bad_answers),
-            "good": len(phase.good()), "good_not_200": len(phase.failed())}
+    return {
+        "kinds": kinds,
+        "bad": len(bad_answers),
+        "bad_json_4xx": sum(answer.ok for answer in bad_answers),
+        "bad_not_4xx": sum(not 400 <= answer.status < 500 for answer in bad_answers),
+        "good": len(phase.good()),
+        "good_not_200": len(phase.failed()),
+    }
 
 
 def soak(server: Server, photos, args: argparse.Namespace) -> dict[str, Any]:
@@ -575,8 +700,14 @@ def soak(server: Server, photos, args: argparse.Namespace) -> dict[str, Any]:
     # RSS grows while the callers' first requests fill buffers and caches: the start is taken
     # once a tenth of the soak (at most a minute) has run.
     settle = min(60.0, seconds / 10)
-    load = Load(server.url, args.soak_callers, math.ceil(seconds * SOAK_MAX_PER_SECOND), seconds,
-                good_request(photos, args.top_k, args.soak_callers), args.top_k).start()
+    load = Load(
+        server.url,
+        args.soak_callers,
+        math.ceil(seconds * SOAK_MAX_PER_SECOND),
+        seconds,
+        good_request(photos, args.top_k, args.soak_callers),
+        args.top_k,
+    ).start()
     began = time.monotonic()
     start = peak = 0
     while load.running() and time.monotonic() < began + seconds + REQUEST_TIMEOUT:
@@ -589,9 +720,16 @@ def soak(server: Server, photos, args: argparse.Namespace) -> dict[str, Any]:
     end, processes = tree_rss(server.pid)
     start = start or end
     report_failures("soak", phase)
-    return {**phase.figures(), "errors": len(phase.failed()), "rss_start": start,
-            "rss_end": end, "rss_peak": max(peak, end), "processes": processes, "settle": settle,
-            "growth": 100 * (end - start) / start if start else math.nan}
+    return {
+        **phase.figures(),
+        "errors": len(phase.failed()),
+        "rss_start": start,
+        "rss_end": end,
+        "rss_peak": max(peak, end),
+        "processes": processes,
+        "settle": settle,
+        "growth": 100 * (end - start) / start if start else math.nan,
+    }
 
 
 def hot_swap(server: Server, models: Models, token: str, photos, args: argparse.Namespace) -> dict[str, Any]:
@@ -613,16 +751,28 @@ def hot_swap(server: Server, models: Models, token: str, photos, args: argparse.
     def keep_going(answers: list[Answer]) -> bool:
         return not (answered.is_set() and any(answer.started > reload["returned"] for answer in answers))
 
-    load = Load(server.url, callers, per_caller, args.phase_seconds, good_request(photos, args.top_k, callers),
-                args.top_k, keep_going=keep_going, cap=4 * per_caller).start()
+    load = Load(
+        server.url,
+        callers,
+        per_caller,
+        args.phase_seconds,
+        good_request(photos, args.top_k, callers),
+        args.top_k,
+        keep_going=keep_going,
+        cap=4 * per_caller,
+    ).start()
     threshold = math.ceil(args.swap_after * callers * per_caller)
     while load.answered < threshold and load.running():
         time.sleep(0.01)
     reload["asked_after"] = load.answered
     begun = time.perf_counter()
     try:
-        response = httpx.post(f"{server.url}/admin/reload", json={}, headers={"Authorization": f"Bearer {token}"},
-                              timeout=REQUEST_TIMEOUT * 2)
+        response = httpx.post(
+            f"{server.url}/admin/reload",
+            json={},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=REQUEST_TIMEOUT * 2,
+        )
         reload.update(status=response.status_code, body=response.json())
     except (httpx.HTTPError, ValueError) as err:
         reload.update(status=0, body={"outcome": f"no answer: {type(err).__name__}"})
@@ -633,10 +783,16 @@ def hot_swap(server: Server, models: Models, token: str, photos, args: argparse.
     report_failures("hot swap", phase)
     good = phase.good()
     after = [answer for answer in good if answer.started > reload["returned"]]
-    return {**phase.figures(), "reload": reload, "versions": Counter(answer.version for answer in good if answer.ok),
-            "after": Counter(answer.version for answer in after if answer.ok), "after_n": len(after),
-            "failures": Counter(answer.status for answer in phase.failed()), "timed_out": phase.timed_out,
-            "new_version": models.next_version}
+    return {
+        **phase.figures(),
+        "reload": reload,
+        "versions": Counter(answer.version for answer in good if answer.ok),
+        "after": Counter(answer.version for answer in after if answer.ok),
+        "after_n": len(after),
+        "failures": Counter(answer.status for answer in phase.failed()),
+        "timed_out": phase.timed_out,
+        "new_version": models.next_version,
+    }
 
 
 def measure(params: Params, scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -652,8 +808,7 @@ def measure(params: Params, scratch: Path, args: argparse.Namespace) -> dict[str
 
     def time_baseline(name: str) -> None:
         figures = baseline.time(name, args.baseline_matches)
-        print(f"in-process baseline, {name}: {figures['per_s']:.2f} matches/s, p50 {figures['p50']:.1f} ms",
-              flush=True)
+        print(f"in-process baseline, {name}: {figures['per_s']:.2f} matches/s, p50 {figures['p50']:.1f} ms", flush=True)
 
     time_baseline("before the servers")
     print("batching off (max_images 1)", flush=True)
@@ -664,8 +819,9 @@ def measure(params: Params, scratch: Path, args: argparse.Namespace) -> dict[str
     token = secrets.token_urlsafe(24)
     batching = params.serve.batching
     print(f"batching on (max_images {batching.max_images}, max_wait_ms {batching.max_wait_ms:g})", flush=True)
-    with Server(serve_env(models.batched_tag, models.tracking_uri, token), scratch / "serve-batched.log",
-                batching.max_images) as server:
+    with Server(
+        serve_env(models.batched_tag, models.tracking_uri, token), scratch / "serve-batched.log", batching.max_images
+    ) as server:
         warm_up(server, photos, args)
         results["batched"] = {"levels": load_levels(server, photos, args), "info": server.info}
         print(f"health probes under {args.probe_callers} callers", flush=True)
@@ -684,6 +840,7 @@ def measure(params: Params, scratch: Path, args: argparse.Namespace) -> dict[str
 
 
 # --- the results file ------------------------------------------------------------------------------
+
 
 def _ms(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.1f}"
@@ -716,48 +873,75 @@ def headline(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     versions = sorted(version for version in swap["versions"] if version)
     swapped = swap["reload"]["body"].get("outcome") == "swapped" and len(versions) >= 2
     rows = [
-        (f"throughput at concurrency {max(levels)} ≥ {THROUGHPUT_TARGET:g}× in-process rate",
-         f"×{throughput:.2f}: {top['per_s']:.2f} req/s against {base['per_s']:.2f} matches/s (batching on)",
-         throughput >= THROUGHPUT_TARGET),
-        (f"p99 at concurrency {min(levels)} ≤ {LATENCY_TARGET:g}× in-process single-match time",
-         f"×{latency:.2f}: p99 {_ms(bottom['p99'])} ms against in-process p50 {_ms(base['p50'])} ms (batching on)",
-         latency <= LATENCY_TARGET),
-        (f"/readyz p99 under {args.probe_callers} callers ≤ {READYZ_TARGET_MS:g} ms",
-         f"{_ms(readyz['p99'])} ms over {readyz['n']} probes ({readyz['failed']} not 200)",
-         readyz["p99"] <= READYZ_TARGET_MS and readyz["failed"] == 0),
-        ("0 non-4xx answers to hostile input",
-         f"{hostile['bad_not_4xx']} of {hostile['bad']} bad requests ({hostile['bad_json_4xx']} answered 4xx with "
-         f"JSON); good not 200: {hostile['good_not_200']} of {hostile['good']}",
-         hostile["bad_not_4xx"] == 0 and hostile["good_not_200"] == 0),
-        ("0 failed requests across a hot swap under load",
-         f"{swap['failed']} of {swap['n']}; answers by version: "
-         + (", ".join(f"{version}: {swap['versions'][version]}" for version in versions) or "none")
-         + ("" if swapped else f"; the swap did not land under load (reload: {swap['reload']['body'].get('outcome')})"),
-         swap["failed"] == 0 and swapped),
+        (
+            f"throughput at concurrency {max(levels)} ≥ {THROUGHPUT_TARGET:g}× in-process rate",
+            f"×{throughput:.2f}: {top['per_s']:.2f} req/s against {base['per_s']:.2f} matches/s (batching on)",
+            throughput >= THROUGHPUT_TARGET,
+        ),
+        (
+            f"p99 at concurrency {min(levels)} ≤ {LATENCY_TARGET:g}× in-process single-match time",
+            f"×{latency:.2f}: p99 {_ms(bottom['p99'])} ms against in-process p50 {_ms(base['p50'])} ms (batching on)",
+            latency <= LATENCY_TARGET,
+        ),
+        (
+            f"/readyz p99 under {args.probe_callers} callers ≤ {READYZ_TARGET_MS:g} ms",
+            f"{_ms(readyz['p99'])} ms over {readyz['n']} probes ({readyz['failed']} not 200)",
+            readyz["p99"] <= READYZ_TARGET_MS and readyz["failed"] == 0,
+        ),
+        (
+            "0 non-4xx answers to hostile input",
+            f"{hostile['bad_not_4xx']} of {hostile['bad']} bad requests ({hostile['bad_json_4xx']} answered 4xx with "
+            f"JSON); good not 200: {hostile['good_not_200']} of {hostile['good']}",
+            hostile["bad_not_4xx"] == 0 and hostile["good_not_200"] == 0,
+        ),
+        (
+            "0 failed requests across a hot swap under load",
+            f"{swap['failed']} of {swap['n']}; answers by version: "
+            + (", ".join(f"{version}: {swap['versions'][version]}" for version in versions) or "none")
+            + (
+                ""
+                if swapped
+                else f"; the swap did not land under load (reload: {swap['reload']['body'].get('outcome')})"
+            ),
+            swap["failed"] == 0 and swapped,
+        ),
     ]
     if "soak" in results:
         soaked = results["soak"]
-        rows.append((f"soak: 0 errors and RSS growth < {RSS_GROWTH_TARGET:g}%",
-                     f"{soaked['errors']} errors in {soaked['n']} requests over {args.soak_minutes:g} min; RSS "
-                     f"{soaked['growth']:+.1f}%", soaked["errors"] == 0 and soaked["growth"] < RSS_GROWTH_TARGET))
+        rows.append(
+            (
+                f"soak: 0 errors and RSS growth < {RSS_GROWTH_TARGET:g}%",
+                f"{soaked['errors']} errors in {soaked['n']} requests over {args.soak_minutes:g} min; RSS "
+                f"{soaked['growth']:+.1f}%",
+                soaked["errors"] == 0 and soaked["growth"] < RSS_GROWTH_TARGET,
+            )
+        )
     else:
         rows.append((f"soak: 0 errors and RSS growth < {RSS_GROWTH_TARGET:g}%", "not run (--soak-minutes 0)", None))
-    return ["| target | measured | met |", "|---|---|---|",
-            *(f"| {target} | {measured} | {_met(met)} |" for target, measured, met in rows)]
+    return [
+        "| target | measured | met |",
+        "|---|---|---|",
+        *(f"| {target} | {measured} | {_met(met)} |" for target, measured, met in rows),
+    ]
 
 
 def load_table(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """One row per server and concurrency, ratios over the baseline."""
     base = results["baseline"]
-    lines = ["| server, callers | requests | failed | p50 ms | p95 ms | p99 ms | req/s | req/s ÷ in-process rate "
-             "| p99 ÷ in-process p50 | images per model call |", "|---" * 10 + "|"]
+    lines = [
+        "| server, callers | requests | failed | p50 ms | p95 ms | p99 ms | req/s | req/s ÷ in-process rate "
+        "| p99 ÷ in-process p50 | images per model call |",
+        "|---" * 10 + "|",
+    ]
     for key, label in (("unbatched", "batching off"), ("batched", "batching on")):
         for callers, figures in results[key]["levels"].items():
-            lines.append(f"| {label}, {callers} caller{'s' if callers > 1 else ''} | {_count(figures)} | "
-                         f"{figures['failed']} | {_ms(figures['p50'])} | {_ms(figures['p95'])} | "
-                         f"{_ms(figures['p99'])} | "
-                         f"{figures['per_s']:.2f} | ×{figures['per_s'] / base['per_s']:.2f} | "
-                         f"×{figures['p99'] / base['p50']:.2f} | {figures['per_call']:.2f} |")
+            lines.append(
+                f"| {label}, {callers} caller{'s' if callers > 1 else ''} | {_count(figures)} | "
+                f"{figures['failed']} | {_ms(figures['p50'])} | {_ms(figures['p95'])} | "
+                f"{_ms(figures['p99'])} | "
+                f"{figures['per_s']:.2f} | ×{figures['per_s'] / base['per_s']:.2f} | "
+                f"×{figures['p99'] / base['p50']:.2f} | {figures['per_call']:.2f} |"
+            )
     return lines
 
 
@@ -786,39 +970,55 @@ def render(results: dict[str, Any], params: Params, args: argparse.Namespace, co
         "concurrency and latency includes the queue (at c callers, p50 is about c ÷ requests/s). Latency "
         "ratios divide a served p99 by the in-process p50. The callers run on the same cores as the "
         "server, so they take a share of its CPU. Percentiles are numpy's (linear), over the requests "
-        f"after {args.warm_up} warm-up requests per server.")
+        f"after {args.warm_up} warm-up requests per server."
+    )
     details = [
         f"## In-process baseline: decode_image + ServedModel.match, one photo after another, in "
-        f"{len(base['passes'])} passes of {args.baseline_matches} after {args.warm_up} warm-up matches", "",
+        f"{len(base['passes'])} passes of {args.baseline_matches} after {args.warm_up} warm-up matches",
+        "",
         "No server runs during a pass. The pooled row is the baseline every ratio divides by; passes that "
-        "differ much mean the machine's speed moved during the run.", "",
-        "| pass | matches | p50 ms | p95 ms | p99 ms | matches/s |", "|---|---|---|---|---|---|",
-        *(f"| {name} | {figures['n']} | {_ms(figures['p50'])} | {_ms(figures['p95'])} | {_ms(figures['p99'])} | "
-          f"{figures['per_s']:.2f} |"
-          for name, figures in [*base["passes"].items(), ("all passes (the baseline)", base)]),
+        "differ much mean the machine's speed moved during the run.",
+        "",
+        "| pass | matches | p50 ms | p95 ms | p99 ms | matches/s |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {figures['n']} | {_ms(figures['p50'])} | {_ms(figures['p95'])} | {_ms(figures['p99'])} | "
+            f"{figures['per_s']:.2f} |"
+            for name, figures in [*base["passes"].items(), ("all passes (the baseline)", base)]
+        ),
         "",
         f"## Closed-loop load: POST /match, batching on (`serve.batching.max_images` {batching.max_images}, "
-        f"`max_wait_ms` {batching.max_wait_ms:g}) against off (`max_images` 1)", "",
+        f"`max_wait_ms` {batching.max_wait_ms:g}) against off (`max_images` 1)",
+        "",
         f"Each caller sends {args.requests_per_caller} requests, or more so that a level sends at least "
-        f"{args.min_requests}; the two servers run one after the other. \"images per model call\" is from the "
-        "server's `skumatch_inference_batch_images` histogram over the level.", "",
+        f'{args.min_requests}; the two servers run one after the other. "images per model call" is from the '
+        "server's `skumatch_inference_batch_images` histogram over the level.",
+        "",
         *load_table(results, args),
         "",
         f"## Health probes under {args.probe_callers} callers: GET /readyz and /metrics every "
-        f"{args.probe_interval_ms:g} ms (batching on)", "",
-        "| probe | probes | not 200 | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|",
-        *(f"| GET {path} | {figures['n']} | {figures['failed']} | {_ms(figures['p50'])} | {_ms(figures['p99'])} | "
-          f"{_ms(figures['max'])} |" for path, figures in health["probes"].items()),
+        f"{args.probe_interval_ms:g} ms (batching on)",
+        "",
+        "| probe | probes | not 200 | p50 ms | p99 ms | max ms |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| GET {path} | {figures['n']} | {figures['failed']} | {_ms(figures['p50'])} | {_ms(figures['p99'])} | "
+            f"{_ms(figures['max'])} |"
+            for path, figures in health["probes"].items()
+        ),
         "",
         f"The callers meanwhile: {health['load']['n']} requests, {health['load']['failed']} failed, "
         f"{health['load']['per_s']:.2f} req/s, p99 {_ms(health['load']['p99'])} ms.",
         "",
         f"## Hostile mix at concurrency {args.hostile_callers}: {args.hostile_share:g} of the requests bad "
-        "(batching on)", "",
-        "| request | sent | answered as expected | 4xx | answers |", "|---|---|---|---|---|",
-        *(f"| {kind} | {figures['n']} | {figures['ok']} | {figures['4xx']} | "
-          f"{_statuses(figures['statuses'])} |"
-          for kind, figures in hostile["kinds"].items()),
+        "(batching on)",
+        "",
+        "| request | sent | answered as expected | 4xx | answers |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {kind} | {figures['n']} | {figures['ok']} | {figures['4xx']} | {_statuses(figures['statuses'])} |"
+            for kind, figures in hostile["kinds"].items()
+        ),
         "",
         f"Expected: a good photo 200 with {args.top_k} matches; a bad request a 4xx with a JSON body. Good answered "
         f"200: {hostile['good'] - hostile['good_not_200']} of {hostile['good']}; bad answered 4xx with JSON: "
@@ -827,22 +1027,32 @@ def render(results: dict[str, Any], params: Params, args: argparse.Namespace, co
         "",
         *soak_section(results, args),
         f"## Hot swap under load: {args.swap_callers} callers, version {swap['new_version']} promoted, "
-        f"POST /admin/reload after {swap['reload']['asked_after']} answers (batching on)", "",
-        "| measure | value |", "|---|---|",
+        f"POST /admin/reload after {swap['reload']['asked_after']} answers (batching on)",
+        "",
+        "| measure | value |",
+        "|---|---|",
         f"| requests sent | {_count({**swap, 'planned': args.swap_callers * args.swap_requests_per_caller})} |",
         f"| failed (not 200 with matches, or no answer) | {swap['failed']}"
-        + (f" ({_statuses(swap['failures'])})" if swap["failures"] else "") + " |",
+        + (f" ({_statuses(swap['failures'])})" if swap["failures"] else "")
+        + " |",
         *(f"| answered by version {version} | {count} |" for version, count in sorted(swap["versions"].items())),
         f"| answered by version, of the {swap['after_n']} sent after the reload answered | "
-        + (", ".join(f"{version}: {count}" for version, count in sorted(swap["after"].items())) or "none") + " |",
+        + (", ".join(f"{version}: {count}" for version, count in sorted(swap["after"].items())) or "none")
+        + " |",
         f"| reload: status, outcome | {swap['reload']['status']}, {swap['reload']['body'].get('outcome')} |",
         f"| reload duration (the admin request's round trip) | {swap['reload']['seconds']:.2f} s |",
         f"| latency over the run: p50, p99 | {_ms(swap['p50'])} ms, {_ms(swap['p99'])} ms |",
         f"| requests/s over the run | {swap['per_s']:.2f} |",
     ]
-    return results_page("Serving benchmark: bentoml serve under load, against the same model in-process",
-                        headline(results, args), command, setup, how_to_read, details,
-                        machine_note="; load generator, in-process baseline and server on this one machine")
+    return results_page(
+        "Serving benchmark: bentoml serve under load, against the same model in-process",
+        headline(results, args),
+        command,
+        setup,
+        how_to_read,
+        details,
+        machine_note="; load generator, in-process baseline and server on this one machine",
+    )
 
 
 def soak_section(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
@@ -851,25 +1061,47 @@ def soak_section(results: dict[str, Any], args: argparse.Namespace) -> list[str]
         return ["## Soak", "", "Not run: `--soak-minutes 0`.", ""]
     soaked = results["soak"]
     mib = 1024 * 1024
-    return [f"## Soak: {args.soak_callers} callers for {args.soak_minutes:g} minutes (batching on)", "",
-            f"RSS: VmRSS summed over `bentoml serve` and its descendants ({soaked['processes']} processes: the "
-            "arbiter and its workers; circus starts each worker in a session of its own, so the server's process "
-            f"group alone would miss them); the start is taken after {soaked['settle']:.0f} s of the soak, the end "
-            "after it.", "",
-            "| requests | errors | req/s | p50 ms | p99 ms | RSS start MiB | RSS end MiB | RSS peak MiB | growth |",
-            "|---|---|---|---|---|---|---|---|---|",
-            f"| {soaked['n']} | {soaked['errors']} | {soaked['per_s']:.2f} | {_ms(soaked['p50'])} | "
-            f"{_ms(soaked['p99'])} | {soaked['rss_start'] / mib:.0f} | {soaked['rss_end'] / mib:.0f} | "
-            f"{soaked['rss_peak'] / mib:.0f} | {soaked['growth']:+.1f}% |", ""]
+    return [
+        f"## Soak: {args.soak_callers} callers for {args.soak_minutes:g} minutes (batching on)",
+        "",
+        f"RSS: VmRSS summed over `bentoml serve` and its descendants ({soaked['processes']} processes: the "
+        "arbiter and its workers; circus starts each worker in a session of its own, so the server's process "
+        f"group alone would miss them); the start is taken after {soaked['settle']:.0f} s of the soak, the end "
+        "after it.",
+        "",
+        "| requests | errors | req/s | p50 ms | p99 ms | RSS start MiB | RSS end MiB | RSS peak MiB | growth |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {soaked['n']} | {soaked['errors']} | {soaked['per_s']:.2f} | {_ms(soaked['p50'])} | "
+        f"{_ms(soaked['p99'])} | {soaked['rss_start'] / mib:.0f} | {soaked['rss_end'] / mib:.0f} | "
+        f"{soaked['rss_peak'] / mib:.0f} | {soaked['growth']:+.1f}% |",
+        "",
+    ]
 
 
 # --- the command line ------------------------------------------------------------------------------
 
 # The options that shape the measurement, written out in full in the results file's command.
-MEASURED_OPTIONS = ("concurrency", "requests_per_caller", "min_requests", "warm_up", "baseline_matches", "queries",
-                    "catalogue", "skus_of", "top_k", "probe_callers", "probe_interval_ms", "hostile_callers",
-                    "hostile_share", "swap_callers", "swap_requests_per_caller", "swap_after", "soak_minutes",
-                    "soak_callers", "phase_seconds")
+MEASURED_OPTIONS = (
+    "concurrency",
+    "requests_per_caller",
+    "min_requests",
+    "warm_up",
+    "baseline_matches",
+    "queries",
+    "catalogue",
+    "skus_of",
+    "top_k",
+    "probe_callers",
+    "probe_interval_ms",
+    "hostile_callers",
+    "hostile_share",
+    "swap_callers",
+    "swap_requests_per_caller",
+    "swap_after",
+    "soak_minutes",
+    "soak_callers",
+    "phase_seconds",
+)
 
 
 def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
@@ -879,19 +1111,28 @@ def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> s
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     """The options, checked; a bad value exits with status 2 before anything starts."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add = parser.add_argument
     add("--params", default="params.yaml")
     add("--set", "-S", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE")
     add("--out", default=str(RESULTS))
     add("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="callers at once, one load level each")
     add("--requests-per-caller", type=int, default=10, help="requests each caller sends per load level")
-    add("--min-requests", type=int, default=200,
-        help="requests a load level sends at least (callers send more); enough for a p99 at one caller")
+    add(
+        "--min-requests",
+        type=int,
+        default=200,
+        help="requests a load level sends at least (callers send more); enough for a p99 at one caller",
+    )
     add("--warm-up", type=int, default=8, help="uncounted requests before each server's load (and in-process)")
-    add("--baseline-matches", type=int, default=30,
-        help="in-process matches timed one after another in each of the baseline's 3 passes")
+    add(
+        "--baseline-matches",
+        type=int,
+        default=30,
+        help="in-process matches timed one after another in each of the baseline's 3 passes",
+    )
     add("--queries", type=int, default=32, help="distinct query photos")
     add("--catalogue", type=int, default=200, help="catalogue photos in the index")
     add("--skus-of", type=int, default=2, help="catalogue photos per SKU")
@@ -907,11 +1148,27 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     add("--soak-callers", type=int, default=16)
     add("--phase-seconds", type=float, default=300.0, help="time limit of each load phase")
     args = parser.parse_args(argv)
-    counts = ("requests_per_caller", "min_requests", "warm_up", "baseline_matches", "queries", "catalogue", "skus_of",
-              "top_k", "probe_callers", "hostile_callers", "swap_callers", "swap_requests_per_caller", "soak_callers")
+    counts = (
+        "requests_per_caller",
+        "min_requests",
+        "warm_up",
+        "baseline_matches",
+        "queries",
+        "catalogue",
+        "skus_of",
+        "top_k",
+        "probe_callers",
+        "hostile_callers",
+        "swap_callers",
+        "swap_requests_per_caller",
+        "soak_callers",
+    )
     if min(getattr(args, name) for name in counts) < 1 or min(args.concurrency) < 1:
-        parser.error("--concurrency and every count (" + ", ".join(f"--{name.replace('_', '-')}" for name in counts)
-                     + ") must be at least 1")
+        parser.error(
+            "--concurrency and every count ("
+            + ", ".join(f"--{name.replace('_', '-')}" for name in counts)
+            + ") must be at least 1"
+        )
     if not 0 < args.hostile_share <= 1 or not 0 < args.swap_after < 1:
         parser.error("--hostile-share must be within (0, 1] and --swap-after within (0, 1)")
     if args.soak_minutes < 0 or args.probe_interval_ms <= 0 or args.phase_seconds <= 0:

@@ -54,13 +54,10 @@ class ModelParams(_Section):
     embed_dim: int = Field(default=256, ge=0)
     # None takes the backbone's native resolution.
     image_size: int | None = Field(default=None, ge=8)
-    # At inference (evaluation, index, service) average each image's embedding with its
-    # mirror image's: measured +2.7 points catalogue top-1 on val, for twice the compute.
+    # At inference (evaluation, index, service) average each image's embedding with its mirror image's.
     flip_tta: bool = True
-    # Query-side test-time zooms: a query photo (evaluation queries, the service's /match) is
-    # embedded from the centre `zoom` of its short side at each zoom, and the embeddings are
-    # averaged; gallery images stay at zoom 1. Shelf photos frame the product looser than the
-    # training crops (35-100% of the area) do. Measured: benchmarks/results/accuracy.md.
+    # Query-side test-time zooms: a query photo is also embedded from the centre `zoom` of its short
+    # side, and the embeddings averaged; gallery images stay at zoom 1.
     query_zooms: list[Annotated[float, Field(gt=0, le=1)]] = Field(default=[1.0], min_length=1)
 
 
@@ -157,19 +154,37 @@ class TrainIOParams(_Section):
 
 # Where each key of the flat `train` section of earlier params files lives now.
 _MOVED_TRAIN_KEYS = {
-    **{key: f"loss.{key}" for key in ("margin", "scale", "subcenters", "catalogue_anchor_weight",
-                                      "anchor_refresh_steps")},
+    **{
+        key: f"loss.{key}"
+        for key in ("margin", "scale", "subcenters", "catalogue_anchor_weight", "anchor_refresh_steps")
+    },
     "loss": "loss.kind",
-    **{key: f"sampler.{key}" for key in ("batch_size", "images_per_sku", "unfrozen_batch_size",
-                                         "catalogue_in_batches", "anchor_sample")},
+    **{
+        key: f"sampler.{key}"
+        for key in ("batch_size", "images_per_sku", "unfrozen_batch_size", "catalogue_in_batches", "anchor_sample")
+    },
     "augment": "augment.enabled",
-    **{key: f"augment.{key}" for key in ("crop_area", "colour_cast", "erase", "image_size", "cached_views",
-                                         "catalogue_views")},
-    **{key: f"schedule.{key}" for key in ("epochs", "frozen_epochs", "frozen_stage", "unfreeze_blocks", "lr",
-                                          "backbone_lr", "weight_decay", "warmup_steps", "freeze_batchnorm",
-                                          "ema_decay", "eval_every_epochs")},
-    **{key: f"io.{key}" for key in ("checkpoint_dir", "output_dir", "resume", "decoded_cache_mb",
-                                    "loader_workers")},
+    **{
+        key: f"augment.{key}"
+        for key in ("crop_area", "colour_cast", "erase", "image_size", "cached_views", "catalogue_views")
+    },
+    **{
+        key: f"schedule.{key}"
+        for key in (
+            "epochs",
+            "frozen_epochs",
+            "frozen_stage",
+            "unfreeze_blocks",
+            "lr",
+            "backbone_lr",
+            "weight_decay",
+            "warmup_steps",
+            "freeze_batchnorm",
+            "ema_decay",
+            "eval_every_epochs",
+        )
+    },
+    **{key: f"io.{key}" for key in ("checkpoint_dir", "output_dir", "resume", "decoded_cache_mb", "loader_workers")},
 }
 
 
@@ -195,8 +210,11 @@ class TrainParams(_Section):
         # A flat key of an earlier params file (or an old -S override) is refused with its new
         # place, rather than moved silently: `train.loss=cosface` would replace the whole section.
         if isinstance(raw, dict):
-            moved = [f"train.{key} is now train.{_MOVED_TRAIN_KEYS[key]}" for key, value in raw.items()
-                     if key in _MOVED_TRAIN_KEYS and not (key in cls.model_fields and isinstance(value, dict))]
+            moved = [
+                f"train.{key} is now train.{_MOVED_TRAIN_KEYS[key]}"
+                for key, value in raw.items()
+                if key in _MOVED_TRAIN_KEYS and not (key in cls.model_fields and isinstance(value, dict))
+            ]
             if moved:
                 raise ValueError("; ".join(moved))
         return raw
@@ -213,10 +231,8 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     """Evaluation protocols and the promotion gate."""
 
-    # Images embedded together by evaluation, index builds and the feature cache. On a 2-core CPU
-    # small batches are faster per image (a batch's activations outgrow the caches): against 16,
-    # batches of 4 took x0.47 (image + mirror), x0.57 (queries) and x0.65 (backbone features)
-    # the time, with the same embeddings (benchmarks/results/batch_size.md). On a GPU, raise it.
+    # Images embedded together by evaluation, index builds and the feature cache; small batches
+    # are faster per image on a CPU, with the same embeddings. On a GPU, raise it.
     batch_size: int = Field(default=4, ge=1)
     ks: list[int] = [1, 3, 5]
     # The protocol whose numbers the gate reads: "catalogue" is the real matching setting.
@@ -238,9 +254,7 @@ class IndexParams(_Section):
     factory: str = "Flat"
     # IVF lists visited per search (IVF factories only); FAISS's default of 1 loses recall.
     nprobe: int = Field(default=16, ge=1)
-    # Candidates an HNSW search explores (HNSW factories only). On a synthetic 100k-SKU catalogue
-    # FAISS's default of 16 found the exact search's top SKU for 52% of queries, 128 for 87% and
-    # 512 for 99%; IVF lists did better for less (benchmarks/results/index_scale.md).
+    # Candidates an HNSW search explores (HNSW factories only); FAISS's default of 16 loses recall.
     ef_search: int = Field(default=128, ge=1)
     use_gpu: Literal["auto", "never"] = "auto"
     output_dir: str = "models/index"
@@ -292,8 +306,7 @@ class ServeParams(_Section):
     """The matching service."""
 
     top_k: int = Field(default=5, ge=1)
-    # Photos embedded per forward pass: on a 2-core CPU, queries in batches of 2 took x0.49 the
-    # time of batches of 16 (benchmarks/results/batch_size.md). On a GPU, raise it.
+    # Photos embedded per forward pass; small batches are faster per image on a CPU. On a GPU, raise it.
     batch_size: int = Field(default=2, ge=1)
     bento_model_name: str = "skumatch-matcher"
     # Interface and port of `skumatch serve`; 0.0.0.0 exposes the service to the network.
@@ -390,9 +403,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
         raise ParamsError(f"invalid params: {problems}") from err
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import csv
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -130,9 +130,12 @@ def _read_imagefolder(root: Path) -> pd.DataFrame:
 
 def _read_manifest_file(path: Path) -> pd.DataFrame:
     try:
-        frame = (pd.read_parquet(path) if path.suffix.lower() in {".parquet", ".pq"}
-                 # SKU ids are identifiers ("00123" is not 123): read every cell as text.
-                 else pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]))
+        frame = (
+            pd.read_parquet(path)
+            if path.suffix.lower() in {".parquet", ".pq"}
+            # SKU ids are identifiers ("00123" is not 123): read every cell as text.
+            else pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        )
     except Exception as err:  # pandas raises many types for unreadable files
         raise DatasetError(f"cannot read manifest {path}: {err}") from err
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from components.config import EvaluateParams
 from components.data import select
+from components.leaks import find_leaks
 
 LOGGER = logging.getLogger(__name__)
 
@@ -61,9 +62,14 @@ def sku_scores(similarity: np.ndarray, gallery_skus: np.ndarray) -> tuple[np.nda
     return skus, scores
 
 
-def retrieval_metrics(query_embeddings: np.ndarray, query_skus: np.ndarray, gallery_embeddings: np.ndarray,
-                      gallery_skus: np.ndarray, ks: tuple[int, ...] | list[int] = (1, 3, 5),
-                      similarity_fn: SimilarityFn = faiss_similarity) -> dict[str, float]:
+def retrieval_metrics(
+    query_embeddings: np.ndarray,
+    query_skus: np.ndarray,
+    gallery_embeddings: np.ndarray,
+    gallery_skus: np.ndarray,
+    ks: tuple[int, ...] | list[int] = (1, 3, 5),
+    similarity_fn: SimilarityFn = faiss_similarity,
+) -> dict[str, float]:
     """Top-k over distinct SKUs, mean delta similarity and mAP of one query set on one gallery.
 
     Queries whose SKU has no gallery image cannot be matched and are left out (counted in
@@ -76,8 +82,7 @@ def retrieval_metrics(query_embeddings: np.ndarray, query_skus: np.ndarray, gall
     query_skus = np.asarray(query_skus).astype(str)
     gallery_skus = np.asarray(gallery_skus).astype(str)
     matchable = np.isin(query_skus, gallery_skus)
-    result: dict[str, float] = {"queries": int(matchable.sum()),
-                                "queries_without_gallery_sku": int((~matchable).sum())}
+    result: dict[str, float] = {"queries": int(matchable.sum()), "queries_without_gallery_sku": int((~matchable).sum())}
     if not matchable.any():
         raise ValueError("no query SKU appears in the gallery; nothing can be evaluated")
     query_embeddings, query_skus = query_embeddings[matchable], query_skus[matchable]
@@ -105,50 +110,6 @@ def retrieval_metrics(query_embeddings: np.ndarray, query_skus: np.ndarray, gall
     return result
 
 
-def perceptual_hashes(paths: list[str]) -> tuple[np.ndarray, list[str]]:
-    """A 64-bit difference hash (dHash) and a SHA-256 of the bytes of each image.
-
-    The dHash compares neighbouring pixels of a 9x8 grey thumbnail, so re-encoded, resized or
-    slightly recoloured copies of a photo land within a few bits of each other.
-    """
-    import hashlib
-
-    from PIL import Image
-
-    hashes, digests = np.zeros(len(paths), dtype=np.uint64), []
-    for row, path in enumerate(paths):
-        data = Path(path).read_bytes()
-        digests.append(hashlib.sha256(data).hexdigest())
-        with Image.open(path) as image:
-            image.draft("L", (64, 64))  # JPEG decodes straight at a small scale: fast
-            pixels = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
-        bits = (pixels[:, 1:] > pixels[:, :-1]).flatten()
-        hashes[row] = np.packbits(bits).view(">u8")[0]
-    return hashes, digests
-
-
-def find_leaks(gallery: pd.DataFrame, queries: pd.DataFrame, max_distance: int = 4) -> pd.DataFrame:
-    """Queries whose image also stands in the gallery: exactly (same bytes) or nearly (dHash).
-
-    Returns:
-        One row per leaking (query, gallery) pair: ``query_path, gallery_path, kind``
-        (``exact`` or ``near``) and ``distance`` (Hamming distance of the hashes, in bits).
-    """
-    columns = ["query_path", "gallery_path", "kind", "distance"]
-    if gallery.empty or queries.empty:
-        return pd.DataFrame(columns=columns)
-    gallery_hashes, gallery_digests = perceptual_hashes(list(gallery["image_path"]))
-    query_hashes, query_digests = perceptual_hashes(list(queries["image_path"]))
-    differing = np.bitwise_xor(query_hashes[:, None], gallery_hashes[None, :])
-    distance = np.unpackbits(differing.view(np.uint8), axis=-1).reshape(len(query_hashes), len(gallery_hashes), 64).sum(-1)
-    same_bytes = np.asarray(query_digests)[:, None] == np.asarray(gallery_digests)[None, :]
-    rows = []
-    for q, g in zip(*np.nonzero(same_bytes | (distance <= max_distance))):
-        rows.append({"query_path": queries["image_path"].iat[q], "gallery_path": gallery["image_path"].iat[g],
-                     "kind": "exact" if same_bytes[q, g] else "near", "distance": int(distance[q, g])})
-    return pd.DataFrame(rows, columns=columns)
-
-
 @dataclass(frozen=True)
 class ProtocolSets:
     """Which manifest rows are gallery and queries for each protocol, and which queries leak."""
@@ -158,8 +119,9 @@ class ProtocolSets:
     leaks: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-def protocol_sets(manifest: pd.DataFrame, query_split: str, train_split: str = "train",
-                  leak_max_distance: int | None = None) -> ProtocolSets:
+def protocol_sets(
+    manifest: pd.DataFrame, query_split: str, train_split: str = "train", leak_max_distance: int | None = None
+) -> ProtocolSets:
     """Select queries (the ``query_split`` photos) and the gallery of each protocol.
 
     Args:
@@ -180,14 +142,22 @@ def protocol_sets(manifest: pd.DataFrame, query_split: str, train_split: str = "
         for protocol, gallery in galleries.items():
             leaks[protocol] = find_leaks(gallery, queries, leak_max_distance)
             if len(leaks[protocol]):
-                LOGGER.warning("%s protocol: %d queries have an exact or near-duplicate image in the gallery; "
-                               "they are left out of its metrics", protocol, leaks[protocol]["query_path"].nunique())
+                LOGGER.warning(
+                    "%s protocol: %d queries have an exact or near-duplicate image in the gallery; "
+                    "they are left out of its metrics",
+                    protocol,
+                    leaks[protocol]["query_path"].nunique(),
+                )
     return ProtocolSets(queries, galleries, leaks)
 
 
-def evaluate_embeddings(embeddings: dict[str, np.ndarray], sets: ProtocolSets, ks: list[int],
-                        similarity_fn: SimilarityFn = faiss_similarity,
-                        query_embeddings: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+def evaluate_embeddings(
+    embeddings: dict[str, np.ndarray],
+    sets: ProtocolSets,
+    ks: list[int],
+    similarity_fn: SimilarityFn = faiss_similarity,
+    query_embeddings: dict[str, np.ndarray] | None = None,
+) -> dict[str, dict[str, float]]:
     """Metrics of both protocols from embeddings keyed by image path.
 
     ``query_embeddings``, when given, holds the queries' embeddings (embedded as queries, see
@@ -207,18 +177,32 @@ def evaluate_embeddings(embeddings: dict[str, np.ndarray], sets: ProtocolSets, k
         leaked = set(sets.leaks[protocol]["query_path"]) if protocol in sets.leaks else set()
         queries = sets.queries[~sets.queries["image_path"].isin(leaked)]
         query_vectors = stack(queries, query_embeddings)
-        metrics[protocol] = retrieval_metrics(query_vectors, queries["sku_id"].to_numpy(), stack(gallery),
-                                              gallery["sku_id"].to_numpy(), ks, similarity_fn)
+        metrics[protocol] = retrieval_metrics(
+            query_vectors, queries["sku_id"].to_numpy(), stack(gallery), gallery["sku_id"].to_numpy(), ks, similarity_fn
+        )
         metrics[protocol]["leaked_queries"] = len(leaked)
         if protocol == "catalogue" and gallery["sku_id"].nunique() >= 2:
-            metrics["open_set"] = open_set_metrics(query_vectors, queries["sku_id"].to_numpy(), stack(gallery),
-                                                   gallery["sku_id"].to_numpy(), similarity_fn=similarity_fn)
+            metrics["open_set"] = open_set_metrics(
+                query_vectors,
+                queries["sku_id"].to_numpy(),
+                stack(gallery),
+                gallery["sku_id"].to_numpy(),
+                similarity_fn=similarity_fn,
+            )
     return metrics
 
 
-def evaluate_encoder(encoder, preprocess, manifest: pd.DataFrame, query_split: str, train_split: str,
-                     params: EvaluateParams, device=None, similarity_fn: SimilarityFn = faiss_similarity,
-                     progress: bool = False) -> dict[str, dict[str, float]]:
+def evaluate_encoder(
+    encoder,
+    preprocess,
+    manifest: pd.DataFrame,
+    query_split: str,
+    train_split: str,
+    params: EvaluateParams,
+    device=None,
+    similarity_fn: SimilarityFn = faiss_similarity,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
     """Embed the images both protocols need (each once) and compute their metrics.
 
     Returns:
@@ -229,22 +213,30 @@ def evaluate_encoder(encoder, preprocess, manifest: pd.DataFrame, query_split: s
     return evaluate_embeddings(gallery, sets, params.ks, similarity_fn, query_embeddings=queries)
 
 
-def embed_protocol_sets(encoder, preprocess, sets: ProtocolSets, batch_size: int, device=None,
-                        progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def embed_protocol_sets(
+    encoder, preprocess, sets: ProtocolSets, batch_size: int, device=None, progress: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(gallery, queries)`` embeddings keyed by path: every gallery image once, the queries as queries."""
     from components.model import embed_images
 
     gallery_paths = sorted(set().union(*(g["image_path"] for g in sets.galleries.values())))
     query_paths = sorted(set(sets.queries["image_path"]))
     gallery = embed_images(encoder, preprocess, gallery_paths, batch_size, device=device, progress=progress)
-    queries = embed_images(encoder, preprocess, query_paths, batch_size, device=device, progress=progress,
-                           as_queries=True)
+    queries = embed_images(
+        encoder, preprocess, query_paths, batch_size, device=device, progress=progress, as_queries=True
+    )
     return dict(zip(gallery_paths, gallery)), dict(zip(query_paths, queries))
 
 
-def calibrate_rejection(query_embeddings: np.ndarray, query_skus, gallery_embeddings: np.ndarray, gallery_skus,
-                        holdout_fraction: float = 0.25, seed: int = 0,
-                        similarity_fn: SimilarityFn = faiss_similarity) -> dict[str, float]:
+def calibrate_rejection(
+    query_embeddings: np.ndarray,
+    query_skus,
+    gallery_embeddings: np.ndarray,
+    gallery_skus,
+    holdout_fraction: float = 0.25,
+    seed: int = 0,
+    similarity_fn: SimilarityFn = faiss_similarity,
+) -> dict[str, float]:
     """Find the similarity below which "no confident match" is the right answer.
 
     A random ``holdout_fraction`` of the gallery's SKUs is taken out of the gallery; queries of
@@ -255,29 +247,53 @@ def calibrate_rejection(query_embeddings: np.ndarray, query_skus, gallery_embedd
     Returns:
         ``threshold``, ``precision``, ``recall``, ``f1``, ``unknown_queries``, ``known_queries``.
     """
-    top_score, unknown = _holdout_scores(query_embeddings, query_skus, gallery_embeddings, gallery_skus,
-                                         holdout_fraction, seed, similarity_fn)
-    return {**rejection_at(top_score, unknown, _best_threshold(top_score, unknown)),
-            "unknown_queries": int(unknown.sum()), "known_queries": int((~unknown).sum())}
+    top_score, unknown = _holdout_scores(
+        query_embeddings, query_skus, gallery_embeddings, gallery_skus, holdout_fraction, seed, similarity_fn
+    )
+    return {
+        **rejection_at(top_score, unknown, _best_threshold(top_score, unknown)),
+        "unknown_queries": int(unknown.sum()),
+        "known_queries": int((~unknown).sum()),
+    }
 
 
-def open_set_metrics(query_embeddings: np.ndarray, query_skus, gallery_embeddings: np.ndarray, gallery_skus,
-                     holdout_fraction: float = 0.25, similarity_fn: SimilarityFn = faiss_similarity) -> dict[str, float]:
+def open_set_metrics(
+    query_embeddings: np.ndarray,
+    query_skus,
+    gallery_embeddings: np.ndarray,
+    gallery_skus,
+    holdout_fraction: float = 0.25,
+    similarity_fn: SimilarityFn = faiss_similarity,
+) -> dict[str, float]:
     """Calibrate the rejection threshold on one draw of held-out SKUs, report it on another.
 
     Reporting on SKUs the threshold was not chosen with keeps the precision/recall honest.
     """
-    calibration = calibrate_rejection(query_embeddings, query_skus, gallery_embeddings, gallery_skus,
-                                      holdout_fraction, 0, similarity_fn)
-    top_score, unknown = _holdout_scores(query_embeddings, query_skus, gallery_embeddings, gallery_skus,
-                                         holdout_fraction, 1, similarity_fn)
+    calibration = calibrate_rejection(
+        query_embeddings, query_skus, gallery_embeddings, gallery_skus, holdout_fraction, 0, similarity_fn
+    )
+    top_score, unknown = _holdout_scores(
+        query_embeddings, query_skus, gallery_embeddings, gallery_skus, holdout_fraction, 1, similarity_fn
+    )
     report = rejection_at(top_score, unknown, calibration["threshold"])
-    return {"threshold": calibration["threshold"], "calibration_f1": calibration["f1"],
-            "precision": report["precision"], "recall": report["recall"], "f1": report["f1"]}
+    return {
+        "threshold": calibration["threshold"],
+        "calibration_f1": calibration["f1"],
+        "precision": report["precision"],
+        "recall": report["recall"],
+        "f1": report["f1"],
+    }
 
 
-def _holdout_scores(query_embeddings, query_skus, gallery_embeddings, gallery_skus, holdout_fraction: float,
-                    seed: int, similarity_fn: SimilarityFn) -> tuple[np.ndarray, np.ndarray]:
+def _holdout_scores(
+    query_embeddings,
+    query_skus,
+    gallery_embeddings,
+    gallery_skus,
+    holdout_fraction: float,
+    seed: int,
+    similarity_fn: SimilarityFn,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 SKU scores against the gallery minus a random set of SKUs, and which queries lost theirs."""
     query_skus = np.asarray(query_skus).astype(str)
     gallery_skus = np.asarray(gallery_skus).astype(str)
@@ -285,7 +301,9 @@ def _holdout_scores(query_embeddings, query_skus, gallery_embeddings, gallery_sk
     if len(skus) < 2:
         raise ValueError("calibration needs at least two SKUs in the gallery")
     rng = np.random.default_rng(seed)
-    held_out = rng.choice(skus, size=min(len(skus) - 1, max(1, int(round(len(skus) * holdout_fraction)))), replace=False)
+    held_out = rng.choice(
+        skus, size=min(len(skus) - 1, max(1, int(round(len(skus) * holdout_fraction)))), replace=False
+    )
     kept = ~np.isin(gallery_skus, held_out)
     _, scores = sku_scores(similarity_fn(query_embeddings, gallery_embeddings[kept]), gallery_skus[kept])
     return scores.max(axis=1), np.isin(query_skus, held_out)
@@ -312,7 +330,9 @@ def rejection_at(top_score: np.ndarray, unknown: np.ndarray, threshold: float) -
 
 def flatten_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     """``{"catalogue": {"top1": x}}`` -> ``{"catalogue.top1": x}`` for trackers and tags."""
-    return {f"{protocol}.{name}": float(value) for protocol, values in metrics.items() for name, value in values.items()}
+    return {
+        f"{protocol}.{name}": float(value) for protocol, values in metrics.items() for name, value in values.items()
+    }
 
 
 def write_metrics(metrics: dict, path: str | Path) -> Path:
@@ -351,8 +371,9 @@ class GateFailedError(RuntimeError):
         self.decision = decision
 
 
-def gate(challenger: dict[str, dict[str, float]], champion: dict[str, dict[str, float]] | None,
-         params: EvaluateParams) -> GateDecision:
+def gate(
+    challenger: dict[str, dict[str, float]], champion: dict[str, dict[str, float]] | None, params: EvaluateParams
+) -> GateDecision:
     """Apply the thresholds and the no-worse-than-champion rule to the gate protocol.
 
     Args:
@@ -374,8 +395,10 @@ def gate(challenger: dict[str, dict[str, float]], champion: dict[str, dict[str, 
             value, best = numbers.get(metric, 0.0), champion[protocol].get(metric, 0.0)
             # A small epsilon so "exactly the tolerance worse" is not refused by float rounding.
             ok = value >= best - params.champion_tolerance - 1e-9
-            line = (f"{protocol} {metric} {value:.4f} vs champion {best:.4f} "
-                    f"(tolerance {params.champion_tolerance:.4f}): {'not worse' if ok else 'worse'}")
+            line = (
+                f"{protocol} {metric} {value:.4f} vs champion {best:.4f} "
+                f"(tolerance {params.champion_tolerance:.4f}): {'not worse' if ok else 'worse'}"
+            )
             (decision.checks if ok else decision.reasons).append(line)
     decision.passed = not decision.reasons
     return decision

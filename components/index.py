@@ -60,7 +60,9 @@ class CatalogueIndex:
         want = min(n_items, max(top_k * 4, top_k))
         while True:
             scores, rows = self.index.search(queries, want)
-            results = [_distinct_skus(score_row, id_row, self.sku_ids, top_k) for score_row, id_row in zip(scores, rows)]
+            results = [
+                _distinct_skus(score_row, id_row, self.sku_ids, top_k) for score_row, id_row in zip(scores, rows)
+            ]
             if want >= n_items or all(len(r) >= top_k for r in results):
                 return results
             want = min(n_items, want * 4)
@@ -101,9 +103,16 @@ def _set_search_params(index, nprobe: int | None, ef_search: int | None) -> None
         graph.efSearch = int(ef_search)
 
 
-def build_index(embeddings: np.ndarray, sku_ids: list[str], image_paths: list[str], factory: str = "Flat",
-                use_gpu: str = "auto", meta: dict | None = None, nprobe: int = 16,
-                ef_search: int = 128) -> CatalogueIndex:
+def build_index(
+    embeddings: np.ndarray,
+    sku_ids: list[str],
+    image_paths: list[str],
+    factory: str = "Flat",
+    use_gpu: str = "auto",
+    meta: dict | None = None,
+    nprobe: int = 16,
+    ef_search: int = 128,
+) -> CatalogueIndex:
     """Build an inner-product index over catalogue embeddings.
 
     Args:
@@ -135,8 +144,14 @@ def build_index(embeddings: np.ndarray, sku_ids: list[str], image_paths: list[st
         index.train(vectors)
         index.add(vectors)
     _set_search_params(index, nprobe, ef_search)
-    info = {"factory": factory, "nprobe": nprobe, "ef_search": ef_search, "dim": int(vectors.shape[1]),
-            "ntotal": int(index.ntotal), **(meta or {})}
+    info = {
+        "factory": factory,
+        "nprobe": nprobe,
+        "ef_search": ef_search,
+        "dim": int(vectors.shape[1]),
+        "ntotal": int(index.ntotal),
+        **(meta or {}),
+    }
     return CatalogueIndex(index, list(map(str, sku_ids)), list(map(str, image_paths)), info)
 
 
@@ -164,8 +179,9 @@ def save_index(catalogue: CatalogueIndex, out_dir: str | Path) -> str:
     return checksum
 
 
-def load_index(folder: str | Path, expected_checksum: str | None = None,
-               expected_model_version: str | None = None) -> CatalogueIndex:
+def load_index(
+    folder: str | Path, expected_checksum: str | None = None, expected_model_version: str | None = None
+) -> CatalogueIndex:
     """Load an index folder, verifying it before anything uses it.
 
     Args:
@@ -189,11 +205,13 @@ def load_index(folder: str | Path, expected_checksum: str | None = None,
         raise IndexMismatchError(f"index {folder} is corrupt: checksum {actual} != recorded {meta.get('checksum')}")
     if expected_checksum is not None and actual != expected_checksum:
         raise IndexMismatchError(
-            f"index {folder} has checksum {actual}, but the model version records {expected_checksum}")
+            f"index {folder} has checksum {actual}, but the model version records {expected_checksum}"
+        )
     if expected_model_version is not None and str(meta.get("model_version")) != str(expected_model_version):
         raise IndexMismatchError(
             f"index {folder} was built from model version {meta.get('model_version')}, "
-            f"not the served version {expected_model_version}")
+            f"not the served version {expected_model_version}"
+        )
     items = json.loads((folder / ITEMS_FILE).read_text())
     index = faiss.read_index(str(folder / INDEX_FILE))
     _set_search_params(index, meta.get("nprobe"), meta.get("ef_search"))
@@ -202,8 +220,14 @@ def load_index(folder: str | Path, expected_checksum: str | None = None,
     return CatalogueIndex(index, items["sku_ids"], items["image_paths"], meta)
 
 
-def build_catalogue_index(encoder, preprocess, catalogue_rows, index_params: IndexParams | None = None,
-                          batch_size: int | None = None, meta: dict | None = None) -> CatalogueIndex:
+def build_catalogue_index(
+    encoder,
+    preprocess,
+    catalogue_rows,
+    index_params: IndexParams | None = None,
+    batch_size: int | None = None,
+    meta: dict | None = None,
+) -> CatalogueIndex:
     """Embed the catalogue images with ``encoder`` and index them.
 
     Args:
@@ -222,13 +246,28 @@ def build_catalogue_index(encoder, preprocess, catalogue_rows, index_params: Ind
     if not paths:
         raise ValueError("the catalogue is empty: no rows with role 'catalogue' to index")
     vectors = embed_images(encoder, preprocess, paths, batch_size or EvaluateParams().batch_size)
-    return build_index(vectors, list(catalogue_rows["sku_id"]), paths, index_params.factory, index_params.use_gpu,
-                       meta, index_params.nprobe, index_params.ef_search)
+    return build_index(
+        vectors,
+        list(catalogue_rows["sku_id"]),
+        paths,
+        index_params.factory,
+        index_params.use_gpu,
+        meta,
+        index_params.nprobe,
+        index_params.ef_search,
+    )
 
 
-def build_model_index(encoder_dir: str | Path, manifest, out_dir: str | Path, index_params: IndexParams,
-                      batch_size: int, model_name: str, model_version: str,
-                      reject_below: float | None) -> tuple[str, CatalogueIndex]:
+def build_model_index(
+    encoder_dir: str | Path,
+    manifest,
+    out_dir: str | Path,
+    index_params: IndexParams,
+    batch_size: int,
+    model_name: str,
+    model_version: str,
+    reject_below: float | None,
+) -> tuple[str, CatalogueIndex]:
     """Build and save the catalogue index of a saved encoder: the one path every pipeline takes.
 
     The flow's ``build-index`` task, ``skumatch index`` and the DVC ``index`` stage all call this,
@@ -247,8 +286,13 @@ def build_model_index(encoder_dir: str | Path, manifest, out_dir: str | Path, in
     from components.model import load_encoder
 
     encoder, preprocess, description = load_encoder(encoder_dir)
-    meta = {"model_name": model_name, "model_version": str(model_version), "reject_below": reject_below,
-            "run_fingerprint": description.get("run_fingerprint")}
-    catalogue = build_catalogue_index(encoder, preprocess, select(manifest, role="catalogue"), index_params,
-                                      batch_size, meta=meta)
+    meta = {
+        "model_name": model_name,
+        "model_version": str(model_version),
+        "reject_below": reject_below,
+        "run_fingerprint": description.get("run_fingerprint"),
+    }
+    catalogue = build_catalogue_index(
+        encoder, preprocess, select(manifest, role="catalogue"), index_params, batch_size, meta=meta
+    )
     return save_index(catalogue, out_dir), catalogue

@@ -25,8 +25,15 @@ class ServedModel:
     model version (checksum or version), so a service never answers from a stale index.
     """
 
-    def __init__(self, encoder, preprocess, catalogue: CatalogueIndex, model_name: str, version: str,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+    def __init__(
+        self,
+        encoder,
+        preprocess,
+        catalogue: CatalogueIndex,
+        model_name: str,
+        version: str,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.encoder, self.preprocess, self.catalogue = encoder, preprocess, catalogue
@@ -45,9 +52,14 @@ class ServedModel:
         """
         if not images:
             return np.zeros((0, self.encoder.embed_dim), dtype=np.float32)
-        return np.concatenate([embed_batch(self.encoder, self.preprocess, images[start:start + self.batch_size],
-                                           as_queries=True).numpy()
-                               for start in range(0, len(images), self.batch_size)])
+        return np.concatenate(
+            [
+                embed_batch(
+                    self.encoder, self.preprocess, images[start : start + self.batch_size], as_queries=True
+                ).numpy()
+                for start in range(0, len(images), self.batch_size)
+            ]
+        )
 
     @property
     def reject_below(self) -> float | None:
@@ -67,14 +79,24 @@ class ServedModel:
         """:meth:`match` for query embeddings already made by :meth:`embed`."""
         results = self.catalogue.search(vectors, top_k) if len(vectors) else []
         threshold = self.reject_below
-        return [[{"sku_id": sku, "score": round(score, 6), "confident": threshold is None or score >= threshold}
-                 for sku, score in hits] for hits in results]
+        return [
+            [
+                {"sku_id": sku, "score": round(score, 6), "confident": threshold is None or score >= threshold}
+                for sku, score in hits
+            ]
+            for hits in results
+        ]
 
 
-def load_served_model(encoder_dir: str | Path, index_dir: str | Path, model_name: str, version: str,
-                      index_checksum: str | None,
-                      batch_size: int = DEFAULT_BATCH_SIZE,
-                      device: str = "cpu") -> ServedModel:
+def load_served_model(
+    encoder_dir: str | Path,
+    index_dir: str | Path,
+    model_name: str,
+    version: str,
+    index_checksum: str | None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "cpu",
+) -> ServedModel:
     """Load an encoder and its index, verifying the index against the model version.
 
     Args:

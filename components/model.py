@@ -102,8 +102,11 @@ class EfficientNetLiteBackbone(nn.Module):
 
     def stages(self) -> list[nn.Module]:
         """Trainable stages from input to output, for partial unfreezing."""
-        return [nn.ModuleList([self.net._conv_stem, self.net._bn0]), *self.net._blocks,
-                nn.ModuleList([self.net._conv_head, self.net._bn1])]
+        return [
+            nn.ModuleList([self.net._conv_stem, self.net._bn0]),
+            *self.net._blocks,
+            nn.ModuleList([self.net._conv_head, self.net._bn1]),
+        ]
 
     def architecture(self) -> dict[str, Any]:
         return {}
@@ -122,8 +125,11 @@ class ClipVisionBackbone(nn.Module):
 
     def stages(self) -> list[nn.Module]:
         vision = self.clip.vision_model
-        return [nn.ModuleList([vision.embeddings, vision.pre_layrnorm]), *vision.encoder.layers,
-                nn.ModuleList([vision.post_layernorm, self.clip.visual_projection])]
+        return [
+            nn.ModuleList([vision.embeddings, vision.pre_layrnorm]),
+            *vision.encoder.layers,
+            nn.ModuleList([vision.post_layernorm, self.clip.visual_projection]),
+        ]
 
     def architecture(self) -> dict[str, Any]:
         return self.clip.config.to_dict()
@@ -137,8 +143,9 @@ class Encoder(nn.Module):
     ``query_zooms`` are the centre zooms a query photo is seen at (see :func:`embed_batch`).
     """
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, flip_average: bool = False,
-                 query_zooms: tuple[float, ...] = (1.0,)) -> None:
+    def __init__(
+        self, backbone: nn.Module, embed_dim: int, flip_average: bool = False, query_zooms: tuple[float, ...] = (1.0,)
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.flip_average = flip_average
@@ -159,7 +166,7 @@ class Encoder(nn.Module):
         if self.flip_average and not self.training:
             # One pass over image and mirror together keeps the batch large.
             both = self.embed_features(self.features(torch.cat([pixels, pixels.flip(-1)])))
-            return F.normalize(both[:len(pixels)] + both[len(pixels):], dim=-1)
+            return F.normalize(both[: len(pixels)] + both[len(pixels) :], dim=-1)
         return self.embed_features(self.features(pixels))
 
 
@@ -195,8 +202,10 @@ def _preprocess_for(params: ModelParams, backbone: nn.Module) -> Preprocess:
         if params.image_size not in (None, native):
             # Refused here: transformers would refuse it only at the first forward pass, after the
             # caller may have started caching, and without naming the setting to change.
-            raise ValueError(f"model.image_size={params.image_size}: the CLIP vision tower {params.hf_model_id} "
-                             f"takes {native} px images only; set model.image_size to null")
+            raise ValueError(
+                f"model.image_size={params.image_size}: the CLIP vision tower {params.hf_model_id} "
+                f"takes {native} px images only; set model.image_size to null"
+            )
         return Preprocess(native, tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
     return Preprocess(params.image_size or LITE_NATIVE_SIZE[params.backbone], LITE_MEAN, LITE_STD)
 
@@ -233,8 +242,13 @@ def build_encoder(params: ModelParams, architecture: dict[str, Any] | None = Non
     return encoder.eval(), _preprocess_for(params, backbone)
 
 
-def save_encoder(encoder: Encoder, preprocess: Preprocess, params: ModelParams, out_dir: str | Path,
-                 extra: dict[str, Any] | None = None) -> Path:
+def save_encoder(
+    encoder: Encoder,
+    preprocess: Preprocess,
+    params: ModelParams,
+    out_dir: str | Path,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write ``model.safetensors`` and ``encoder.json`` into ``out_dir``.
 
     Args:
@@ -257,7 +271,9 @@ def save_encoder(encoder: Encoder, preprocess: Preprocess, params: ModelParams, 
     return out
 
 
-def load_encoder(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Encoder, Preprocess, dict[str, Any]]:
+def load_encoder(
+    model_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Encoder, Preprocess, dict[str, Any]]:
     """Rebuild a saved encoder from its folder alone.
 
     Returns:
@@ -304,8 +320,9 @@ def autocast_for(device: torch.device):
 
 
 @torch.no_grad()
-def embed_batch(encoder: Encoder, preprocess: Preprocess, images: list, device: torch.device | None = None,
-                as_queries: bool = False) -> torch.Tensor:
+def embed_batch(
+    encoder: Encoder, preprocess: Preprocess, images: list, device: torch.device | None = None, as_queries: bool = False
+) -> torch.Tensor:
     """Unit-norm embeddings of PIL images, one row each (float32, on the CPU).
 
     With ``as_queries`` each image is embedded at every zoom of ``encoder.query_zooms`` and the
@@ -324,9 +341,17 @@ def embed_batch(encoder: Encoder, preprocess: Preprocess, images: list, device: 
 
 
 @torch.no_grad()
-def embed_images(encoder: Encoder, preprocess: Preprocess, paths: list[str], batch_size: int = 64,
-                 device: torch.device | None = None, features_only: bool = False,
-                 progress: bool = False, as_queries: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+def embed_images(
+    encoder: Encoder,
+    preprocess: Preprocess,
+    paths: list[str],
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    features_only: bool = False,
+    progress: bool = False,
+    as_queries: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Embed image files (or backbone features when ``features_only``) as float32 rows.
 
     ``as_queries`` embeds them as :func:`embed_batch` embeds queries (the encoder's query zooms).
@@ -341,11 +366,13 @@ def embed_images(encoder: Encoder, preprocess: Preprocess, paths: list[str], bat
     encoder.eval()
     dim = encoder.feature_dim if features_only else encoder.embed_dim
     if out is not None and out.shape != (len(paths), dim):
-        raise ValueError(f"out has shape {out.shape}; {len(paths)} images of dimension {dim} need ({len(paths)}, {dim})")
+        raise ValueError(
+            f"out has shape {out.shape}; {len(paths)} images of dimension {dim} need ({len(paths)}, {dim})"
+        )
     outputs = []
     batches = range(0, len(paths), batch_size)
     for start in tqdm(batches, desc="embedding", disable=None if progress else True, leave=False):
-        images = [load_rgb(p) for p in paths[start:start + batch_size]]
+        images = [load_rgb(p) for p in paths[start : start + batch_size]]
         if features_only:
             pixels = torch.stack([preprocess(image) for image in images]).to(device)
             with autocast_for(device):
@@ -355,7 +382,7 @@ def embed_images(encoder: Encoder, preprocess: Preprocess, paths: list[str], bat
         if out is None:
             outputs.append(rows)
         else:
-            out[start:start + len(rows)] = rows
+            out[start : start + len(rows)] = rows
     if out is not None:
         return out
     return np.concatenate(outputs) if outputs else np.zeros((0, dim), dtype=np.float32)

@@ -97,8 +97,14 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def register_version(client, params: RegistryParams, run_id: str, model_dir: str | Path,
-                     metrics: dict[str, dict[str, float]], data_version: str) -> Any:
+def register_version(
+    client,
+    params: RegistryParams,
+    run_id: str,
+    model_dir: str | Path,
+    metrics: dict[str, dict[str, float]],
+    data_version: str,
+) -> Any:
     """Log the encoder folder to the run and register it as a new model version.
 
     Returns:
@@ -114,8 +120,13 @@ def register_version(client, params: RegistryParams, run_id: str, model_dir: str
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/{ENCODER_ARTIFACT}"
     tags = {"data_version": data_version, "metrics": json.dumps(metrics, sort_keys=True)}
-    tags.update({f"metric.{protocol}.{name}": f"{value:.6f}" for protocol, values in metrics.items()
-                 for name, value in values.items()})
+    tags.update(
+        {
+            f"metric.{protocol}.{name}": f"{value:.6f}"
+            for protocol, values in metrics.items()
+            for name, value in values.items()
+        }
+    )
     version = client.create_model_version(params.model_name, source=source, run_id=run_id, tags=tags)
     LOGGER.info("registered %s version %s", params.model_name, version.version)
     return version
@@ -204,7 +215,9 @@ def rollback(client, model_name: str) -> tuple[str, str]:
     current = resolve_version(client, model_name, CHAMPION).version
     history = _history(client, model_name)
     if not history:
-        raise RegistryError(f"@champion of {model_name!r} is version {current} and has no earlier champion to roll back to")
+        raise RegistryError(
+            f"@champion of {model_name!r} is version {current} and has no earlier champion to roll back to"
+        )
     previous = history.pop()
     set_alias(client, model_name, CHAMPION, previous)
     client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
@@ -224,8 +237,9 @@ class ResolvedModel:
     tags: dict[str, str]
 
 
-def download_version(client, model_name: str, ref: str, dst: str | Path | None = None,
-                     with_index: bool = True) -> ResolvedModel:
+def download_version(
+    client, model_name: str, ref: str, dst: str | Path | None = None, with_index: bool = True
+) -> ResolvedModel:
     """Download a version's encoder (and index) to ``dst``.
 
     Args:
@@ -247,12 +261,16 @@ def download_version(client, model_name: str, ref: str, dst: str | Path | None =
     if version.run_id:
         encoder_dir = Path(client.download_artifacts(version.run_id, ENCODER_ARTIFACT, str(target / "encoder_dl")))
     else:  # a version registered from a source outside any run
-        encoder_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
-                                                               dst_path=str(target / "encoder_dl")))
+        encoder_dir = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(target / "encoder_dl"))
+        )
     index_dir, checksum = None, version.tags.get("index_checksum")
     if with_index:
         if checksum is None:
             raise RegistryError(f"version {version.version} of {model_name!r} has no index")
-        index_dir = Path(client.download_artifacts(version.run_id, version.tags.get("index_artifact", INDEX_ARTIFACT),
-                                                   str(target / "index_dl")))
+        index_dir = Path(
+            client.download_artifacts(
+                version.run_id, version.tags.get("index_artifact", INDEX_ARTIFACT), str(target / "index_dl")
+            )
+        )
     return ResolvedModel(model_name, str(version.version), encoder_dir, index_dir, checksum, dict(version.tags))

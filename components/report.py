@@ -34,8 +34,9 @@ def training_curves(history: list[dict[str, float]]) -> Figure:
     return figure
 
 
-def embedding_map(embeddings: np.ndarray, sku_ids: list[str], is_catalogue: np.ndarray, max_skus: int = 20,
-                  seed: int = 0) -> Figure:
+def embedding_map(
+    embeddings: np.ndarray, sku_ids: list[str], is_catalogue: np.ndarray, max_skus: int = 20, seed: int = 0
+) -> Figure:
     """A t-SNE map of shelf photos (dots) and catalogue images (stars), coloured by SKU.
 
     Only ``max_skus`` SKUs are drawn so colours stay distinguishable.
@@ -46,24 +47,38 @@ def embedding_map(embeddings: np.ndarray, sku_ids: list[str], is_catalogue: np.n
     is_catalogue = np.asarray(is_catalogue, dtype=bool)
     chosen = np.random.default_rng(seed).permutation(np.unique(sku_ids))[:max_skus]
     keep = np.isin(sku_ids, chosen)
-    points = TSNE(n_components=2, perplexity=min(30.0, max(2.0, keep.sum() / 4)), init="pca",
-                  random_state=seed).fit_transform(embeddings[keep])
+    points = TSNE(
+        n_components=2, perplexity=min(30.0, max(2.0, keep.sum() / 4)), init="pca", random_state=seed
+    ).fit_transform(embeddings[keep])
     colours = plt.get_cmap("tab20")
     figure, axis = plt.subplots(figsize=(9, 8))
     for index, sku in enumerate(chosen):
         mine = sku_ids[keep] == sku
         photos, catalogue = mine & ~is_catalogue[keep], mine & is_catalogue[keep]
         axis.scatter(points[photos, 0], points[photos, 1], s=12, color=colours(index % 20), alpha=0.7)
-        axis.scatter(points[catalogue, 0], points[catalogue, 1], s=220, marker="*", color=colours(index % 20),
-                     edgecolors="black", label=sku)
+        axis.scatter(
+            points[catalogue, 0],
+            points[catalogue, 1],
+            s=220,
+            marker="*",
+            color=colours(index % 20),
+            edgecolors="black",
+            label=sku,
+        )
     axis.set(title="t-SNE of embeddings: shelf photos (dots), catalogue images (stars)", xticks=[], yticks=[])
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
     return figure
 
 
-def worst_confusions(query_paths: list[str], true_skus: list[str], predicted_skus: list[str], margins: np.ndarray,
-                     catalogue_image: dict[str, str], count: int = 8) -> Figure:
+def worst_confusions(
+    query_paths: list[str],
+    true_skus: list[str],
+    predicted_skus: list[str],
+    margins: np.ndarray,
+    catalogue_image: dict[str, str],
+    count: int = 8,
+) -> Figure:
     """A sheet of the worst wrong top-1 answers: query, the wrong SKU's and the true SKU's catalogue image.
 
     Args:
@@ -75,9 +90,11 @@ def worst_confusions(query_paths: list[str], true_skus: list[str], predicted_sku
     wrong = [i for i in np.argsort(-np.asarray(margins)) if predicted_skus[i] != true_skus[i]][:count]
     figure, axes = plt.subplots(max(1, len(wrong)), 3, figsize=(9, 3 * max(1, len(wrong))), squeeze=False)
     for row, index in enumerate(wrong):
-        panels = [(query_paths[index], f"query ({true_skus[index]})"),
-                  (catalogue_image.get(predicted_skus[index]), f"wrong top-1: {predicted_skus[index]}"),
-                  (catalogue_image.get(true_skus[index]), f"true: {true_skus[index]}")]
+        panels = [
+            (query_paths[index], f"query ({true_skus[index]})"),
+            (catalogue_image.get(predicted_skus[index]), f"wrong top-1: {predicted_skus[index]}"),
+            (catalogue_image.get(true_skus[index]), f"true: {true_skus[index]}"),
+        ]
         for column, (path, title) in enumerate(panels):
             axis = axes[row][column]
             if path:
@@ -92,8 +109,15 @@ def worst_confusions(query_paths: list[str], true_skus: list[str], predicted_sku
     return figure
 
 
-def run_figures(encoder, preprocess, manifest, query_split: str, train_split: str, history: list[dict[str, float]],
-                batch_size: int = 16) -> dict[str, Figure]:
+def run_figures(
+    encoder,
+    preprocess,
+    manifest,
+    query_split: str,
+    train_split: str,
+    history: list[dict[str, float]],
+    batch_size: int = 16,
+) -> dict[str, Figure]:
     """Every figure of a run, keyed by file name: curves, the embedding map and the worst confusions.
 
     The map and the confusions use the ``catalogue`` protocol: ``query_split`` photos against the
@@ -110,14 +134,22 @@ def run_figures(encoder, preprocess, manifest, query_split: str, train_split: st
     skus, scores = sku_scores(brute_force_similarity(query_vectors, catalogue_vectors), catalogue["sku_id"].to_numpy())
     true_skus = queries["sku_id"].to_numpy()
     predicted = skus[scores.argmax(axis=1)]
-    true_scores = np.array([scores[i, np.searchsorted(skus, sku)] if sku in skus else -1.0
-                            for i, sku in enumerate(true_skus)])
+    true_scores = np.array(
+        [scores[i, np.searchsorted(skus, sku)] if sku in skus else -1.0 for i, sku in enumerate(true_skus)]
+    )
     figures = {
         "training_curves.png": training_curves(history),
-        "embedding_map.png": embedding_map(vectors, list(true_skus) + list(catalogue["sku_id"]),
-                                           np.r_[np.zeros(len(queries), bool), np.ones(len(catalogue), bool)]),
-        "worst_confusions.png": worst_confusions(list(queries["image_path"]), list(true_skus), list(predicted),
-                                                 scores.max(axis=1) - true_scores,
-                                                 dict(zip(catalogue["sku_id"], catalogue["image_path"]))),
+        "embedding_map.png": embedding_map(
+            vectors,
+            list(true_skus) + list(catalogue["sku_id"]),
+            np.r_[np.zeros(len(queries), bool), np.ones(len(catalogue), bool)],
+        ),
+        "worst_confusions.png": worst_confusions(
+            list(queries["image_path"]),
+            list(true_skus),
+            list(predicted),
+            scores.max(axis=1) - true_scores,
+            dict(zip(catalogue["sku_id"], catalogue["image_path"])),
+        ),
     }
     return figures

@@ -19,8 +19,9 @@ The two SKU rules report once per SKU, with ``image_path`` None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 

@@ -22,8 +22,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-app = typer.Typer(help="skumatch: product image matching, from data to a served model.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
+app = typer.Typer(
+    help="skumatch: product image matching, from data to a served model.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 data_app = typer.Typer(help="Bring datasets under DVC.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -49,8 +52,9 @@ def _params(params_path: Path, overrides: list[str] | None, data: str | None = N
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Configure logging once for every command."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # Great Expectations logs hundreds of INFO lines per checkpoint; keep its warnings only.
     for noisy in ("great_expectations", "faiss.loader", "alembic", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -72,8 +76,12 @@ def retrain(params: ParamsOption = Path("params.yaml"), overrides: SetOption = N
 
 
 @app.command()
-def validate(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None, data: DataOption = None,
-             report_dir: Annotated[Path, typer.Option(help="where the GX data docs go")] = Path("reports/validation")) -> None:
+def validate(
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    data: DataOption = None,
+    report_dir: Annotated[Path, typer.Option(help="where the GX data docs go")] = Path("reports/validation"),
+) -> None:
     """Validate a dataset with the Great Expectations checkpoint (DVC stage ``validate``)."""
     from components.data import DatasetError, load_manifest
     from components.validation import validate_dataset
@@ -103,13 +111,23 @@ def train(params: ParamsOption = Path("params.yaml"), overrides: SetOption = Non
     cfg = _params(params, overrides, data)
     manifest = load_manifest(cfg.data.root, cfg.data.layout, cfg.data.max_images_per_sku)
     result = train_encoder(cfg, manifest, data_version=data_version(cfg.data.root))
-    typer.echo(json.dumps({"model_dir": str(result.model_dir), "wall_time_s": round(result.wall_time_s, 1),
-                           "metrics": result.metrics}, indent=2))
+    typer.echo(
+        json.dumps(
+            {
+                "model_dir": str(result.model_dir),
+                "wall_time_s": round(result.wall_time_s, 1),
+                "metrics": result.metrics,
+            },
+            indent=2,
+        )
+    )
 
 
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Argument(help="registered version or alias (e.g. 3, champion), or a model folder")] = "champion",
+    model: Annotated[
+        str, typer.Argument(help="registered version or alias (e.g. 3, champion), or a model folder")
+    ] = "champion",
     data: DataOption = None,
     queries: Annotated[Optional[str], typer.Option(help="query split: any <name>.txt of the layout")] = None,
     params: ParamsOption = Path("params.yaml"),
@@ -144,10 +162,16 @@ def evaluate(
 def index(
     model_dir: Annotated[Path, typer.Option(help="a saved encoder folder")] = Path("models/encoder"),
     out: Annotated[Optional[Path], typer.Option(help="index folder (default index.output_dir)")] = None,
-    metrics: Annotated[Optional[Path], typer.Option(
-        help="the encoder's evaluation metrics, whose open-set threshold the index carries "
-             "(default evaluate.metrics_path, what `skumatch evaluate --metrics-out` writes)")] = None,
-    params: ParamsOption = Path("params.yaml"), overrides: SetOption = None, data: DataOption = None,
+    metrics: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="the encoder's evaluation metrics, whose open-set threshold the index carries "
+            "(default evaluate.metrics_path, what `skumatch evaluate --metrics-out` writes)"
+        ),
+    ] = None,
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    data: DataOption = None,
 ) -> None:
     """Build the FAISS catalogue index from a saved encoder (DVC stage ``index``)."""
     from components.data import load_manifest
@@ -157,15 +181,32 @@ def index(
     cfg = _params(params, overrides, data)
     metrics_file = metrics or Path(cfg.evaluate.metrics_path)
     if not metrics_file.is_file():
-        _fail(f"no evaluation metrics at {metrics_file}: run `skumatch evaluate {model_dir} --metrics-out "
-              f"{metrics_file}` first; the index carries the open-set threshold it calibrates")
+        _fail(
+            f"no evaluation metrics at {metrics_file}: run `skumatch evaluate {model_dir} --metrics-out "
+            f"{metrics_file}` first; the index carries the open-set threshold it calibrates"
+        )
     manifest = load_manifest(cfg.data.root, cfg.data.layout, cfg.data.max_images_per_sku)
     out_dir = out or Path(cfg.index.output_dir)
-    checksum, catalogue = build_model_index(model_dir, manifest, out_dir, cfg.index, cfg.evaluate.batch_size,
-                                            cfg.registry.model_name, "local",
-                                            open_set_threshold(json.loads(metrics_file.read_text())))
-    typer.echo(json.dumps({"index_dir": str(out_dir), "checksum": checksum, "ntotal": len(catalogue.sku_ids),
-                           "reject_below": catalogue.meta.get("reject_below")}))
+    checksum, catalogue = build_model_index(
+        model_dir,
+        manifest,
+        out_dir,
+        cfg.index,
+        cfg.evaluate.batch_size,
+        cfg.registry.model_name,
+        "local",
+        open_set_threshold(json.loads(metrics_file.read_text())),
+    )
+    typer.echo(
+        json.dumps(
+            {
+                "index_dir": str(out_dir),
+                "checksum": checksum,
+                "ntotal": len(catalogue.sku_ids),
+                "reject_below": catalogue.meta.get("reject_below"),
+            }
+        )
+    )
 
 
 def _move_champion(params: Path, overrides: list[str] | None, move) -> None:
@@ -186,8 +227,11 @@ def _move_champion(params: Path, overrides: list[str] | None, move) -> None:
 
 
 @app.command()
-def promote(version: Annotated[str, typer.Argument(help="the model version to make @champion")],
-            params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+def promote(
+    version: Annotated[str, typer.Argument(help="the model version to make @champion")],
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
     """Point ``@champion`` at VERSION (the previous champion is kept for rollback)."""
     from components import registry
 
@@ -213,17 +257,23 @@ def champion(params: ParamsOption = Path("params.yaml"), overrides: SetOption = 
     for alias in (registry.CHAMPION, registry.CHALLENGER):
         try:
             version = registry.resolve_version(client, cfg.registry.model_name, alias)
-            shown[alias] = {"version": version.version, "data_version": version.tags.get("data_version"),
-                            "index_checksum": version.tags.get("index_checksum"),
-                            "metrics": json.loads(version.tags.get("metrics", "{}"))}
+            shown[alias] = {
+                "version": version.version,
+                "data_version": version.tags.get("data_version"),
+                "index_checksum": version.tags.get("index_checksum"),
+                "metrics": json.loads(version.tags.get("metrics", "{}")),
+            }
         except registry.RegistryError:
             shown[alias] = None
     typer.echo(json.dumps(shown, indent=2))
 
 
 @app.command()
-def build(ref: Annotated[str, typer.Option(help="version or alias to package")] = "champion",
-          params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+def build(
+    ref: Annotated[str, typer.Option(help="version or alias to package")] = "champion",
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
     """Package a registered model and its index into a Bento."""
     from components import registry
     from components.index import IndexMismatchError
@@ -238,9 +288,12 @@ def build(ref: Annotated[str, typer.Option(help="version or alias to package")] 
 
 
 @app.command()
-def serve(bento: Annotated[Optional[str], typer.Option(help="Bento tag (default: the latest skumatch Bento)")] = None,
-          port: Annotated[Optional[int], typer.Option(help="port (default serve.port)")] = None,
-          params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+def serve(
+    bento: Annotated[Optional[str], typer.Option(help="Bento tag (default: the latest skumatch Bento)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default serve.port)")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
     """Serve a Bento on localhost (foreground, like ``bentoml serve``)."""
     from serving.build import serve_command
 
@@ -253,13 +306,14 @@ def serve(bento: Annotated[Optional[str], typer.Option(help="Bento tag (default:
 
 
 @app.command()
-def match(images: Annotated[list[Path], typer.Argument(help="one or more photos to match", exists=True,
-                                                        dir_okay=False)],
-          url: Annotated[str, typer.Option(help="the service's base URL")] = "http://127.0.0.1:3000",
-          top_k: Annotated[int, typer.Option(min=1, max=100)] = 5,
-          api_key: Annotated[Optional[str], typer.Option(envvar="SKUMATCH_API_KEY",
-                                                         help="the service's API key, when it requires one")] = None,
-          ) -> None:
+def match(
+    images: Annotated[list[Path], typer.Argument(help="one or more photos to match", exists=True, dir_okay=False)],
+    url: Annotated[str, typer.Option(help="the service's base URL")] = "http://127.0.0.1:3000",
+    top_k: Annotated[int, typer.Option(min=1, max=100)] = 5,
+    api_key: Annotated[
+        Optional[str], typer.Option(envvar="SKUMATCH_API_KEY", help="the service's API key, when it requires one")
+    ] = None,
+) -> None:
     """Send photos to a running service and print the top SKUs of each.
 
     One photo goes to ``/match``; several go to ``/match_batch``, up to its per-request limit at a
@@ -290,16 +344,19 @@ def _match_error(err, sent: list[Path]) -> str:
     """What to print for the service's refusal (a ``serving.client.SkumatchError``) of ``sent``."""
     # The service names undecodable uploads by position; say which of the user's files they are.
     if err.bad_images:
-        return (f"{err.status}: these photos could not be decoded, nothing in their batch was matched:\n"
-                + "\n".join(f"  {sent[bad.index]}: {bad.error}" for bad in err.bad_images))
+        return f"{err.status}: these photos could not be decoded, nothing in their batch was matched:\n" + "\n".join(
+            f"  {sent[bad.index]}: {bad.error}" for bad in err.bad_images
+        )
     if len(sent) == 1 and err.status in (400, 413) and err.reason:
         return f"{err.status}: {sent[0]}: {err.message}"
     return str(err)
 
 
 @data_app.command("add")
-def data_add(path: Annotated[Path, typer.Argument(help="a dataset folder inside the repo, e.g. data/shop")],
-             push: Annotated[bool, typer.Option(help="push to the default DVC remote")] = False) -> None:
+def data_add(
+    path: Annotated[Path, typer.Argument(help="a dataset folder inside the repo, e.g. data/shop")],
+    push: Annotated[bool, typer.Option(help="push to the default DVC remote")] = False,
+) -> None:
     """``dvc add`` a dataset folder and print its DVC hash."""
     from components.dvc_data_ops import DataVersioningError, add_dataset
 
@@ -310,10 +367,12 @@ def data_add(path: Annotated[Path, typer.Argument(help="a dataset folder inside 
 
 
 @data_app.command("import")
-def data_import(url: Annotated[str, typer.Argument(help="git repo URL or local path of a DVC data registry")],
-                path: Annotated[str, typer.Argument(help="the dataset's path inside that repo")],
-                out: Annotated[Path, typer.Option("--out", "-o", help="where it goes here")] = Path("data/dataset"),
-                rev: Annotated[Optional[str], typer.Option(help="git revision of the source")] = None) -> None:
+def data_import(
+    url: Annotated[str, typer.Argument(help="git repo URL or local path of a DVC data registry")],
+    path: Annotated[str, typer.Argument(help="the dataset's path inside that repo")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where it goes here")] = Path("data/dataset"),
+    rev: Annotated[Optional[str], typer.Option(help="git revision of the source")] = None,
+) -> None:
     """``dvc import`` a dataset from a data registry and print its DVC hash."""
     from components.dvc_data_ops import DataVersioningError, import_dataset
 

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
 # Inputs here are DataFrames, models and MLflow clients: hashing them for a cache key costs
 # time and warnings, and results are not persisted anyway, so tasks do not cache.
 from prefect.cache_policies import NO_CACHE
@@ -35,8 +36,13 @@ def load_data(params: Params) -> tuple[pd.DataFrame, str]:
     """Read the dataset into a manifest and compute its DVC hash."""
     manifest = data_lib.load_manifest(params.data.root, params.data.layout, params.data.max_images_per_sku)
     version = data_lib.data_version(params.data.root)
-    get_run_logger().info("dataset %s: %d images, %d SKUs, DVC hash %s", params.data.root, len(manifest),
-                          manifest["sku_id"].nunique(), version)
+    get_run_logger().info(
+        "dataset %s: %d images, %d SKUs, DVC hash %s",
+        params.data.root,
+        len(manifest),
+        manifest["sku_id"].nunique(),
+        version,
+    )
     return manifest, version
 
 
@@ -44,8 +50,9 @@ def load_data(params: Params) -> tuple[pd.DataFrame, str]:
 def validate_data(manifest: pd.DataFrame, params: Params, report_dir: Path) -> validation_lib.ValidationReport:
     """Run the Great Expectations checkpoint; a failure stops the flow before training."""
     report = validation_lib.validate_dataset(manifest, params.validation, report_dir)
-    create_markdown_artifact(key="data-validation", markdown=report.to_markdown(),
-                             description=f"GX data docs: {report.data_docs_path}")
+    create_markdown_artifact(
+        key="data-validation", markdown=report.to_markdown(), description=f"GX data docs: {report.data_docs_path}"
+    )
     validation_lib.raise_for_failures(report)
     return report
 
@@ -64,22 +71,30 @@ def evaluate_model(encoder_dir: Path, params: Params, manifest: pd.DataFrame) ->
     from components.model import load_encoder
 
     encoder, preprocess, _ = load_encoder(encoder_dir)
-    return evaluate_lib.evaluate_encoder(encoder, preprocess, manifest, params.data.query_split,
-                                         params.data.train_split, params.evaluate)
+    return evaluate_lib.evaluate_encoder(
+        encoder, preprocess, manifest, params.data.query_split, params.data.train_split, params.evaluate
+    )
 
 
 @task(name="plots", cache_policy=NO_CACHE)
 def log_plots(encoder_dir: Path, params: Params, manifest: pd.DataFrame, history: list[dict], run_id: str) -> list[str]:
     """Training curves, a t-SNE map and the worst confusions, stored with the MLflow run."""
-    from mlflow import MlflowClient
     from matplotlib import pyplot as plt
+    from mlflow import MlflowClient
 
     from components.model import load_encoder
     from components.report import run_figures
 
     encoder, preprocess, _ = load_encoder(encoder_dir)
-    figures = run_figures(encoder, preprocess, manifest, params.data.query_split, params.data.train_split, history,
-                          params.evaluate.batch_size)
+    figures = run_figures(
+        encoder,
+        preprocess,
+        manifest,
+        params.data.query_split,
+        params.data.train_split,
+        history,
+        params.evaluate.batch_size,
+    )
     client = MlflowClient()
     for name, figure in figures.items():
         client.log_figure(run_id, figure, f"plots/{name}")
@@ -91,8 +106,13 @@ def log_plots(encoder_dir: Path, params: Params, manifest: pd.DataFrame, history
 def evaluate_champion(params: Params, manifest: pd.DataFrame, client) -> tuple[str | None, dict | None]:
     """Re-evaluate ``@champion`` on this run's data, so the gate compares like with like."""
     try:
-        champion = registry.download_version(client, params.registry.model_name, registry.CHAMPION,
-                                             dst=tempfile.mkdtemp(prefix="skumatch-champion-"), with_index=False)
+        champion = registry.download_version(
+            client,
+            params.registry.model_name,
+            registry.CHAMPION,
+            dst=tempfile.mkdtemp(prefix="skumatch-champion-"),
+            with_index=False,
+        )
     except registry.RegistryError:
         get_run_logger().info("no @champion yet: the gate checks thresholds only")
         return None, None
@@ -100,8 +120,9 @@ def evaluate_champion(params: Params, manifest: pd.DataFrame, client) -> tuple[s
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def apply_gate(challenger: dict, champion: dict | None, champion_version: str | None,
-               params: Params) -> evaluate_lib.GateDecision:
+def apply_gate(
+    challenger: dict, champion: dict | None, champion_version: str | None, params: Params
+) -> evaluate_lib.GateDecision:
     """Apply the promotion gate and publish the verdict; raises when the challenger is refused."""
     decision = evaluate_lib.gate(challenger, champion, params.evaluate)
     rows = [{"model": "challenger", **evaluate_lib.flatten_metrics(challenger)}]
@@ -121,15 +142,29 @@ def register(client, params: Params, run_id: str, encoder_dir: Path, metrics: di
 
 
 @task(name="build-index", cache_policy=NO_CACHE)
-def build_index(encoder_dir: Path, params: Params, manifest: pd.DataFrame, version: str, out_dir: Path,
-                reject_below: float | None = None) -> str:
+def build_index(
+    encoder_dir: Path,
+    params: Params,
+    manifest: pd.DataFrame,
+    version: str,
+    out_dir: Path,
+    reject_below: float | None = None,
+) -> str:
     """Build the catalogue index from the registered version's encoder; returns its checksum.
 
     ``reject_below`` (the calibrated open-set threshold) travels in the index's checksummed
     meta, so the service answers "no confident match" with the threshold of its own model.
     """
-    checksum, _ = index_lib.build_model_index(encoder_dir, manifest, out_dir, params.index, params.evaluate.batch_size,
-                                              params.registry.model_name, str(version), reject_below)
+    checksum, _ = index_lib.build_model_index(
+        encoder_dir,
+        manifest,
+        out_dir,
+        params.index,
+        params.evaluate.batch_size,
+        params.registry.model_name,
+        str(version),
+        reject_below,
+    )
     return checksum
 
 
@@ -146,8 +181,9 @@ def publish_version(client, params: Params, version: str, index_dir: Path, check
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(params_path: str = "params.yaml", overrides: list[str] | None = None,
-            data_root: str | None = None) -> dict[str, Any]:
+def retrain(
+    params_path: str = "params.yaml", overrides: list[str] | None = None, data_root: str | None = None
+) -> dict[str, Any]:
     """Retrain on the current data and promote the result if it passes the gate.
 
     Args:
@@ -184,13 +220,24 @@ def retrain(params_path: str = "params.yaml", overrides: list[str] | None = None
         decision = apply_gate(metrics, champion, champion_version, params)
         mlflow.set_tag("gate", decision.summary())
         model_version = register(client, params, run_id, result.model_dir, metrics, version_of_data)
-    checksum = build_index(result.model_dir, params, manifest, model_version.version, work / "index",
-                           evaluate_lib.open_set_threshold(metrics))
+    checksum = build_index(
+        result.model_dir,
+        params,
+        manifest,
+        model_version.version,
+        work / "index",
+        evaluate_lib.open_set_threshold(metrics),
+    )
     promoted = publish_version(client, params, model_version.version, work / "index", checksum)
     summary = {
-        "data_version": version_of_data, "run_id": run_id, "model_name": params.registry.model_name,
-        "version": str(model_version.version), "index_checksum": checksum, "metrics": metrics,
-        "gate": decision.summary(), "champion": promoted or champion_version,
+        "data_version": version_of_data,
+        "run_id": run_id,
+        "model_name": params.registry.model_name,
+        "version": str(model_version.version),
+        "index_checksum": checksum,
+        "metrics": metrics,
+        "gate": decision.summary(),
+        "champion": promoted or champion_version,
         "train_wall_time_s": round(result.wall_time_s, 1),
     }
     print(json.dumps(summary, indent=2))

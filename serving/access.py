@@ -22,9 +22,10 @@ import hashlib
 import hmac
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from serving.refusals import send_refusal
 
@@ -54,7 +55,7 @@ class Credentials:
     admin_digest: bytes | None = None
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> "Credentials":
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Credentials:
         """Read keys and token from the environment variables above.
 
         Raises:
@@ -137,8 +138,12 @@ class AccessGuard:
         challenge = [(b"www-authenticate", b'Bearer realm="skumatch"')]
         if kind == "admin":
             if self.credentials.admin_digest is None:
-                await send_refusal(send, 403, "admin_disabled",
-                                   f"admin routes are off: set {ADMIN_ENV} (or {ADMIN_FILE_ENV}) to enable them")
+                await send_refusal(
+                    send,
+                    403,
+                    "admin_disabled",
+                    f"admin routes are off: set {ADMIN_ENV} (or {ADMIN_FILE_ENV}) to enable them",
+                )
             elif self.credentials.is_admin(presented):
                 await self.app(scope, receive, send)
             elif self.credentials.is_caller(presented):
@@ -146,10 +151,17 @@ class AccessGuard:
             else:
                 await send_refusal(send, 401, "unauthorized", "missing or wrong admin token", challenge)
             return
-        if (not self.credentials.callers_need_key or self.credentials.is_caller(presented)
-                or self.credentials.is_admin(presented)):
+        if (
+            not self.credentials.callers_need_key
+            or self.credentials.is_caller(presented)
+            or self.credentials.is_admin(presented)
+        ):
             await self.app(scope, receive, send)
             return
-        await send_refusal(send, 401, "unauthorized",
-                           "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                           challenge)
+        await send_refusal(
+            send,
+            401,
+            "unauthorized",
+            "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            challenge,
+        )

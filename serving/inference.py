@@ -24,9 +24,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -82,8 +83,9 @@ class InferenceQueue:
         on_batch: called after each model call with the model and its image count (metrics).
     """
 
-    def __init__(self, batching: BatchingParams, torch_threads: int | None = None,
-                 on_batch: BatchObserver | None = None) -> None:
+    def __init__(
+        self, batching: BatchingParams, torch_threads: int | None = None, on_batch: BatchObserver | None = None
+    ) -> None:
         self.batching, self.torch_threads, self.on_batch = batching, torch_threads, on_batch
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="skumatch-inference", daemon=True)
@@ -152,7 +154,7 @@ class InferenceQueue:
             self.on_batch(served, len(vectors))
         start = 0
         for job in batch:
-            rows = vectors[start:start + len(job.images)]
+            rows = vectors[start : start + len(job.images)]
             start += len(job.images)
             try:
                 job.done.set_result(rows if job.top_k is None else served.match_vectors(rows, job.top_k))

@@ -12,10 +12,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from serving.build import serve_command
 
@@ -50,8 +50,14 @@ def start_server(target: str, env: dict[str, str], log: Path, cwd: Path | None =
     port = free_port()
     with log.open("wb") as handle:
         # No --host: the service binds 127.0.0.1 by its own default, which every test server so checks.
-        process = subprocess.Popen(serve_command(target, port), cwd=cwd or log.parent, env=env,
-                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            serve_command(target, port),
+            cwd=cwd or log.parent,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return LocalServer(f"http://127.0.0.1:{port}", process, log)
 
 
@@ -108,8 +114,9 @@ def stop_server(server: LocalServer) -> None:
 
 
 @contextmanager
-def running(target: str, env: dict[str, str], log: Path, cwd: Path | None = None,
-            timeout: float = 120.0) -> Iterator[LocalServer]:
+def running(
+    target: str, env: dict[str, str], log: Path, cwd: Path | None = None, timeout: float = 120.0
+) -> Iterator[LocalServer]:
     """A started and ready server for the ``with`` block, stopped after it (see :func:`start_server`).
 
     Raises:

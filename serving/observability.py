@@ -71,14 +71,23 @@ class ServiceMetrics:
 
             model = ["model_version", "index_checksum"]
             self._made = {
-                "latency": Histogram("skumatch_request_duration_seconds", "Request latency by route",
-                                     ["route", "status", *model]),
-                "batch": Histogram("skumatch_inference_batch_images", "Images per inference call of the model",
-                                   model, buckets=BATCH_BUCKETS),
-                "top1": Histogram("skumatch_top1_score", "Best catalogue score of each matched image", model,
-                                  buckets=SCORE_BUCKETS),
-                "answers": Counter("skumatch_match_answers", "Matched images, by whether the best SKU was confident",
-                                   ["confident", *model]),
+                "latency": Histogram(
+                    "skumatch_request_duration_seconds", "Request latency by route", ["route", "status", *model]
+                ),
+                "batch": Histogram(
+                    "skumatch_inference_batch_images",
+                    "Images per inference call of the model",
+                    model,
+                    buckets=BATCH_BUCKETS,
+                ),
+                "top1": Histogram(
+                    "skumatch_top1_score", "Best catalogue score of each matched image", model, buckets=SCORE_BUCKETS
+                ),
+                "answers": Counter(
+                    "skumatch_match_answers",
+                    "Matched images, by whether the best SKU was confident",
+                    ["confident", *model],
+                ),
                 "rejections": Counter("skumatch_rejections", "Refused requests by reason", ["route", "reason", *model]),
                 "reloads": Counter("skumatch_reloads", "Hot-swap checks by outcome", ["outcome", *model]),
             }
@@ -158,6 +167,12 @@ class RequestContext:
                 self.metrics.request(route, status, seconds)
                 if 400 <= status < 500:
                     self.metrics.rejection(route, outcome["reason"] or "invalid_request")
-                LOGGER.info("%s %s -> %d in %.1f ms (model %s)", scope.get("method"), path[:200], status,
-                            seconds * 1000, self.metrics.model_version)
+                LOGGER.info(
+                    "%s %s -> %d in %.1f ms (model %s)",
+                    scope.get("method"),
+                    path[:200],
+                    status,
+                    seconds * 1000,
+                    self.metrics.model_version,
+                )
             _request_id.reset(token)

@@ -9,7 +9,8 @@ reason (``skumatch_rejections_total``) without reading bodies.
 from __future__ import annotations
 
 import json
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 REASON_HEADER = "x-skumatch-refusal"
 
@@ -22,12 +23,22 @@ def refusal_body(reason: str, message: str, **detail: Any) -> bytes:
     return json.dumps({"error": message, "reason": reason, **detail}).encode()
 
 
-async def send_refusal(send: Send, status: int, reason: str, message: str,
-                       extra_headers: list[tuple[bytes, bytes]] | None = None, **detail: Any) -> None:
+async def send_refusal(
+    send: Send,
+    status: int,
+    reason: str,
+    message: str,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    **detail: Any,
+) -> None:
     """Answer an ASGI request with a refusal (for middleware, before the application runs)."""
     body = refusal_body(reason, message, **detail)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (REASON_HEADER.encode(), reason.encode()), *(extra_headers or [])]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (REASON_HEADER.encode(), reason.encode()),
+        *(extra_headers or []),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -36,5 +47,9 @@ def refusal_response(status: int, reason: str, message: str, **detail: Any):
     """A refusal as a Starlette response (for a BentoML API handler to return)."""
     from starlette.responses import Response
 
-    return Response(refusal_body(reason, message, **detail), status_code=status, media_type="application/json",
-                    headers={REASON_HEADER: reason})
+    return Response(
+        refusal_body(reason, message, **detail),
+        status_code=status,
+        media_type="application/json",
+        headers={REASON_HEADER: reason},
+    )

@@ -98,8 +98,10 @@ def packaged_serve_params(facts: dict[str, Any]) -> ServeParams:
     if facts.get("serve_params"):
         return ServeParams.model_validate(json.loads(facts["serve_params"]))
     defaults = ServeParams()
-    return ServeParams(top_k=int(facts.get("default_top_k") or defaults.top_k),
-                       batch_size=int(facts.get("batch_size") or defaults.batch_size))
+    return ServeParams(
+        top_k=int(facts.get("default_top_k") or defaults.top_k),
+        batch_size=int(facts.get("batch_size") or defaults.batch_size),
+    )
 
 
 class Match(BaseModel):
@@ -176,10 +178,17 @@ class InfoResponse(BaseModel):
 
 
 ImageUpload = Annotated[Path, Field(description="the query image file (JPEG, PNG or WebP by default)")]
-ImageUploads = Annotated[list[Path], Field(min_length=1, description="query image files, the form field repeated "
-                                                                     "once per image (serve.limits.max_images_per_request)")]
-TopK = Annotated[Optional[Annotated[int, Field(ge=1, le=MAX_TOP_K)]],
-                 Field(description=f"how many SKUs to return, 1..{MAX_TOP_K}; default: the packaged serve.top_k")]
+ImageUploads = Annotated[
+    list[Path],
+    Field(
+        min_length=1,
+        description="query image files, the form field repeated once per image (serve.limits.max_images_per_request)",
+    ),
+]
+TopK = Annotated[
+    Optional[Annotated[int, Field(ge=1, le=MAX_TOP_K)]],
+    Field(description=f"how many SKUs to return, 1..{MAX_TOP_K}; default: the packaged serve.top_k"),
+]
 
 
 # The stored model this process serves first (the class attribute makes BentoML pack it).
@@ -189,7 +198,8 @@ PACKAGED_MODEL = bentoml.models.BentoModel(bento_model_tag())
 @bentoml.service(
     name=SERVICE_NAME,
     resources={"cpu": "2"},
-    # 127.0.0.1 unless the operator says otherwise (`--host`, BENTOML_HOST): keys are optional.
+    # 127.0.0.1 unless the operator says otherwise (`bentoml serve --host`; `serve.host` through
+    # `skumatch serve`): keys are optional.
     http={"host": "127.0.0.1"},
     # One image per request on a CPU is milliseconds to ~100 ms (CLIP B/32); 30 s leaves room
     # for a queue of concurrent requests and large uploads.
@@ -224,16 +234,25 @@ class Matcher:
         facts = packaged_facts()
         missing = [key for key in REQUIRED_METADATA if not facts.get(key)]
         if missing:
-            raise RuntimeError(f"bento model {self.bento_model.tag} lacks metadata {missing}; package it with "
-                               "serving.build.package_model")
+            raise RuntimeError(
+                f"bento model {self.bento_model.tag} lacks metadata {missing}; package it with "
+                "serving.build.package_model"
+            )
         self.serve = packaged_serve_params(facts)
         self.model_name = str(facts["model_name"])
         folder = Path(self.bento_model.path)
         # IndexMismatchError propagates on purpose: a service must not start on a wrong index.
         # Not on this (long-lived) thread: see serving.inference.in_short_lived_thread.
-        served = in_short_lived_thread(load_served_model, folder / "encoder", folder / "index", self.model_name,
-                                       str(facts["model_version"]), str(facts["index_checksum"]),
-                                       self.serve.batch_size, self.serve.device)
+        served = in_short_lived_thread(
+            load_served_model,
+            folder / "encoder",
+            folder / "index",
+            self.model_name,
+            str(facts["model_version"]),
+            str(facts["index_checksum"]),
+            self.serve.batch_size,
+            self.serve.device,
+        )
         self.device = str(next(served.encoder.parameters()).device)
         self.thumbnail_dir = folder / THUMBNAILS
         index_file = self.thumbnail_dir / "index.json"
@@ -241,17 +260,23 @@ class Matcher:
         self.bento_model_tag = str(self.bento_model.tag)
         METRICS.set_model(served.version, served.index_checksum)
 
-        self.inference = InferenceQueue(self.serve.batching, self.torch_threads,
-                                        on_batch=lambda model, images: METRICS.batch(images, model.version,
-                                                                                     model.index_checksum))
+        self.inference = InferenceQueue(
+            self.serve.batching,
+            self.torch_threads,
+            on_batch=lambda model, images: METRICS.batch(images, model.version, model.index_checksum),
+        )
         # Decoding runs beside the model (Pillow releases the GIL), never on the event loop.
         self.decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="skumatch-decode")
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or str(facts.get("tracking_uri") or "")
         self.registry_configured = bool(tracking_uri)
-        target, load = (registry_loader(tracking_uri, self.model_name, self.serve.batch_size, self.serve.device)
-                        if tracking_uri else (_no_registry, None))
-        self.slot = ModelSlot(served, target, load,
-                              on_swap=lambda model: METRICS.set_model(model.version, model.index_checksum))
+        target, load = (
+            registry_loader(tracking_uri, self.model_name, self.serve.batch_size, self.serve.device)
+            if tracking_uri
+            else (_no_registry, None)
+        )
+        self.slot = ModelSlot(
+            served, target, load, on_swap=lambda model: METRICS.set_model(model.version, model.index_checksum)
+        )
         self.poll_seconds = float(os.environ.get(POLL_ENV) or self.serve.reload_poll_seconds)
         if self.poll_seconds > 0 and tracking_uri:
             self.slot.poll(self.poll_seconds, on_result=lambda result: METRICS.reload(result.outcome))
@@ -266,11 +291,20 @@ class Matcher:
         # The event loop waits for the GIL behind the inference and decoding threads; a shorter
         # switch interval than Python's 5 ms lets it answer probes between their steps.
         sys.setswitchinterval(0.001)
-        LOGGER.info("serving %s version %s from %s (index %s, %d catalogue images) on %s; %d workers, %d torch "
-                    "threads each; API keys %s; @champion checked %s", self.model_name, served.version,
-                    self.bento_model_tag, served.index_checksum, len(served.catalogue.sku_ids), self.device,
-                    self.workers, self.torch_threads, "required" if self.api_keys_required else "off",
-                    f"every {self.poll_seconds:g} s" if self.poll_seconds > 0 and tracking_uri else "on request")
+        LOGGER.info(
+            "serving %s version %s from %s (index %s, %d catalogue images) on %s; %d workers, %d torch "
+            "threads each; API keys %s; @champion checked %s",
+            self.model_name,
+            served.version,
+            self.bento_model_tag,
+            served.index_checksum,
+            len(served.catalogue.sku_ids),
+            self.device,
+            self.workers,
+            self.torch_threads,
+            "required" if self.api_keys_required else "off",
+            f"every {self.poll_seconds:g} s" if self.poll_seconds > 0 and tracking_uri else "on request",
+        )
 
     @bentoml.on_shutdown
     def _shut_down(self) -> None:
@@ -293,10 +327,18 @@ class Matcher:
 
     async def _matches(self, served, pictures: list, top_k: Optional[int]) -> list[ImageMatches]:
         results = await self.inference.match(served, pictures, top_k or self.serve.top_k)
-        found = [ImageMatches(matches=[Match(**hit) for hit in hits],
-                              no_confident_match=bool(hits) and not hits[0]["confident"]) for hits in results]
-        METRICS.answers([hits[0]["score"] for hits in results if hits],
-                        [bool(hits[0]["confident"]) for hits in results if hits], served.version, served.index_checksum)
+        found = [
+            ImageMatches(
+                matches=[Match(**hit) for hit in hits], no_confident_match=bool(hits) and not hits[0]["confident"]
+            )
+            for hits in results
+        ]
+        METRICS.answers(
+            [hits[0]["score"] for hits in results if hits],
+            [bool(hits[0]["confident"]) for hits in results if hits],
+            served.version,
+            served.index_checksum,
+        )
         return found
 
     @bentoml.api(route="/match")
@@ -307,9 +349,14 @@ class Matcher:
         if refused:
             return refusal_response(refused.status, refused.reason, str(refused))
         found = (await self._matches(served, pictures, top_k))[0]
-        return MatchResponse(model_name=served.model_name, model_version=served.version,
-                             index_checksum=served.index_checksum, matches=found.matches,
-                             no_confident_match=found.no_confident_match, reject_below=served.reject_below)
+        return MatchResponse(
+            model_name=served.model_name,
+            model_version=served.version,
+            index_checksum=served.index_checksum,
+            matches=found.matches,
+            no_confident_match=found.no_confident_match,
+            reject_below=served.reject_below,
+        )
 
     @bentoml.api(route="/match_batch")
     async def match_batch(self, images: ImageUploads, top_k: TopK = None) -> BatchMatchResponse:
@@ -322,12 +369,19 @@ class Matcher:
         pictures, bad, refused = await self._decode(images)
         if refused:
             status = 413 if all(item["reason"].startswith("max_") for item in bad) else 400
-            return refusal_response(status, refused.reason, f"{len(bad)} of {len(images)} images could not be "
-                                    "decoded; nothing was matched, resend without them", bad_images=bad)
-        return BatchMatchResponse(model_name=served.model_name, model_version=served.version,
-                                  index_checksum=served.index_checksum,
-                                  results=await self._matches(served, pictures, top_k),
-                                  reject_below=served.reject_below)
+            return refusal_response(
+                status,
+                refused.reason,
+                f"{len(bad)} of {len(images)} images could not be decoded; nothing was matched, resend without them",
+                bad_images=bad,
+            )
+        return BatchMatchResponse(
+            model_name=served.model_name,
+            model_version=served.version,
+            index_checksum=served.index_checksum,
+            results=await self._matches(served, pictures, top_k),
+            reject_below=served.reject_below,
+        )
 
     @bentoml.api(route="/embed")
     async def embed(self, image: ImageUpload) -> EmbedResponse:
@@ -337,8 +391,12 @@ class Matcher:
         if refused:
             return refusal_response(refused.status, refused.reason, str(refused))
         vector = (await self.inference.embed(served, pictures))[0]
-        return EmbedResponse(model_name=served.model_name, model_version=served.version,
-                             index_checksum=served.index_checksum, embedding=[float(x) for x in vector])
+        return EmbedResponse(
+            model_name=served.model_name,
+            model_version=served.version,
+            index_checksum=served.index_checksum,
+            embedding=[float(x) for x in vector],
+        )
 
     @bentoml.api(route="/thumbnail")
     def thumbnail(self, sku_id: Annotated[str, Field(max_length=512)]) -> Annotated[Path, ContentType("image/jpeg")]:
@@ -349,8 +407,9 @@ class Matcher:
         name = self.thumbnails.get(sku_id)
         if name is None:
             return refusal_response(404, "no_thumbnail", f"no thumbnail for SKU {sku_id[:100]!r}")
-        return Response((self.thumbnail_dir / name).read_bytes(), media_type="image/jpeg",
-                        headers={"cache-control": "max-age=3600"})
+        return Response(
+            (self.thumbnail_dir / name).read_bytes(), media_type="image/jpeg", headers={"cache-control": "max-age=3600"}
+        )
 
     @bentoml.api(route="/admin/reload")
     async def reload(self) -> ReloadResponse:
@@ -361,8 +420,12 @@ class Matcher:
         METRICS.reload(result.outcome)
         if result.outcome == "failed":
             detail = {key: value for key, value in result.as_dict().items() if key != "error"}
-            return refusal_response(409, "reload_failed", f"@champion was not swapped in, still serving version "
-                                    f"{result.model_version}: {result.error}", **detail)
+            return refusal_response(
+                409,
+                "reload_failed",
+                f"@champion was not swapped in, still serving version {result.model_version}: {result.error}",
+                **detail,
+            )
         return ReloadResponse(**result.as_dict())
 
     @bentoml.api(route="/info")
@@ -371,16 +434,27 @@ class Matcher:
         served = self.slot.current
         catalogue = served.catalogue
         last = self.slot.last_check
-        return InfoResponse(model_name=served.model_name, model_version=served.version,
-                            index_checksum=served.index_checksum, catalogue_size=len(catalogue.sku_ids),
-                            catalogue_skus=len(set(catalogue.sku_ids)), embed_dim=catalogue.dim,
-                            default_top_k=self.serve.top_k, batch_size=served.batch_size,
-                            bento_model=self.bento_model_tag, workers=self.workers,
-                            torch_threads=self.torch_threads, device=self.device, limits=self.serve.limits,
-                            batching=self.serve.batching, api_keys_required=self.api_keys_required,
-                            admin_enabled=self.admin_enabled, reload_poll_seconds=self.poll_seconds,
-                            last_reload=ReloadResponse(**last.as_dict()) if last else None,
-                            thumbnails=len(self.thumbnails))
+        return InfoResponse(
+            model_name=served.model_name,
+            model_version=served.version,
+            index_checksum=served.index_checksum,
+            catalogue_size=len(catalogue.sku_ids),
+            catalogue_skus=len(set(catalogue.sku_ids)),
+            embed_dim=catalogue.dim,
+            default_top_k=self.serve.top_k,
+            batch_size=served.batch_size,
+            bento_model=self.bento_model_tag,
+            workers=self.workers,
+            torch_threads=self.torch_threads,
+            device=self.device,
+            limits=self.serve.limits,
+            batching=self.serve.batching,
+            api_keys_required=self.api_keys_required,
+            admin_enabled=self.admin_enabled,
+            reload_poll_seconds=self.poll_seconds,
+            last_reload=ReloadResponse(**last.as_dict()) if last else None,
+            thumbnails=len(self.thumbnails),
+        )
 
 
 def _no_registry() -> tuple[str, Optional[str]]:

@@ -18,10 +18,11 @@ import logging
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -62,8 +63,9 @@ def self_test(served) -> None:
     found = served.catalogue.search(np.asarray(stored, dtype=np.float32)[None], 1)[0]
     expected = float(np.dot(stored, stored))
     if not found or abs(found[0][1] - expected) > 1e-3:
-        raise SelfTestError(f"catalogue row 0 did not find itself (score {found[0][1] if found else None}, "
-                            f"expected {expected:.4f})")
+        raise SelfTestError(
+            f"catalogue row 0 did not find itself (score {found[0][1] if found else None}, expected {expected:.4f})"
+        )
 
 
 @dataclass
@@ -100,8 +102,13 @@ class ModelSlot:
         on_swap: called with the new pair after each swap (metrics labels, logs).
     """
 
-    def __init__(self, served, target: Callable[[], tuple[str, Optional[str]]], load: Loader,
-                 on_swap: Callable[[Any], None] | None = None) -> None:
+    def __init__(
+        self,
+        served,
+        target: Callable[[], tuple[str, Optional[str]]],
+        load: Loader,
+        on_swap: Callable[[Any], None] | None = None,
+    ) -> None:
         self.current = served
         self._target, self._load, self._on_swap = target, load, on_swap
         self._lock = threading.Lock()
@@ -133,22 +140,35 @@ class ModelSlot:
             candidate = in_short_lived_thread(_load_and_test, self._load, version, folder)
         except Exception as err:  # noqa: BLE001 - a bad candidate keeps the old pair serving
             shutil.rmtree(folder, ignore_errors=True)
-            LOGGER.error("hot swap to version %s (index %s) refused: %s: %s; still serving version %s", version,
-                         checksum, type(err).__name__, err, served.version)
-            return CheckResult("failed", served.version, served.index_checksum,
-                               error=f"version {version}: {type(err).__name__}: {err}")
+            LOGGER.error(
+                "hot swap to version %s (index %s) refused: %s: %s; still serving version %s",
+                version,
+                checksum,
+                type(err).__name__,
+                err,
+                served.version,
+            )
+            return CheckResult(
+                "failed", served.version, served.index_checksum, error=f"version {version}: {type(err).__name__}: {err}"
+            )
         self.current = candidate  # one assignment: a request sees the old pair or the new, never a mix
         old_folder, self._folder = self._folder, folder
         if old_folder is not None:
             shutil.rmtree(old_folder, ignore_errors=True)  # everything served is in memory
-        LOGGER.info("hot swap: version %s (index %s) -> version %s (index %s)", served.version,
-                    served.index_checksum, candidate.version, candidate.index_checksum)
+        LOGGER.info(
+            "hot swap: version %s (index %s) -> version %s (index %s)",
+            served.version,
+            served.index_checksum,
+            candidate.version,
+            candidate.index_checksum,
+        )
         if self._on_swap:
             self._on_swap(candidate)
         return CheckResult("swapped", candidate.version, candidate.index_checksum, previous_version=served.version)
 
     def poll(self, every_seconds: float, on_result: Callable[[CheckResult], None] | None = None) -> threading.Thread:
         """Check every ``every_seconds`` on a daemon thread until :meth:`close`."""
+
         def loop() -> None:
             while not self._stop.wait(every_seconds):
                 result = self.check()
@@ -181,7 +201,14 @@ def registry_loader(tracking_uri: str, model_name: str, batch_size: int, device:
 
     def load(version: str, folder: Path):
         resolved = registry.download_version(client(), model_name, version, dst=folder)
-        return load_served_model(resolved.encoder_dir, resolved.index_dir, model_name, resolved.version,
-                                 resolved.index_checksum, batch_size, device)
+        return load_served_model(
+            resolved.encoder_dir,
+            resolved.index_dir,
+            model_name,
+            resolved.version,
+            resolved.index_checksum,
+            batch_size,
+            device,
+        )
 
     return target, load

@@ -14,9 +14,10 @@ opens a path or fetches a URL that a caller names.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from components.config import UploadLimits
 from serving.refusals import send_refusal
@@ -55,8 +56,11 @@ def decode_image(path: str | Path, limits: UploadLimits | None = None):
     if size == 0:
         raise BadImage("the uploaded file is empty", "empty")
     if size > limits.max_upload_bytes:
-        raise BadImage(f"the uploaded file is {size} bytes, over the limit max_upload_bytes={limits.max_upload_bytes}",
-                       "max_upload_bytes", 413)
+        raise BadImage(
+            f"the uploaded file is {size} bytes, over the limit max_upload_bytes={limits.max_upload_bytes}",
+            "max_upload_bytes",
+            413,
+        )
     accepted = ", ".join(limits.formats)
     try:
         with Image.open(path, formats=limits.formats) as image:
@@ -66,8 +70,11 @@ def decode_image(path: str | Path, limits: UploadLimits | None = None):
     except BadImage:
         raise
     except Image.DecompressionBombError as err:
-        raise BadImage(f"the uploaded image has more pixels than Pillow decodes safely (limit max_pixels="
-                       f"{limits.max_pixels})", "max_pixels", 413) from err
+        raise BadImage(
+            f"the uploaded image has more pixels than Pillow decodes safely (limit max_pixels={limits.max_pixels})",
+            "max_pixels",
+            413,
+        ) from err
     except UnidentifiedImageError as err:
         raise BadImage(f"the uploaded file is not an image in an accepted format ({accepted})", "format") from err
     except MemoryError as err:
@@ -81,12 +88,19 @@ def _check_dimensions(size: tuple[int, int], limits: UploadLimits) -> None:
     if width < 1 or height < 1:
         raise BadImage(f"the uploaded image is {width} x {height} pixels: it has no pixels", "corrupt")
     if width * height > limits.max_pixels:
-        raise BadImage(f"the uploaded image is {width} x {height} = {width * height} pixels, over the limit "
-                       f"max_pixels={limits.max_pixels}", "max_pixels", 413)
+        raise BadImage(
+            f"the uploaded image is {width} x {height} = {width * height} pixels, over the limit "
+            f"max_pixels={limits.max_pixels}",
+            "max_pixels",
+            413,
+        )
     ratio = max(width, height) / min(width, height)
     if ratio > limits.max_aspect_ratio:
-        raise BadImage(f"the uploaded image is {width} x {height} pixels, an aspect ratio of {ratio:.1f}, over the "
-                       f"limit max_aspect_ratio={limits.max_aspect_ratio:g}", "max_aspect_ratio")
+        raise BadImage(
+            f"the uploaded image is {width} x {height} pixels, an aspect ratio of {ratio:.1f}, over the "
+            f"limit max_aspect_ratio={limits.max_aspect_ratio:g}",
+            "max_aspect_ratio",
+        )
 
 
 def _upright(image, image_ops):
@@ -108,8 +122,9 @@ class UploadGuard:
             supply the ones packaged with its model).
     """
 
-    def __init__(self, app, file_fields: dict[str, tuple[str, int | None]],
-                 limits: Callable[[], UploadLimits] = UploadLimits) -> None:
+    def __init__(
+        self, app, file_fields: dict[str, tuple[str, int | None]], limits: Callable[[], UploadLimits] = UploadLimits
+    ) -> None:
         self.app, self.file_fields, self.limits = app, dict(file_fields), limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -124,15 +139,24 @@ class UploadGuard:
         # Not lower-cased: the boundary in it is case-sensitive (browsers use mixed case).
         content_type = headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
-            await send_refusal(send, 415, "content_type",
-                               f"{scope['path']} takes images only as multipart/form-data file uploads in the field "
-                               f"{field!r} (e.g. curl -F '{field}=@photo.jpg'); JSON, form text, paths and URLs are "
-                               "not accepted", content_type=content_type or None)
+            await send_refusal(
+                send,
+                415,
+                "content_type",
+                f"{scope['path']} takes images only as multipart/form-data file uploads in the field "
+                f"{field!r} (e.g. curl -F '{field}=@photo.jpg'); JSON, form text, paths and URLs are "
+                "not accepted",
+                content_type=content_type or None,
+            )
             return
         declared = headers.get("content-length", "")
         if not declared.isdigit():
-            await send_refusal(send, 411, "length_required",
-                               "the request must declare its Content-Length (chunked uploads are not accepted)")
+            await send_refusal(
+                send,
+                411,
+                "length_required",
+                "the request must declare its Content-Length (chunked uploads are not accepted)",
+            )
             return
         if int(declared) > limits.max_request_bytes:
             await self._too_large(send, limits)
@@ -155,11 +179,16 @@ class UploadGuard:
 
     @staticmethod
     async def _too_large(send: Send, limits: UploadLimits) -> None:
-        await send_refusal(send, 413, "max_request_bytes",
-                           f"request body larger than the limit max_request_bytes={limits.max_request_bytes}")
+        await send_refusal(
+            send,
+            413,
+            "max_request_bytes",
+            f"request body larger than the limit max_request_bytes={limits.max_request_bytes}",
+        )
 
-    def _check_form(self, route: str, content_type: str, body: bytes,
-                    limits: UploadLimits) -> tuple[int, str, str] | None:
+    def _check_form(
+        self, route: str, content_type: str, body: bytes, limits: UploadLimits
+    ) -> tuple[int, str, str] | None:
         """What is wrong with a multipart body for ``route``, as ``(status, reason, message)``; None if nothing."""
         field, most = self.file_fields[route]
         most = most or limits.max_images_per_request
@@ -169,19 +198,34 @@ class UploadGuard:
             return 400, "malformed_form", "malformed multipart/form-data body"
         files = [part for part in parts if part.name == field]
         if any(not part.is_file for part in files):
-            return (400, "text_instead_of_file",
-                    f"form field {field!r} must be a file upload (e.g. curl -F '{field}=@photo.jpg'), "
-                    "not a text value; paths and URLs are not opened or fetched")
+            return (
+                400,
+                "text_instead_of_file",
+                f"form field {field!r} must be a file upload (e.g. curl -F '{field}=@photo.jpg'), "
+                "not a text value; paths and URLs are not opened or fetched",
+            )
         stray = next((part for part in parts if part.is_file and part.name != field), None)
         if stray is not None:
-            return 400, "unknown_file_field", f"{route} takes files only in the form field {field!r}, not {stray.name!r}"
+            return (
+                400,
+                "unknown_file_field",
+                f"{route} takes files only in the form field {field!r}, not {stray.name!r}",
+            )
         if len(files) > most:
-            return (413, "max_images_per_request", f"{route} takes at most {most} file(s) in {field!r}, got "
-                    f"{len(files)} (limit max_images_per_request={limits.max_images_per_request})")
+            return (
+                413,
+                "max_images_per_request",
+                f"{route} takes at most {most} file(s) in {field!r}, got "
+                f"{len(files)} (limit max_images_per_request={limits.max_images_per_request})",
+            )
         for position, part in enumerate(files):
             if part.size > limits.max_upload_bytes:
-                return (413, "max_upload_bytes", f"upload {position} is {part.size} bytes, over the limit "
-                        f"max_upload_bytes={limits.max_upload_bytes}")
+                return (
+                    413,
+                    "max_upload_bytes",
+                    f"upload {position} is {part.size} bytes, over the limit "
+                    f"max_upload_bytes={limits.max_upload_bytes}",
+                )
         return None
 
 
@@ -228,13 +272,16 @@ def multipart_parts(content_type: str, body: bytes) -> list[FormPart]:
         headers.clear()
         size = 0
 
-    parser = MultipartParser(boundary, {
-        "on_header_field": lambda data, start, end: field.extend(data[start:end]),
-        "on_header_value": lambda data, start, end: value.extend(data[start:end]),
-        "on_header_end": header_end,
-        "on_part_data": part_data,
-        "on_part_end": part_end,
-    })
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_header_field": lambda data, start, end: field.extend(data[start:end]),
+            "on_header_value": lambda data, start, end: value.extend(data[start:end]),
+            "on_header_end": header_end,
+            "on_part_data": part_data,
+            "on_part_end": part_end,
+        },
+    )
     try:
         parser.write(body)
         parser.finalize()

@@ -22,8 +22,15 @@ from PIL import Image, ImageDraw
 # Tiny CLIP
 # ---------------------------------------------------------------------------------------------
 
-TINY_CLIP_CONFIG = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                        image_size=16, patch_size=8, projection_dim=16)
+TINY_CLIP_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    image_size=16,
+    patch_size=8,
+    projection_dim=16,
+)
 TINY_EMBED_DIM = 16
 TINY_IMAGE_SIZE = 16
 
@@ -66,8 +73,10 @@ def tiny_model_overrides(tiny_clip_dir: Path) -> list[str]:
 # Synthetic Grocery Store dataset
 # ---------------------------------------------------------------------------------------------
 
-GROCERY_HEADER = ("Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int),"
-                  "Iconic Image Path (str),Product Description Path (str)")
+GROCERY_HEADER = (
+    "Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int),"
+    "Iconic Image Path (str),Product Description Path (str)"
+)
 
 
 @dataclass(frozen=True)
@@ -143,8 +152,14 @@ def draw_sku_image(spec: SkuSpec, rng: np.random.Generator | None = None, size: 
     return image
 
 
-def make_grocery_dataset(root: Path, skus: tuple[SkuSpec, ...] = SYNTHETIC_SKUS, train_per_sku: int = 8,
-                         val_per_sku: int = 4, size: int = 32, seed: int = 0) -> Path:
+def make_grocery_dataset(
+    root: Path,
+    skus: tuple[SkuSpec, ...] = SYNTHETIC_SKUS,
+    train_per_sku: int = 8,
+    val_per_sku: int = 4,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
     """Write a synthetic dataset in the Grocery Store layout under ``root`` and return it.
 
     Layout: ``classes.csv`` (real header; iconic path ``/iconic-images-and-descriptions/<sku>/<sku>_Iconic.jpg``),

@@ -36,9 +36,15 @@ class ShelfAugment:
     ``STORE_MARGIN`` times ``out_size``). Returns the normalised ``out_size`` square input.
     """
 
-    def __init__(self, preprocess: Preprocess, rng: random.Random, out_size: int | None = None,
-                 crop_area: tuple[float, float] | list[float] = DEFAULT_CROP_AREA, colour_cast: float = 0.0,
-                 erase: float = 0.0) -> None:
+    def __init__(
+        self,
+        preprocess: Preprocess,
+        rng: random.Random,
+        out_size: int | None = None,
+        crop_area: tuple[float, float] | list[float] = DEFAULT_CROP_AREA,
+        colour_cast: float = 0.0,
+        erase: float = 0.0,
+    ) -> None:
         self.preprocess, self.rng, self.crop_area, self.colour_cast = preprocess, rng, tuple(crop_area), colour_cast
         self.erase = erase
         self.out_size = out_size or preprocess.image_size
@@ -54,9 +60,10 @@ class ShelfAugment:
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         crop_w, crop_h = min(width, round(math.sqrt(area * aspect))), min(height, round(math.sqrt(area / aspect)))
         left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
-        crop = pixels[None, :, top:top + crop_h, left:left + crop_w].float() / 255.0
-        crop = F.interpolate(crop, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False,
-                             antialias=True)
+        crop = pixels[None, :, top : top + crop_h, left : left + crop_w].float() / 255.0
+        crop = F.interpolate(
+            crop, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False, antialias=True
+        )
         if rng.random() < 0.5:
             crop = crop.flip(-1)
         if rng.random() < 0.3:
@@ -96,7 +103,7 @@ def erase_rectangle(batch: torch.Tensor, rng: random.Random) -> torch.Tensor:
             top, left = rng.randint(0, height - erase_h), rng.randint(0, width - erase_w)
             colour = torch.tensor([rng.random() for _ in range(3)], dtype=batch.dtype)[None, :, None, None]
             batch = batch.clone()
-            batch[..., top:top + erase_h, left:left + erase_w] = colour
+            batch[..., top : top + erase_h, left : left + erase_w] = colour
             return batch
     return batch
 
@@ -113,7 +120,7 @@ def gaussian_blur(batch: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of an NCHW batch, reflecting at the borders."""
     radius = max(1, math.ceil(2 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=batch.dtype)
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = (kernel / kernel.sum()).repeat(batch.shape[1], 1, 1)
     channels = batch.shape[1]
     blurred = F.conv2d(F.pad(batch, (radius, radius, 0, 0), mode="reflect"), kernel[:, :, None, :], groups=channels)
@@ -130,8 +137,15 @@ class Mirrored:
         return self.preprocess(image).flip(-1)
 
 
-def shelf_augment(preprocess: Preprocess, train: TrainParams, rng: random.Random | None = None,
-                  out_size: int | None = None) -> ShelfAugment:
+def shelf_augment(
+    preprocess: Preprocess, train: TrainParams, rng: random.Random | None = None, out_size: int | None = None
+) -> ShelfAugment:
     """The shelf augmentation ``train``'s augment settings describe, seeded by ``train.seed`` unless given ``rng``."""
-    return ShelfAugment(preprocess, rng or random.Random(train.seed), out_size, train.augment.crop_area, train.augment.colour_cast,
-                        train.augment.erase)
+    return ShelfAugment(
+        preprocess,
+        rng or random.Random(train.seed),
+        out_size,
+        train.augment.crop_area,
+        train.augment.colour_cast,
+        train.augment.erase,
+    )

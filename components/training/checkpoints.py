@@ -29,18 +29,37 @@ def run_fingerprint(params: Params, data_version: str | None) -> str:
     # Not hashed: how long to train (epochs), where files go, how often to evaluate, the device:
     # a run asked for more epochs continues the shorter run's checkpoints.
     # Nor how images are decoded: decoding is deterministic, so the cache and workers change only speed.
-    not_shaping = {"resume", "device", "epochs", "output_dir", "checkpoint_dir", "eval_every_epochs",
-                   "decoded_cache_mb", "loader_workers"}
+    not_shaping = {
+        "resume",
+        "device",
+        "epochs",
+        "output_dir",
+        "checkpoint_dir",
+        "eval_every_epochs",
+        "decoded_cache_mb",
+        "loader_workers",
+    }
     # The recipe's flat form, the layout of earlier params files: checkpoints from before the
     # train section was grouped keep their names and still resume.
     recipe = {key: value for key, value in params.train.flat().items() if key not in not_shaping}
-    shaping = {"model": params.model.model_dump(), "train": recipe, "data": params.data.model_dump(),
-               "data_version": data_version}
+    shaping = {
+        "model": params.model.model_dump(),
+        "train": recipe,
+        "data": params.data.model_dump(),
+        "data_version": data_version,
+    }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def save_checkpoint(folder: Path, epoch: int, encoder: Encoder, head: MarginHead, optimizer: torch.optim.Optimizer,
-                    history: list[dict[str, float]], averaged: AveragedModel | None) -> None:
+def save_checkpoint(
+    folder: Path,
+    epoch: int,
+    encoder: Encoder,
+    head: MarginHead,
+    optimizer: torch.optim.Optimizer,
+    history: list[dict[str, float]],
+    averaged: AveragedModel | None,
+) -> None:
     """Write epoch ``epoch``'s weights, optimiser state, history and weight average to ``folder``."""
     from safetensors.torch import save_file
 
@@ -50,8 +69,10 @@ def save_checkpoint(folder: Path, epoch: int, encoder: Encoder, head: MarginHead
     partial.mkdir(parents=True)
     modules = {"encoder": encoder, "head": head, **({"averaged": averaged} if averaged is not None else {})}
     for name, module in modules.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                  str(partial / f"{name}.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+            str(partial / f"{name}.safetensors"),
+        )
     opt_state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for param_id, values in opt_state["state"].items():
@@ -62,8 +83,9 @@ def save_checkpoint(folder: Path, epoch: int, encoder: Encoder, head: MarginHead
             else:
                 scalars[name] = value
     save_file(tensors, str(partial / "optimizer.safetensors"))
-    (partial / "state.json").write_text(json.dumps(
-        {"epoch": epoch, "history": history, "param_groups": opt_state["param_groups"], "scalars": scalars}))
+    (partial / "state.json").write_text(
+        json.dumps({"epoch": epoch, "history": history, "param_groups": opt_state["param_groups"], "scalars": scalars})
+    )
     # Rename last, so a crash mid-write never leaves a checkpoint that looks complete.
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
@@ -71,8 +93,9 @@ def save_checkpoint(folder: Path, epoch: int, encoder: Encoder, head: MarginHead
         shutil.rmtree(old)
 
 
-def load_latest_checkpoint(folder: Path, encoder: Encoder, head: MarginHead, optimizer: torch.optim.Optimizer
-                           ) -> tuple[int, list[dict[str, float]], dict[str, torch.Tensor] | None] | None:
+def load_latest_checkpoint(
+    folder: Path, encoder: Encoder, head: MarginHead, optimizer: torch.optim.Optimizer
+) -> tuple[int, list[dict[str, float]], dict[str, torch.Tensor] | None] | None:
     """Restore the newest checkpoint in place; returns its epoch, history and weight-average state."""
     from safetensors.torch import load_file
 

@@ -52,5 +52,9 @@ class DecodedImages(torch.utils.data.Dataset):
         """
         if workers == 0 or self.cached_count == len(self):
             return (self.batch(rows) for rows in row_batches)
-        return torch.utils.data.DataLoader(self, batch_sampler=[[int(row) for row in rows] for rows in row_batches],
-                                           num_workers=workers, collate_fn=torch.stack)
+        return torch.utils.data.DataLoader(
+            self,
+            batch_sampler=[[int(row) for row in rows] for rows in row_batches],
+            num_workers=workers,
+            collate_fn=torch.stack,
+        )

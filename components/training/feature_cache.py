@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.config import ModelParams, TrainParams
+from components.config import AugmentParams, ModelParams, TrainParams
 from components.model import Encoder, Preprocess, embed_images
-from components.training.augment import AUGMENT_VERSION, Mirrored, shelf_augment
+from components.training.augment import AUGMENT_VERSION, Mirrored, ShelfAugment
 
 LOGGER = logging.getLogger(__name__)
 
@@ -51,34 +51,57 @@ class CachedFeatures:
     @classmethod
     def open(cls, folder: Path, evaluation_paths: list[str]) -> CachedFeatures:
         """Memory-map the arrays that :func:`cache_features` wrote to ``folder``."""
+
         def mapped(name: str) -> np.ndarray:
             return np.load(folder / f"{name}.npy", mmap_mode="r")
 
         return cls(mapped("train_views"), mapped("catalogue_views"), mapped("evaluation"), evaluation_paths)
 
 
-def embed_cached(encoder: Encoder, features: np.ndarray, device: torch.device,
-                 chunk_rows: int = FEATURE_CHUNK_ROWS) -> torch.Tensor:
+def embed_cached(
+    encoder: Encoder, features: np.ndarray, device: torch.device, chunk_rows: int = FEATURE_CHUNK_ROWS
+) -> torch.Tensor:
     """Embeddings of cached backbone features (rows of a possibly larger-than-RAM memory map), chunk by chunk."""
     # np.array copies a chunk out of the read-only map, which torch.from_numpy cannot share.
-    return torch.cat([encoder.embed_features(torch.from_numpy(np.array(features[start:start + chunk_rows])).to(device))
-                      for start in range(0, max(len(features), 1), chunk_rows)])
+    return torch.cat(
+        [
+            encoder.embed_features(torch.from_numpy(np.array(features[start : start + chunk_rows])).to(device))
+            for start in range(0, max(len(features), 1), chunk_rows)
+        ]
+    )
 
 
 def features_fingerprint(model: ModelParams, train: TrainParams, data_version: str | None, paths: list[str]) -> str:
     """A short hash of everything the cached features depend on (their folder's name)."""
-    shaping = {"model": model.model_dump(), "views": train.augment.cached_views,
-               "catalogue_views": train.augment.catalogue_views, "augment": train.augment.enabled,
-               "crop_area": train.augment.crop_area, "colour_cast": train.augment.colour_cast,
-               "erase": train.augment.erase,
-               "seed": train.seed, "augment_version": AUGMENT_VERSION, "data_version": data_version,
-               "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
+    shaping = {
+        "model": model.model_dump(),
+        "views": train.augment.cached_views,
+        "catalogue_views": train.augment.catalogue_views,
+        "augment": train.augment.enabled,
+        "crop_area": train.augment.crop_area,
+        "colour_cast": train.augment.colour_cast,
+        "erase": train.augment.erase,
+        "seed": train.seed,
+        "augment_version": AUGMENT_VERSION,
+        "data_version": data_version,
+        "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+    }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[str], catalogue_rows: np.ndarray,
-                   evaluation_paths: list[str], model: ModelParams, train: TrainParams, batch_size: int,
-                   device: torch.device, data_version: str | None, progress: bool = False) -> CachedFeatures:
+def cache_features(
+    encoder: Encoder,
+    preprocess: Preprocess,
+    train_paths: list[str],
+    catalogue_rows: np.ndarray,
+    evaluation_paths: list[str],
+    model: ModelParams,
+    train: TrainParams,
+    batch_size: int,
+    device: torch.device,
+    data_version: str | None,
+    progress: bool = False,
+) -> CachedFeatures:
     """Compute (or read back) the frozen stage's features.
 
     They are stored under ``train.io.checkpoint_dir`` in a folder named by
@@ -107,24 +130,21 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
         return open_memmap(partial / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
 
     def features(paths: list[str], transform, out: np.ndarray) -> None:
-        embed_images(encoder, transform, paths, batch_size, device, features_only=True,
-                     progress=progress, out=out)
+        embed_images(encoder, transform, paths, batch_size, device, features_only=True, progress=progress, out=out)
 
-    shelf = shelf_augment(preprocess, train, random.Random(train.seed))
-    view_transforms = [preprocess, Mirrored(preprocess)] + [shelf] * max(0, train.augment.cached_views - 2)
-    train_views = array("train_views", (train.augment.cached_views, len(train_paths), dim))
-    for view, transform in enumerate(view_transforms[:train.augment.cached_views]):
-        features(train_paths, transform, train_views[view])
-    catalogue_paths = [train_paths[i] for i in catalogue_rows]
-    catalogue_views = array("catalogue_views", (train.augment.catalogue_views if catalogue_paths else 1, len(catalogue_paths), dim))
-    if catalogue_paths:
-        catalogue_views[0] = train_views[0, catalogue_rows]
-        for view in range(1, train.augment.catalogue_views):
-            features(catalogue_paths, shelf, catalogue_views[view])
+    train_views, catalogue_views = _write_views(
+        preprocess, train_paths, catalogue_rows, train.augment, random.Random(train.seed), dim, array, features
+    )
     evaluation = array("evaluation", (len(evaluation_paths), dim))
-    _fill_evaluation(evaluation, evaluation_paths, train_paths, train_views[0],
-                     lambda paths: embed_images(encoder, preprocess, paths, batch_size, device, features_only=True,
-                                                progress=progress))
+    _fill_evaluation(
+        evaluation,
+        evaluation_paths,
+        train_paths,
+        train_views[0],
+        lambda paths: embed_images(
+            encoder, preprocess, paths, batch_size, device, features_only=True, progress=progress
+        ),
+    )
     for written in (train_views, catalogue_views, evaluation):
         written.flush()
     del train_views, catalogue_views, evaluation  # close the maps before the folder moves
@@ -132,8 +152,38 @@ def cache_features(encoder: Encoder, preprocess: Preprocess, train_paths: list[s
     return CachedFeatures.open(folder, evaluation_paths)
 
 
-def _fill_evaluation(evaluation: np.ndarray, evaluation_paths: list[str], train_paths: list[str],
-                     plain_train_view: np.ndarray, embed) -> None:
+def _write_views(
+    preprocess: Preprocess,
+    train_paths: list[str],
+    catalogue_rows: np.ndarray,
+    augment: AugmentParams,
+    rng: random.Random,
+    dim: int,
+    array,
+    features,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Write the training images' cached views (as is, mirrored, augmented) and the catalogue images' extra ones."""
+    shelf = ShelfAugment(
+        preprocess, rng, crop_area=augment.crop_area, colour_cast=augment.colour_cast, erase=augment.erase
+    )
+    view_transforms = [preprocess, Mirrored(preprocess)] + [shelf] * max(0, augment.cached_views - 2)
+    train_views = array("train_views", (augment.cached_views, len(train_paths), dim))
+    for view, transform in enumerate(view_transforms[: augment.cached_views]):
+        features(train_paths, transform, train_views[view])
+    catalogue_paths = [train_paths[i] for i in catalogue_rows]
+    catalogue_views = array(
+        "catalogue_views", (augment.catalogue_views if catalogue_paths else 1, len(catalogue_paths), dim)
+    )
+    if catalogue_paths:
+        catalogue_views[0] = train_views[0, catalogue_rows]
+        for view in range(1, augment.catalogue_views):
+            features(catalogue_paths, shelf, catalogue_views[view])
+    return train_views, catalogue_views
+
+
+def _fill_evaluation(
+    evaluation: np.ndarray, evaluation_paths: list[str], train_paths: list[str], plain_train_view: np.ndarray, embed
+) -> None:
     """Write the evaluation images' features into ``evaluation``, in ``evaluation_paths`` order.
 
     Most evaluation images (the nn gallery, the catalogue) are training images whose plain view,
@@ -144,10 +194,10 @@ def _fill_evaluation(evaluation: np.ndarray, evaluation_paths: list[str], train_
     known = [row for row, path in enumerate(evaluation_paths) if path in train_position]
     unknown = [row for row, path in enumerate(evaluation_paths) if path not in train_position]
     for start in range(0, len(known), FEATURE_CHUNK_ROWS):  # chunks bound memory, as in embed_cached
-        rows = known[start:start + FEATURE_CHUNK_ROWS]
+        rows = known[start : start + FEATURE_CHUNK_ROWS]
         evaluation[rows] = plain_train_view[[train_position[evaluation_paths[row]] for row in rows]]
     for start in range(0, len(unknown), FEATURE_CHUNK_ROWS):
-        rows = unknown[start:start + FEATURE_CHUNK_ROWS]
+        rows = unknown[start : start + FEATURE_CHUNK_ROWS]
         evaluation[rows] = embed([evaluation_paths[row] for row in rows])
 
 

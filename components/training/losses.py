@@ -50,14 +50,23 @@ class MarginHead(nn.Module):
         else:
             theta = torch.acos(target)
             # Past pi - m the angular margin would wrap around; fall back to CosFace there.
-            adjusted = torch.where(theta + self.margin < math.pi, torch.cos(theta + self.margin),
-                                   target - self.margin * math.sin(self.margin))
+            adjusted = torch.where(
+                theta + self.margin < math.pi,
+                torch.cos(theta + self.margin),
+                target - self.margin * math.sin(self.margin),
+            )
         logits = cos.scatter(1, labels[:, None], adjusted) * self.scale
         return F.cross_entropy(logits, labels)
 
 
-def catalogue_anchor_loss(embeddings: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor,
-                          anchor_labels: torch.Tensor, margin: float, scale: float) -> torch.Tensor:
+def catalogue_anchor_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    margin: float,
+    scale: float,
+) -> torch.Tensor:
     """Margin softmax of photos against embedded catalogue images (the anchors) of many SKUs.
 
     The ``catalogue`` protocol ranks SKUs by similarity to their catalogue images, so this loss
@@ -70,8 +79,9 @@ def catalogue_anchor_loss(embeddings: torch.Tensor, labels: torch.Tensor, anchor
     similarity = embeddings.float() @ anchors.float().T
     anchor_skus, column_of_anchor = torch.unique(anchor_labels, sorted=True, return_inverse=True)
     per_sku = torch.full((len(embeddings), len(anchor_skus)), -1.0, device=embeddings.device, dtype=similarity.dtype)
-    per_sku = per_sku.scatter_reduce(1, column_of_anchor.expand(len(embeddings), -1), similarity, reduce="amax",
-                                     include_self=False)
+    per_sku = per_sku.scatter_reduce(
+        1, column_of_anchor.expand(len(embeddings), -1), similarity, reduce="amax", include_self=False
+    )
     # Column of each photo's own SKU among the anchor SKUs, where it has one.
     column = torch.searchsorted(anchor_skus, labels).clamp(max=len(anchor_skus) - 1)
     keep = anchor_skus[column] == labels
@@ -87,14 +97,21 @@ def margin_head(embed_dim: int, n_skus: int, train: TrainParams) -> MarginHead:
     return MarginHead(embed_dim, n_skus, train.loss.kind, train.loss.margin, train.loss.scale, train.loss.subcenters)
 
 
-def optimisation_step(head: MarginHead, optimizer: torch.optim.Optimizer, embeddings: torch.Tensor,
-                      targets: torch.Tensor, anchors: torch.Tensor | None, anchor_labels: torch.Tensor | None,
-                      train: TrainParams) -> float:
-    """The margin loss, plus the catalogue-anchor loss when anchors (and their SKU labels) are given; one optimiser step."""
+def optimisation_step(
+    head: MarginHead,
+    optimizer: torch.optim.Optimizer,
+    embeddings: torch.Tensor,
+    targets: torch.Tensor,
+    anchors: torch.Tensor | None,
+    anchor_labels: torch.Tensor | None,
+    train: TrainParams,
+) -> float:
+    """One optimiser step on the margin loss, plus the catalogue-anchor loss when anchors are given; the loss."""
     loss = head(embeddings, targets)
     if anchors is not None:
         loss = loss + train.loss.catalogue_anchor_weight * catalogue_anchor_loss(
-            embeddings, targets, anchors, anchor_labels, train.loss.margin, train.loss.scale)
+            embeddings, targets, anchors, anchor_labels, train.loss.margin, train.loss.scale
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

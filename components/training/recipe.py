@@ -99,8 +99,9 @@ def training_setup(params: Params, manifest: pd.DataFrame, device: torch.device)
     Public so benchmarks time the exact objects training uses.
     """
     cfg = params.train
-    rows = pd.concat([select(manifest, split=params.data.train_split, role="query"),
-                      select(manifest, role="catalogue")]).reset_index(drop=True)
+    rows = pd.concat(
+        [select(manifest, split=params.data.train_split, role="query"), select(manifest, role="catalogue")]
+    ).reset_index(drop=True)
     sku_ids = sorted(rows["sku_id"].unique())
     if len(sku_ids) < 2:
         raise ValueError(f"training needs at least 2 SKUs, got {len(sku_ids)}")
@@ -108,18 +109,31 @@ def training_setup(params: Params, manifest: pd.DataFrame, device: torch.device)
     encoder, preprocess = build_encoder(params.model)
     if params.model.backbone == "hf-clip" and cfg.augment.image_size not in (None, preprocess.image_size):
         # Refused here, before the feature cache is computed, not when the unfrozen stage starts.
-        raise ValueError(f"train.augment.image_size={cfg.augment.image_size}: a CLIP vision tower takes only its own input size "
-                         f"({preprocess.image_size} px); set train.augment.image_size to null")
+        raise ValueError(
+            f"train.augment.image_size={cfg.augment.image_size}: a CLIP vision tower takes only its own input size "
+            f"({preprocess.image_size} px); set train.augment.image_size to null"
+        )
     # The encoder comes channels-last (build_encoder): measured 61 against 94 ms/image for a
     # Lite0 training step on the CPU; CropTraining sends its crops in that layout too.
     encoder.to(device)
     head = margin_head(encoder.embed_dim, len(sku_ids), cfg).to(device)
-    optimizer = torch.optim.AdamW([
-        {"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": cfg.schedule.lr},
-        {"params": list(encoder.backbone.parameters()), "lr": cfg.schedule.backbone_lr},
-    ], weight_decay=cfg.schedule.weight_decay)
-    return TrainingSetup(rows, sku_ids, labels, np.flatnonzero(rows["role"].to_numpy() == "catalogue"),
-                         encoder, preprocess, head, optimizer)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": cfg.schedule.lr},
+            {"params": list(encoder.backbone.parameters()), "lr": cfg.schedule.backbone_lr},
+        ],
+        weight_decay=cfg.schedule.weight_decay,
+    )
+    return TrainingSetup(
+        rows,
+        sku_ids,
+        labels,
+        np.flatnonzero(rows["role"].to_numpy() == "catalogue"),
+        encoder,
+        preprocess,
+        head,
+        optimizer,
+    )
 
 
 @dataclass
@@ -145,13 +159,20 @@ class _Run:
     def weight_average(self) -> AveragedModel:
         """A fresh moving average of the encoder's weights."""
         # use_buffers: BatchNorm statistics are averaged too, for runs that let them move.
-        return AveragedModel(self.setup.encoder, multi_avg_fn=get_ema_multi_avg_fn(self.train.schedule.ema_decay),
-                             use_buffers=True)
+        return AveragedModel(
+            self.setup.encoder, multi_avg_fn=get_ema_multi_avg_fn(self.train.schedule.ema_decay), use_buffers=True
+        )
 
     def crop_training(self) -> CropTraining:
         """The crop stage, built at the first epoch that needs it (also after a resume): decoding is paid once."""
-        self.crops = self.crops or CropTraining(self.setup.preprocess, self.setup.paths, self.setup.catalogue_rows,
-                                                self.train, self.params.evaluate.batch_size, self.device)
+        self.crops = self.crops or CropTraining(
+            self.setup.preprocess,
+            self.setup.paths,
+            self.setup.catalogue_rows,
+            self.train,
+            self.params.evaluate.batch_size,
+            self.device,
+        )
         return self.crops
 
     @property
@@ -163,8 +184,9 @@ class _Run:
 def _resume(run: _Run) -> None:
     """Continue from the run's newest checkpoint, when resuming is on and there is one."""
     setup = run.setup
-    loaded = run.train.io.resume and load_latest_checkpoint(run.checkpoint_folder, setup.encoder, setup.head,
-                                                         setup.optimizer)
+    loaded = run.train.io.resume and load_latest_checkpoint(
+        run.checkpoint_folder, setup.encoder, setup.head, setup.optimizer
+    )
     if not loaded:
         return
     run.resumed, run.history, averaged_state = loaded
@@ -184,9 +206,19 @@ def _start_frozen_stage(run: _Run, data_version: str | None, progress: bool) -> 
         # computed once (or read from disk) so the head trains in seconds per epoch.
         sets = run.eval_sets
         eval_paths = sorted(set(sets.queries["image_path"]).union(*(g["image_path"] for g in sets.galleries.values())))
-        run.cached = cache_features(setup.encoder, setup.preprocess, setup.paths, setup.catalogue_rows, eval_paths,
-                                    run.params.model, cfg, run.params.evaluate.batch_size, run.device, data_version,
-                                    progress)
+        run.cached = cache_features(
+            setup.encoder,
+            setup.preprocess,
+            setup.paths,
+            setup.catalogue_rows,
+            eval_paths,
+            run.params.model,
+            cfg,
+            run.params.evaluate.batch_size,
+            run.device,
+            data_version,
+            progress,
+        )
         if run.resumed is None:
             init_head_from_cached(setup.encoder, setup.head, run.cached, setup.labels, run.device)
     elif run.resumed is None:
@@ -194,21 +226,45 @@ def _start_frozen_stage(run: _Run, data_version: str | None, progress: bool) -> 
         setup.head.init_from_prototypes(sku_means(embeddings, setup.labels, len(setup.sku_ids)))
 
 
-def _train_one_epoch(run: _Run, epoch: int, rng: np.random.Generator, catalogue_labels: torch.Tensor,
-                     progress: bool) -> list[float]:
+def _train_one_epoch(
+    run: _Run, epoch: int, rng: np.random.Generator, catalogue_labels: torch.Tensor, progress: bool
+) -> list[float]:
     """One epoch of whichever stage ``epoch`` falls in; returns the per-step losses."""
     cfg, setup = run.train, run.setup
     frozen = epoch < cfg.schedule.frozen_epochs
-    set_trainable(setup.encoder, cfg.schedule.unfreeze_blocks, backbone_trainable=not frozen and cfg.schedule.backbone_lr > 0)
+    set_trainable(
+        setup.encoder, cfg.schedule.unfreeze_blocks, backbone_trainable=not frozen and cfg.schedule.backbone_lr > 0
+    )
     if not frozen and cfg.schedule.ema_decay > 0 and run.averaged is None:
         run.averaged = run.weight_average()  # starts from the weights the frozen stage ended with
     if frozen and run.cached is not None:
-        batches = pk_batches(setup.labels, max(2, cfg.sampler.batch_size // cfg.sampler.images_per_sku), cfg.sampler.images_per_sku, rng)
-        return frozen_epoch(setup.encoder, setup.head, setup.optimizer, run.cached, setup.labels, catalogue_labels,
-                            cfg, batches, rng, run.device)
-    return run.crop_training().run_epoch(epoch, setup.encoder, setup.head, setup.optimizer, setup.labels,
-                                         catalogue_labels, rng, progress, backbone_frozen=frozen,
-                                         averaged=run.averaged)
+        batches = pk_batches(
+            setup.labels, max(2, cfg.sampler.batch_size // cfg.sampler.images_per_sku), cfg.sampler.images_per_sku, rng
+        )
+        return frozen_epoch(
+            setup.encoder,
+            setup.head,
+            setup.optimizer,
+            run.cached,
+            setup.labels,
+            catalogue_labels,
+            cfg,
+            batches,
+            rng,
+            run.device,
+        )
+    return run.crop_training().run_epoch(
+        epoch,
+        setup.encoder,
+        setup.head,
+        setup.optimizer,
+        setup.labels,
+        catalogue_labels,
+        rng,
+        progress,
+        backbone_frozen=frozen,
+        averaged=run.averaged,
+    )
 
 
 def _validate(run: _Run, on_cached_features: bool) -> dict[str, dict[str, float]]:
@@ -231,8 +287,9 @@ def _validate(run: _Run, on_cached_features: bool) -> dict[str, dict[str, float]
         sets, gate = run.eval_sets, evaluate.gate_protocol
         if gate in sets.galleries:
             sets = ProtocolSets(sets.queries, {gate: sets.galleries[gate]}, sets.leaks)
-        embeddings_by_path, query_embeddings = embed_protocol_sets(trained, run.setup.preprocess, sets,
-                                                                   evaluate.batch_size, run.device)
+        embeddings_by_path, query_embeddings = embed_protocol_sets(
+            trained, run.setup.preprocess, sets, evaluate.batch_size, run.device
+        )
     return evaluate_embeddings(embeddings_by_path, sets, evaluate.ks, query_embeddings=query_embeddings)
 
 
@@ -242,8 +299,13 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | None = None,
-                  data_version: str | None = None, progress: bool = True) -> TrainResult:
+def train_encoder(
+    params: Params,
+    manifest: pd.DataFrame,
+    tracker: Tracker | None = None,
+    data_version: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Fine-tune an encoder on a manifest's training split and catalogue images.
 
     Args:
@@ -260,13 +322,22 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
     _seed(cfg.seed)
     device = resolve_device(cfg.device)
     setup = training_setup(params, manifest, device)
-    run = _Run(params, setup, device,
-               protocol_sets(manifest, params.data.query_split, params.data.train_split,
-                             params.evaluate.leak_max_distance),
-               Path(cfg.io.checkpoint_dir) / run_fingerprint(params, data_version))
+    run = _Run(
+        params,
+        setup,
+        device,
+        protocol_sets(manifest, params.data.query_split, params.data.train_split, params.evaluate.leak_max_distance),
+        Path(cfg.io.checkpoint_dir) / run_fingerprint(params, data_version),
+    )
     _resume(run)
-    tracker.log_params({"train.device_resolved": device.type, "train.skus": str(len(setup.sku_ids)),
-                        "train.images": str(len(setup.rows)), "data.version": data_version or "unknown"})
+    tracker.log_params(
+        {
+            "train.device_resolved": device.type,
+            "train.skus": str(len(setup.sku_ids)),
+            "train.images": str(len(setup.rows)),
+            "data.version": data_version or "unknown",
+        }
+    )
     _start_frozen_stage(run, data_version, progress)
 
     rng = np.random.default_rng(cfg.seed + run.start_epoch)
@@ -275,31 +346,55 @@ def train_encoder(params: Params, manifest: pd.DataFrame, tracker: Tracker | Non
     for epoch in range(run.start_epoch, cfg.schedule.epochs):
         on_cached_features = epoch < cfg.schedule.frozen_epochs and run.cached is not None
         losses = _train_one_epoch(run, epoch, rng, catalogue_labels, progress)
-        record: dict[str, Any] = {"epoch": epoch, "train.loss": float(np.mean(losses)),
-                                  "train.frozen_backbone": float(epoch < cfg.schedule.frozen_epochs)}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train.loss": float(np.mean(losses)),
+            "train.frozen_backbone": float(epoch < cfg.schedule.frozen_epochs),
+        }
         if (epoch + 1) % cfg.schedule.eval_every_epochs == 0 or epoch + 1 == cfg.schedule.epochs:
             metrics = _validate(run, on_cached_features)
             record.update({f"val.{k}": v for k, v in flatten_metrics(metrics).items()})
             record["_metrics"] = metrics
-        run.history.append(record)
-        # Checkpoint first: a tracker that fails (a network hiccup) must not cost the epoch.
-        save_checkpoint(run.checkpoint_folder, epoch, setup.encoder, setup.head, setup.optimizer, run.history,
-                        run.averaged)
-        tracker.log_metrics({k: v for k, v in record.items() if not k.startswith("_") and k != "epoch"}, step=epoch)
-        LOGGER.info("epoch %d/%d loss %.4f %s", epoch + 1, cfg.schedule.epochs, record["train.loss"],
-                    " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith(("top1", "top3"))))
+        _record_epoch(run, epoch, record, tracker)
     return _save_model(run, metrics, data_version, time.perf_counter() - started)
 
 
-def _save_model(run: _Run, metrics: dict[str, dict[str, float]], data_version: str | None,
-                wall_time_s: float) -> TrainResult:
+def _record_epoch(run: _Run, epoch: int, record: dict[str, Any], tracker: Tracker) -> None:
+    """Keep an epoch's record: in the history, in a checkpoint, with the tracker and in the log."""
+    setup, epochs = run.setup, run.train.schedule.epochs
+    run.history.append(record)
+    # Checkpoint first: a tracker that fails (a network hiccup) must not cost the epoch.
+    save_checkpoint(run.checkpoint_folder, epoch, setup.encoder, setup.head, setup.optimizer, run.history, run.averaged)
+    tracker.log_metrics({k: v for k, v in record.items() if not k.startswith("_") and k != "epoch"}, step=epoch)
+    scores = " ".join(f"{k}={v:.3f}" for k, v in record.items() if k.endswith(("top1", "top3")))
+    LOGGER.info("epoch %d/%d loss %.4f %s", epoch + 1, epochs, record["train.loss"], scores)
+
+
+def _save_model(
+    run: _Run, metrics: dict[str, dict[str, float]], data_version: str | None, wall_time_s: float
+) -> TrainResult:
     """Save the trained encoder with what it was trained on, and describe the run."""
     trained, cfg = run.trained, run.train
     trained.eval()
-    model_dir = save_encoder(trained, run.setup.preprocess, run.params.model, cfg.io.output_dir, extra={
-        "train": cfg.model_dump(), "data_version": data_version, "sku_ids": run.setup.sku_ids,
-        "metrics": metrics, "run_fingerprint": run_fingerprint(run.params, data_version)})
-    return TrainResult(model_dir=model_dir, metrics=metrics,
-                       history=[{k: v for k, v in h.items() if not k.startswith("_")} for h in run.history],
-                       wall_time_s=wall_time_s, device=run.device.type, resumed_from_epoch=run.resumed,
-                       sku_ids=run.setup.sku_ids)
+    model_dir = save_encoder(
+        trained,
+        run.setup.preprocess,
+        run.params.model,
+        cfg.io.output_dir,
+        extra={
+            "train": cfg.model_dump(),
+            "data_version": data_version,
+            "sku_ids": run.setup.sku_ids,
+            "metrics": metrics,
+            "run_fingerprint": run_fingerprint(run.params, data_version),
+        },
+    )
+    return TrainResult(
+        model_dir=model_dir,
+        metrics=metrics,
+        history=[{k: v for k, v in h.items() if not k.startswith("_")} for h in run.history],
+        wall_time_s=wall_time_s,
+        device=run.device.type,
+        resumed_from_epoch=run.resumed,
+        sku_ids=run.setup.sku_ids,
+    )

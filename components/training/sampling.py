@@ -6,28 +6,43 @@ import numpy as np
 import torch
 
 
-def pk_batches(labels: np.ndarray, skus_per_batch: int, images_per_sku: int, rng: np.random.Generator) -> list[np.ndarray]:
+def pk_batches(
+    labels: np.ndarray, skus_per_batch: int, images_per_sku: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """One epoch of P x K batches: P SKUs, K images each (with replacement for small SKUs)."""
     by_label = {label: np.flatnonzero(labels == label) for label in np.unique(labels)}
     n_batches = max(1, len(labels) // (skus_per_batch * images_per_sku))
     batches = []
     for _ in range(n_batches):
         chosen = rng.choice(list(by_label), size=min(skus_per_batch, len(by_label)), replace=False)
-        batch = [rng.choice(by_label[c], size=images_per_sku, replace=len(by_label[c]) < images_per_sku) for c in chosen]
+        batch = [
+            rng.choice(by_label[c], size=images_per_sku, replace=len(by_label[c]) < images_per_sku) for c in chosen
+        ]
         batches.append(np.concatenate(batch))
     return batches
 
 
-def with_catalogue_images(batches: list[np.ndarray], labels: np.ndarray, catalogue_rows: np.ndarray) -> list[np.ndarray]:
+def with_catalogue_images(
+    batches: list[np.ndarray], labels: np.ndarray, catalogue_rows: np.ndarray
+) -> list[np.ndarray]:
     """Each batch plus the catalogue image of every SKU in it (SKUs without one are left as is).
 
     Trained with gradient on augmented crops, the studio shot and the shelf photos of a SKU
     meet in the backbone itself, not only through the frozen anchors.
     """
     catalogue_row_of = dict(zip(labels[catalogue_rows].tolist(), catalogue_rows.tolist()))
-    return [np.concatenate([batch, np.array([catalogue_row_of[label] for label in np.unique(labels[batch])
-                                             if label in catalogue_row_of], dtype=batch.dtype)])
-            for batch in batches]
+    return [
+        np.concatenate(
+            [
+                batch,
+                np.array(
+                    [catalogue_row_of[label] for label in np.unique(labels[batch]) if label in catalogue_row_of],
+                    dtype=batch.dtype,
+                ),
+            ]
+        )
+        for batch in batches
+    ]
 
 
 class CatalogueAnchors:

@@ -32,14 +32,23 @@ def set_trainable(encoder: Encoder, unfreeze_blocks: int, backbone_trainable: bo
         parameter.requires_grad = False
     if backbone_trainable:
         stages = encoder.backbone.stages()
-        for stage in stages if unfreeze_blocks < 0 else stages[len(stages) - unfreeze_blocks:]:
+        for stage in stages if unfreeze_blocks < 0 else stages[len(stages) - unfreeze_blocks :]:
             for parameter in stage.parameters():
                 parameter.requires_grad = True
 
 
-def frozen_epoch(encoder: Encoder, head: MarginHead, optimizer: torch.optim.Optimizer, cached: CachedFeatures,
-                 labels: np.ndarray, catalogue_labels: torch.Tensor, train: TrainParams, batches: list[np.ndarray],
-                 rng: np.random.Generator, device: torch.device) -> list[float]:
+def frozen_epoch(
+    encoder: Encoder,
+    head: MarginHead,
+    optimizer: torch.optim.Optimizer,
+    cached: CachedFeatures,
+    labels: np.ndarray,
+    catalogue_labels: torch.Tensor,
+    train: TrainParams,
+    batches: list[np.ndarray],
+    rng: np.random.Generator,
+    device: torch.device,
+) -> list[float]:
     """One head-only epoch on cached backbone features (a random cached view per image).
 
     The catalogue anchors are a random cached view of each of the step's :class:`CatalogueAnchors`.
@@ -58,14 +67,18 @@ def frozen_epoch(encoder: Encoder, head: MarginHead, optimizer: torch.optim.Opti
                 views = rng.integers(0, len(cached.catalogue_views), len(positions))
                 anchors = encoder.embed_features(torch.from_numpy(cached.catalogue_views[views, positions]).to(device))
                 anchor_labels = anchor_set.labels_at(catalogue_labels, positions)
-        losses.append(optimisation_step(head, optimizer, embeddings, torch.from_numpy(labels[batch]).to(device),
-                                        anchors, anchor_labels, train))
+        losses.append(
+            optimisation_step(
+                head, optimizer, embeddings, torch.from_numpy(labels[batch]).to(device), anchors, anchor_labels, train
+            )
+        )
     return losses
 
 
 @torch.no_grad()
-def init_head_from_cached(encoder: Encoder, head: MarginHead, cached: CachedFeatures, labels: np.ndarray,
-                          device: torch.device) -> None:
+def init_head_from_cached(
+    encoder: Encoder, head: MarginHead, cached: CachedFeatures, labels: np.ndarray, device: torch.device
+) -> None:
     """Start the head's class weights at each SKU's mean embedding of its cached as-is views."""
     head.init_from_prototypes(sku_means(embed_cached(encoder, cached.train_views[0], device), labels, head.n_classes))
 
@@ -99,9 +112,21 @@ class CropTraining:
       (measured: switching it back on with BatchNorm still frozen lost 2.7 / 1.3 points of top-1).
     """
 
-    def __init__(self, preprocess: Preprocess, paths: list[str], catalogue_rows: np.ndarray,
-                 train: TrainParams, embed_batch_size: int, device: torch.device) -> None:
-        self.train_params, self.embed_batch_size, self.device, self.preprocess = train, embed_batch_size, device, preprocess
+    def __init__(
+        self,
+        preprocess: Preprocess,
+        paths: list[str],
+        catalogue_rows: np.ndarray,
+        train: TrainParams,
+        embed_batch_size: int,
+        device: torch.device,
+    ) -> None:
+        self.train_params, self.embed_batch_size, self.device, self.preprocess = (
+            train,
+            embed_batch_size,
+            device,
+            preprocess,
+        )
         self.out_size = train.augment.image_size or preprocess.image_size
         self.augment = shelf_augment(preprocess, train, out_size=self.out_size) if train.augment.enabled else None
         store = self.augment.store if self.augment else replace(preprocess, image_size=self.out_size)
@@ -114,7 +139,12 @@ class CropTraining:
         """Linear warm-up, then a cosine decay to zero at the last step."""
         cfg = self.train_params
         warmup = min(1.0, (step + 1) / max(1, cfg.schedule.warmup_steps))
-        return cfg.schedule.backbone_lr * warmup * 0.5 * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+        return (
+            cfg.schedule.backbone_lr
+            * warmup
+            * 0.5
+            * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+        )
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """A uint8 batch of decoded images -> the (augmented) normalised input on the device."""
@@ -132,7 +162,7 @@ class CropTraining:
         outputs = []
         # Chunk by chunk: the float input of every training image at once would be 4x the decoded images.
         for start in range(0, len(rows), self.embed_batch_size):
-            centre = self.preprocess.normalize(self.images.batch(rows[start:start + self.embed_batch_size]))
+            centre = self.preprocess.normalize(self.images.batch(rows[start : start + self.embed_batch_size]))
             if centre.shape[-1] != self.out_size:
                 centre = F.interpolate(centre, size=(self.out_size, self.out_size), mode="bilinear", antialias=True)
             with autocast_for(self.device):
@@ -140,9 +170,19 @@ class CropTraining:
         encoder.train(was_training)
         return torch.cat(outputs)
 
-    def run_epoch(self, epoch: int, encoder: Encoder, head: MarginHead, optimizer: torch.optim.Optimizer,
-                  labels: np.ndarray, catalogue_labels: torch.Tensor, rng: np.random.Generator,
-                  progress: bool, backbone_frozen: bool = False, averaged: AveragedModel | None = None) -> list[float]:
+    def run_epoch(
+        self,
+        epoch: int,
+        encoder: Encoder,
+        head: MarginHead,
+        optimizer: torch.optim.Optimizer,
+        labels: np.ndarray,
+        catalogue_labels: torch.Tensor,
+        rng: np.random.Generator,
+        progress: bool,
+        backbone_frozen: bool = False,
+        averaged: AveragedModel | None = None,
+    ) -> list[float]:
         """One epoch of P x K batches of augmented crops; returns the per-step losses.
 
         ``averaged``, when given, takes the encoder's weights into its moving average after every step.
@@ -151,19 +191,22 @@ class CropTraining:
 
         cfg = self.train_params
         use_anchors = cfg.loss.catalogue_anchor_weight > 0 and len(self.catalogue_rows) > 0
-        batches = pk_batches(labels, max(2, cfg.sampler.unfrozen_batch_size // cfg.sampler.images_per_sku), cfg.sampler.images_per_sku, rng)
+        batches = self._epoch_batches(labels, rng)
         losses, anchors, anchor_labels = [], None, None
         anchor_set = CatalogueAnchors(catalogue_labels.cpu().numpy(), cfg.sampler.anchor_sample)
-        if cfg.sampler.catalogue_in_batches:
-            batches = with_catalogue_images(batches, labels, self.catalogue_rows)
-        batches = batches[:self.steps_per_epoch]
         decoded = self.images.batches(batches, cfg.io.loader_workers)
-        for index, (batch, images) in enumerate(tqdm(zip(batches, decoded), total=len(batches),
-                                                     desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}",
-                                                     disable=None if progress else True, leave=False)):
+        for index, (batch, images) in enumerate(
+            tqdm(
+                zip(batches, decoded),
+                total=len(batches),
+                desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}",
+                disable=None if progress else True,
+                leave=False,
+            )
+        ):
             # The projection moves every step, so the anchors go stale even with a frozen backbone.
             if use_anchors and index % cfg.loss.anchor_refresh_steps == 0:
-                upcoming = np.concatenate(batches[index:index + cfg.loss.anchor_refresh_steps])
+                upcoming = np.concatenate(batches[index : index + cfg.loss.anchor_refresh_steps])
                 positions = anchor_set.positions(labels[upcoming], rng)
                 anchors = self.embed_rows(encoder, self.catalogue_rows[positions])
                 anchor_labels = anchor_set.labels_at(catalogue_labels, positions)
@@ -171,11 +214,23 @@ class CropTraining:
             if cfg.schedule.freeze_batchnorm or backbone_frozen:
                 encoder.backbone.eval()
             if not backbone_frozen:
-                optimizer.param_groups[1]["lr"] = self.backbone_lr((epoch - cfg.schedule.frozen_epochs) * self.steps_per_epoch + index)
+                optimizer.param_groups[1]["lr"] = self.backbone_lr(
+                    (epoch - cfg.schedule.frozen_epochs) * self.steps_per_epoch + index
+                )
             with autocast_for(self.device):
                 embeddings = encoder(self.pixels(images))
-            losses.append(optimisation_step(head, optimizer, embeddings, torch.from_numpy(labels[batch]).to(self.device),
-                                            anchors, anchor_labels, cfg))
+            targets = torch.from_numpy(labels[batch]).to(self.device)
+            losses.append(optimisation_step(head, optimizer, embeddings, targets, anchors, anchor_labels, cfg))
             if averaged is not None:
                 averaged.update_parameters(encoder)
         return losses
+
+    def _epoch_batches(self, labels: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        """The epoch's P x K batches of rows, with their SKUs' catalogue images when asked, one per step."""
+        sampler = self.train_params.sampler
+        batches = pk_batches(
+            labels, max(2, sampler.unfrozen_batch_size // sampler.images_per_sku), sampler.images_per_sku, rng
+        )
+        if sampler.catalogue_in_batches:
+            batches = with_catalogue_images(batches, labels, self.catalogue_rows)
+        return batches[: self.steps_per_epoch]

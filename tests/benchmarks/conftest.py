@@ -47,16 +47,20 @@ def split_results_file(text: str, module: str) -> ResultsFile:
     assert len(headline) >= 3 and headline[1].startswith("|---"), headline
     assert all(line.startswith("| ") or line.startswith("|---") for line in headline), headline
     bullets_end = lines.index("", table_end + 1)
-    bullets = lines[table_end + 1:bullets_end]
+    bullets = lines[table_end + 1 : bullets_end]
     assert bullets[0].startswith(f"- Command: `python -m {module} ") and bullets[0].endswith("`"), bullets[0]
     assert bullets[1].startswith("- Machine: ") and " cores" in bullets[1], bullets[1]
     assert all(line.startswith("- ") for line in bullets), bullets
     assert lines[bullets_end + 1].startswith("How to read it: "), lines[bullets_end + 1]
     # No clock times: a rerun changes the figures, not the file.
     assert not any(line.startswith("- Run:") for line in lines) and not re.search(r"\b\d{1,2}:\d{2}\b", text)
-    return ResultsFile(title=lines[0][2:], headline="\n".join(headline),
-                       command=bullets[0].removeprefix("- Command: `").removesuffix("`"),
-                       setup=[line[2:] for line in bullets[2:]], rest="\n".join(lines[bullets_end + 1:]))
+    return ResultsFile(
+        title=lines[0][2:],
+        headline="\n".join(headline),
+        command=bullets[0].removeprefix("- Command: `").removesuffix("`"),
+        setup=[line[2:] for line in bullets[2:]],
+        rest="\n".join(lines[bullets_end + 1 :]),
+    )
 
 
 @pytest.fixture

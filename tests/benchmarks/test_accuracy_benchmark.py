@@ -15,10 +15,20 @@ PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 def results_file(tmp_path_factory, tiny_clip_dir, synthetic_dataset) -> Path:
     out = tmp_path_factory.mktemp("bench") / "accuracy.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
-    overrides = ["model.backbone=hf-clip", f"model.hf_model_id={tiny_clip_dir}", "model.embed_dim=16",
-                 "model.image_size=16", "model.query_zooms=[1.0,0.8]", "train.augment.image_size=null", "train.schedule.epochs=3",
-                 "train.schedule.frozen_epochs=2", "train.sampler.batch_size=12", "train.sampler.images_per_sku=2", "train.sampler.unfrozen_batch_size=12",
-                 "train.schedule.lr=0.02"]
+    overrides = [
+        "model.backbone=hf-clip",
+        f"model.hf_model_id={tiny_clip_dir}",
+        "model.embed_dim=16",
+        "model.image_size=16",
+        "model.query_zooms=[1.0,0.8]",
+        "train.augment.image_size=null",
+        "train.schedule.epochs=3",
+        "train.schedule.frozen_epochs=2",
+        "train.sampler.batch_size=12",
+        "train.sampler.images_per_sku=2",
+        "train.sampler.unfrozen_batch_size=12",
+        "train.schedule.lr=0.02",
+    ]
     argv = ["--data", str(synthetic_dataset), "--queries", "val", "--params", str(PARAMS), "--out", str(out)]
     assert accuracy.main(argv + [arg for override in overrides for arg in ("--set", override)]) == 0
     return out
@@ -63,6 +73,8 @@ def test_a_test_time_row_that_changes_more_is_refused(changes):
     from components.config import load_params
 
     params = load_params(PARAMS)
-    accuracy.check_inference_only("fine", params, load_params(PARAMS, ["model.query_zooms=[1.0]", "model.flip_tta=false"]))
+    accuracy.check_inference_only(
+        "fine", params, load_params(PARAMS, ["model.query_zooms=[1.0]", "model.flip_tta=false"])
+    )
     with pytest.raises(ValueError, match="training run of its own"):
         accuracy.check_inference_only("sneaky", params, load_params(PARAMS, changes))

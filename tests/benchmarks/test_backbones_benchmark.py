@@ -11,28 +11,68 @@ from benchmarks import backbones
 from components.config import load_params
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
-TINY = ["model.pretrained=false", "model.image_size=32", "model.embed_dim=16", "train.augment.image_size=null",
-        "train.sampler.unfrozen_batch_size=12", "evaluate.batch_size=3"]
+TINY = [
+    "model.pretrained=false",
+    "model.image_size=32",
+    "model.embed_dim=16",
+    "train.augment.image_size=null",
+    "train.sampler.unfrozen_batch_size=12",
+    "evaluate.batch_size=3",
+]
 
 
 def run(out: Path, data: Path, *args: str) -> int:
-    return backbones.main(["--params", str(PARAMS), "--data", str(data), "--out", str(out), *args,
-                           *[arg for override in TINY for arg in ("--set", override)]])
+    return backbones.main(
+        [
+            "--params",
+            str(PARAMS),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            *args,
+            *[arg for override in TINY for arg in ("--set", override)],
+        ]
+    )
 
 
-def test_each_variant_is_timed_and_projected_against_the_baseline(tmp_path, synthetic_dataset, table_rows,
-                                                                 results_file_parts):
+def test_each_variant_is_timed_and_projected_against_the_baseline(
+    tmp_path, synthetic_dataset, table_rows, results_file_parts
+):
     from transformers import CLIPVisionConfig
 
     # A CLIP config only (the variants build random weights): small, with layers enough that
     # "the last 4" leaves some frozen.
     clip_config = tmp_path / "clip-config"
-    CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=6, num_attention_heads=4, image_size=16,
-                     patch_size=8, projection_dim=16).save_pretrained(clip_config)
+    CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+        projection_dim=16,
+    ).save_pretrained(clip_config)
     out = tmp_path / "backbones.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
-    assert run(out, synthetic_dataset, "--variants", "clip-b32", "clip-b32-last4", "--clip-config", str(clip_config),
-               "--images", "3", "--steps", "2", "--repeats", "2") == 0
+    assert (
+        run(
+            out,
+            synthetic_dataset,
+            "--variants",
+            "clip-b32",
+            "clip-b32-last4",
+            "--clip-config",
+            str(clip_config),
+            "--images",
+            "3",
+            "--steps",
+            "2",
+            "--repeats",
+            "2",
+        )
+        == 0
+    )
     text = out.read_text()
     parts = results_file_parts(text, "benchmarks.backbones")
     assert "device cpu" in text and str(clip_config) in parts.command
@@ -63,19 +103,24 @@ def gallery(folder: str, images: int) -> pd.DataFrame:
 def test_recipe_counts_follow_the_params():
     params = load_params(PARAMS, [])  # 18 epochs, 10 on cached features, a gate evaluation every 2
     galleries = {"catalogue": gallery("iconic", 81), "nn": gallery("train", 2640)}
-    counts = backbones.recipe_counts(params, rows=2721, catalogue=81, galleries=galleries, queries=296, steps_per_epoch=85)
+    counts = backbones.recipe_counts(
+        params, rows=2721, catalogue=81, galleries=galleries, queries=296, steps_per_epoch=85
+    )
     assert counts.features == 2721 * 2 + 81 * 15 + 296
     assert counts.backbone_steps == 8 * 85
     assert counts.gate_evaluations == 4 and counts.gate_gallery == 81  # epochs 12, 14, 16, 18; the catalogue
     assert counts.full_gallery == 81 + 2640
     every_third = load_params(PARAMS, ["train.schedule.eval_every_epochs=3"])
     assert backbones.recipe_counts(every_third, 2721, 81, galleries, 296, 85).gate_evaluations == 3  # 12, 15, 18 (last)
-    units = backbones.UnitTimes(feature_s=0.01, gallery_s=0.02, query_s=0.06, step_s=1.5, steps_per_epoch=85,
-                                eval_px=224, train_px=192)
+    units = backbones.UnitTimes(
+        feature_s=0.01, gallery_s=0.02, query_s=0.06, step_s=1.5, steps_per_epoch=85, eval_px=224, train_px=192
+    )
     minutes = backbones.projected_minutes(units, counts)
     assert minutes["backbone epochs"] == pytest.approx(680 * 1.5 / 60)
     assert minutes["gate evaluations"] == pytest.approx(4 * (81 * 0.02 + 296 * 0.06) / 60)
-    assert minutes["train"] == pytest.approx(minutes["caching"] + minutes["backbone epochs"] + minutes["gate evaluations"])
+    assert minutes["train"] == pytest.approx(
+        minutes["caching"] + minutes["backbone epochs"] + minutes["gate evaluations"]
+    )
 
 
 def test_a_recipe_without_cached_features_is_refused():

@@ -9,13 +9,19 @@ import pytest
 from benchmarks import batch_size
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
-TINY = ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.image_size=32", "model.embed_dim=16",
-        "evaluate.batch_size=3"]
+TINY = [
+    "model.backbone=efficientnet-lite0",
+    "model.pretrained=false",
+    "model.image_size=32",
+    "model.embed_dim=16",
+    "evaluate.batch_size=3",
+]
 
 
 def run(out: Path, *args: str) -> int:
-    return batch_size.main(["--params", str(PARAMS), "--out", str(out), *args,
-                            *[arg for override in TINY for arg in ("--set", override)]])
+    return batch_size.main(
+        ["--params", str(PARAMS), "--out", str(out), *args, *[arg for override in TINY for arg in ("--set", override)]]
+    )
 
 
 def test_every_workload_is_timed_at_every_size_with_the_baseline_added(tmp_path, table_rows, results_file_parts):
@@ -29,8 +35,10 @@ def test_every_workload_is_timed_at_every_size_with_the_baseline_added(tmp_path,
     assert "an earlier run" not in text and text.endswith("## Notes (by hand)\n\n- kept across runs\n")
     sections = text.split("## ")[1:-1]  # the three workloads; the last section is the notes
     assert [section.splitlines()[0] for section in sections] == [
-        "gallery (image + mirror, 2 passes)", "queries (every zoom + mirror, 6 passes)",
-        "backbone features (1 pass, the feature cache)"]
+        "gallery (image + mirror, 2 passes)",
+        "queries (every zoom + mirror, 6 passes)",
+        "backbone features (1 pass, the feature cache)",
+    ]
     for section in sections:
         rows = table_rows(section)
         # The sizes asked for, and the baseline's, which was not among them.
@@ -45,8 +53,9 @@ def test_every_workload_is_timed_at_every_size_with_the_baseline_added(tmp_path,
     assert parts.headline.splitlines()[0] == "| batch size | " + " | ".join(workloads) + " |"
     assert list(headline) == ["1", "2", "3 (baseline)"]
     for column, section in enumerate(sections):
-        assert {size: cells[column] for size, cells in headline.items()} == \
-               {size: cells[1] for size, cells in table_rows(section).items()}
+        assert {size: cells[column] for size, cells in headline.items()} == {
+            size: cells[1] for size, cells in table_rows(section).items()
+        }
 
 
 @pytest.mark.parametrize("args", [["--repeats", "0"], ["--images", "0"], ["--batch-sizes", "4", "0"]])

@@ -11,13 +11,31 @@ from benchmarks import cached_features
 from components.config import ParamsError
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
-TINY = ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.embed_dim=16", "train.augment.cached_views=2",
-        "train.augment.catalogue_views=3"]
+TINY = [
+    "model.backbone=efficientnet-lite0",
+    "model.pretrained=false",
+    "model.embed_dim=16",
+    "train.augment.cached_views=2",
+    "train.augment.catalogue_views=3",
+]
 
 
 def run(tmp_path: Path, *extra: str) -> int:
-    argv = ["--params", str(PARAMS), "--skus", "12", "--images-per-sku", "4", "--batches", "3",
-            "--out", str(tmp_path / "cached_features.md"), "--work", str(tmp_path), *extra]
+    argv = [
+        "--params",
+        str(PARAMS),
+        "--skus",
+        "12",
+        "--images-per-sku",
+        "4",
+        "--batches",
+        "3",
+        "--out",
+        str(tmp_path / "cached_features.md"),
+        "--work",
+        str(tmp_path),
+        *extra,
+    ]
     return cached_features.main(argv + [arg for override in TINY for arg in ("--set", override)])
 
 
@@ -54,7 +72,10 @@ def test_bad_arguments_and_bad_params_are_refused_before_anything_is_written(tmp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_failing_measuring_process_says_which_way_and_why(tmp_path):
-    with pytest.raises(RuntimeError, match=r"(?s)read whole into memory, all anchors \(before\): the measuring process failed.*"
-                                           r"torch sees no CUDA device"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"(?s)read whole into memory, all anchors \(before\): the measuring process failed.*"
+        r"torch sees no CUDA device",
+    ):
         run(tmp_path, "--set", "train.device=cuda")
     assert list(tmp_path.iterdir()) == []  # no half-written results file; the features folder is removed

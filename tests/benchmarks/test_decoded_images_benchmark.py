@@ -7,12 +7,20 @@ from pathlib import Path
 from benchmarks import decoded_images
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
-TINY = ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.image_size=32", "model.embed_dim=16",
-        "train.augment.image_size=null", "train.sampler.unfrozen_batch_size=12", "train.sampler.images_per_sku=2"]
+TINY = [
+    "model.backbone=efficientnet-lite0",
+    "model.pretrained=false",
+    "model.image_size=32",
+    "model.embed_dim=16",
+    "train.augment.image_size=null",
+    "train.sampler.unfrozen_batch_size=12",
+    "train.sampler.images_per_sku=2",
+]
 
 
-def test_every_way_is_measured_in_its_own_process_against_the_kept_baseline(tmp_path, synthetic_dataset,
-                                                                            table_rows, results_file_parts):
+def test_every_way_is_measured_in_its_own_process_against_the_kept_baseline(
+    tmp_path, synthetic_dataset, table_rows, results_file_parts
+):
     out = tmp_path / "decoded_images.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
     argv = ["--data", str(synthetic_dataset), "--params", str(PARAMS), "--steps", "2", "--out", str(out)]
@@ -37,8 +45,16 @@ def test_every_way_is_measured_in_its_own_process_against_the_kept_baseline(tmp_
 def test_a_failing_way_says_which_and_why(tmp_path, synthetic_dataset):
     import pytest
 
-    argv = ["--data", str(synthetic_dataset / "missing"), "--params", str(PARAMS), "--steps", "1",
-            "--out", str(tmp_path / "out.md")]
+    argv = [
+        "--data",
+        str(synthetic_dataset / "missing"),
+        "--params",
+        str(PARAMS),
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "out.md"),
+    ]
     with pytest.raises(RuntimeError, match="all decoded images kept .*the measuring process failed"):
         decoded_images.main(argv + [arg for override in TINY for arg in ("--set", override)])
     assert not (tmp_path / "out.md").exists()  # no half-written results file

@@ -16,8 +16,20 @@ PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 def test_every_factory_is_measured_against_flat_at_every_size(tmp_path, table_rows, results_file_parts):
     out = tmp_path / "index_scale.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")
-    argv = ["--params", str(PARAMS), "--out", str(out), "--sizes", "300", "1200", "--queries", "80",
-            "--factories", "IVF{nlist},Flat@4", "HNSW32@8"]
+    argv = [
+        "--params",
+        str(PARAMS),
+        "--out",
+        str(out),
+        "--sizes",
+        "300",
+        "1200",
+        "--queries",
+        "80",
+        "--factories",
+        "IVF{nlist},Flat@4",
+        "HNSW32@8",
+    ]
     assert index_scale.main(argv) == 0
     text = out.read_text()
     parts = results_file_parts(text, "benchmarks.index_scale")
@@ -34,7 +46,7 @@ def test_every_factory_is_measured_against_flat_at_every_size(tmp_path, table_ro
         assert list(rows) == ["Flat (baseline)", f"IVF{nlist},Flat", "HNSW32"]  # the baseline was added, first
         flat, ivf, hnsw = rows.values()
         column = 2 * [300, 1200].index(size)
-        assert [cells[column:column + 2] for cells in headline.values()] == [row[5:7] for row in rows.values()]
+        assert [cells[column : column + 2] for cells in headline.values()] == [row[5:7] for row in rows.values()]
         assert flat[0] == "-" and ivf[0] == "4" and hnsw[0] == "8"
         assert flat[5:8] == ["×1.00", "1.000", "1.000"]  # Flat agrees with itself
         for row in rows.values():

@@ -26,7 +26,7 @@ def test_both_layouts_are_timed_on_both_workloads_and_embed_alike(tmp_path, tabl
     # The default params' three query zooms, each with its mirror: 6 passes per /match photo.
     assert set(table) == {"/match query (1 photo, 6 passes)", "gallery (batches of 4, 2 passes each)"}
     assert [int(row[0]) for row in table.values()] == [2, 4]  # one batch of evaluate.batch_size
-    for images, baseline_ms, built_ms, ratio, difference in table.values():
+    for _images, baseline_ms, built_ms, ratio, difference in table.values():
         assert float(baseline_ms) > 0 and float(built_ms) > 0
         assert ratio.startswith("×") and float(ratio.removeprefix("×")) > 0
         assert float(difference) < 1e-4  # the layout changes speed, not embeddings

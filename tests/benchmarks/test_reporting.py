@@ -12,10 +12,14 @@ from benchmarks import reporting
 
 
 def page(**changes) -> str:
-    parts = dict(title="Some benchmark", headline=reporting.table(("way", "s", "vs baseline"), [("a", "1.0", "×1.00")]),
-                 command="python -m benchmarks.some --repeats 2", setup=["Data: `here`"],
-                 how_to_read=["ratios divide by the first row.", "A second paragraph."],
-                 details=["## More", "", "| x | y |", "|---|---|", "| 1 | 2 |", ""])
+    parts = dict(
+        title="Some benchmark",
+        headline=reporting.table(("way", "s", "vs baseline"), [("a", "1.0", "×1.00")]),
+        command="python -m benchmarks.some --repeats 2",
+        setup=["Data: `here`"],
+        how_to_read=["ratios divide by the first row.", "A second paragraph."],
+        details=["## More", "", "| x | y |", "|---|---|", "| 1 | 2 |", ""],
+    )
     return reporting.results_page(**{**parts, **changes})
 
 
@@ -27,8 +31,10 @@ def test_a_results_page_opens_with_the_table_command_machine_and_how_to_read_it(
     assert parts.command == "python -m benchmarks.some --repeats 2"
     assert f"- Machine: {reporting.machine()}, torch threads 2\n- Data: `here`\n\n" in text
     assert parts.setup == ["Data: `here`"]
-    assert parts.rest == ("How to read it: ratios divide by the first row.\n\nA second paragraph.\n\n"
-                          "## More\n\n| x | y |\n|---|---|\n| 1 | 2 |")
+    assert parts.rest == (
+        "How to read it: ratios divide by the first row.\n\nA second paragraph.\n\n"
+        "## More\n\n| x | y |\n|---|---|\n| 1 | 2 |"
+    )
     assert text.endswith("| 1 | 2 |\n")  # one newline: the kept notes follow after a blank line
     assert page(details=[]).endswith("How to read it: ratios divide by the first row.\n\nA second paragraph.\n")
 
@@ -64,14 +70,32 @@ def test_the_command_line_spells_out_what_shapes_the_figures():
     optional = ("params", "data", "out")
 
     defaults = parser.parse_args([])
-    assert reporting.command_line("benchmarks.some", defaults, measured, parser, optional) == \
-        "python -m benchmarks.some --sizes 1 2 --share 0.5 --factories Flat"
-    args = parser.parse_args(["--params", "p.yaml", "--data", "d", "--fast", "--share", "0.25",
-                              "--factories", "IVF{nlist},Flat", "HNSW32@8",
-                              "--set", "model.query_zooms=[1.0]", "-S", "train.schedule.epochs=2"])
+    assert (
+        reporting.command_line("benchmarks.some", defaults, measured, parser, optional)
+        == "python -m benchmarks.some --sizes 1 2 --share 0.5 --factories Flat"
+    )
+    args = parser.parse_args(
+        [
+            "--params",
+            "p.yaml",
+            "--data",
+            "d",
+            "--fast",
+            "--share",
+            "0.25",
+            "--factories",
+            "IVF{nlist},Flat",
+            "HNSW32@8",
+            "--set",
+            "model.query_zooms=[1.0]",
+            "-S",
+            "train.schedule.epochs=2",
+        ]
+    )
     assert reporting.command_line("benchmarks.some", args, measured, parser, optional) == (
-        "python -m benchmarks.some --params p.yaml --data d --set 'model.query_zooms=[1.0]' --set train.schedule.epochs=2 "
-        "--sizes 1 2 --share 0.25 --factories 'IVF{nlist},Flat' HNSW32@8 --fast")
+        "python -m benchmarks.some --params p.yaml --data d --set 'model.query_zooms=[1.0]' "
+        "--set train.schedule.epochs=2 --sizes 1 2 --share 0.25 --factories 'IVF{nlist},Flat' HNSW32@8 --fast"
+    )
 
 
 def test_a_measuring_process_returns_its_last_line_or_says_which_way_failed(capsys):

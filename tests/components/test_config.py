@@ -36,8 +36,18 @@ def test_typed_defaults_are_the_recipe_params_yaml_gives():
 
 
 def test_dotted_overrides_are_typed():
-    params = load_params(None, ["train.schedule.epochs=3", "evaluate.ks=[1,2]", "train.schedule.lr=0.05", "train.augment.enabled=false",
-                                "model.image_size=16", "data.max_images_per_sku=null", "index.factory=HNSW32"])
+    params = load_params(
+        None,
+        [
+            "train.schedule.epochs=3",
+            "evaluate.ks=[1,2]",
+            "train.schedule.lr=0.05",
+            "train.augment.enabled=false",
+            "model.image_size=16",
+            "data.max_images_per_sku=null",
+            "index.factory=HNSW32",
+        ],
+    )
     assert params.train.schedule.epochs == 3 and type(params.train.schedule.epochs) is int
     assert params.evaluate.ks == [1, 2]
     assert params.train.schedule.lr == pytest.approx(0.05) and isinstance(params.train.schedule.lr, float)
@@ -55,8 +65,11 @@ def test_flat_train_keys_of_earlier_files_are_refused_with_their_new_place(tmp_p
     with pytest.raises(ParamsError) as refused:
         load_params(path)
     message = str(refused.value)
-    for moved in ("train.epochs is now train.schedule.epochs", "train.loss is now train.loss.kind",
-                  "train.augment is now train.augment.enabled"):
+    for moved in (
+        "train.epochs is now train.schedule.epochs",
+        "train.loss is now train.loss.kind",
+        "train.augment is now train.augment.enabled",
+    ):
         assert moved in message
     with pytest.raises(ParamsError, match="train.lr is now train.schedule.lr"):
         load_params(None, ["train.lr=0.1"])
@@ -85,11 +98,14 @@ def test_apply_overrides_does_not_mutate_its_input():
     assert result == {"train": {"schedule": {"epochs": 7}}, "model": {"embed_dim": 16}}
 
 
-@pytest.mark.parametrize("override, path", [
-    ("train.epochz=3", "train.epochz"),
-    ("trainn.epochs=3", "trainn"),
-    ("model.backbone_name=x", "model.backbone_name"),
-])
+@pytest.mark.parametrize(
+    "override, path",
+    [
+        ("train.epochz=3", "train.epochz"),
+        ("trainn.epochs=3", "trainn"),
+        ("model.backbone_name=x", "model.backbone_name"),
+    ],
+)
 def test_unknown_key_is_rejected_naming_the_path(override, path):
     with pytest.raises(ParamsError) as info:
         load_params(None, [override])
@@ -103,25 +119,28 @@ def test_unknown_key_in_a_file_is_rejected(tmp_path):
         load_params(path)
 
 
-@pytest.mark.parametrize("override, path", [
-    ("train.schedule.epochs=three", "train.schedule.epochs"),
-    ("train.schedule.epochs=0", "train.schedule.epochs"),  # ge=1
-    ("evaluate.min_top1=1.5", "evaluate.min_top1"),  # le=1
-    ("model.backbone=resnet50", "model.backbone"),  # not one of the literals
-    ("evaluate.ks=fast", "evaluate.ks"),
-    ("train.augment.crop_area=[0.5]", "train.augment.crop_area"),  # [smallest, largest]
-    ("index.ef_search=0", "index.ef_search"),  # ge=1
-    ("train.augment.crop_area=[0,1]", "train.augment.crop_area"),  # an empty crop
-    ("train.augment.crop_area=[0.5,1.2]", "train.augment.crop_area"),  # more than the image
-    ("train.io.decoded_cache_mb=-1", "train.io.decoded_cache_mb"),  # ge=0
-    ("train.io.loader_workers=-1", "train.io.loader_workers"),  # ge=0
-    ("train.augment.crop_area=[0.8,0.3]", "train.augment.crop_area"),  # reversed
-    ("train.sampler.anchor_sample=0", "train.sampler.anchor_sample"),  # ge=1 (null = every catalogue image)
-    ("train.augment.colour_cast=-0.1", "train.augment.colour_cast"),  # ge=0
-    ("train.augment.colour_cast=1.0", "train.augment.colour_cast"),  # a gain of 0 would black a channel out
-    ("train.augment.erase=-0.1", "train.augment.erase"),  # a chance: ge=0
-    ("train.augment.erase=1.5", "train.augment.erase"),  # le=1
-])
+@pytest.mark.parametrize(
+    "override, path",
+    [
+        ("train.schedule.epochs=three", "train.schedule.epochs"),
+        ("train.schedule.epochs=0", "train.schedule.epochs"),  # ge=1
+        ("evaluate.min_top1=1.5", "evaluate.min_top1"),  # le=1
+        ("model.backbone=resnet50", "model.backbone"),  # not one of the literals
+        ("evaluate.ks=fast", "evaluate.ks"),
+        ("train.augment.crop_area=[0.5]", "train.augment.crop_area"),  # [smallest, largest]
+        ("index.ef_search=0", "index.ef_search"),  # ge=1
+        ("train.augment.crop_area=[0,1]", "train.augment.crop_area"),  # an empty crop
+        ("train.augment.crop_area=[0.5,1.2]", "train.augment.crop_area"),  # more than the image
+        ("train.io.decoded_cache_mb=-1", "train.io.decoded_cache_mb"),  # ge=0
+        ("train.io.loader_workers=-1", "train.io.loader_workers"),  # ge=0
+        ("train.augment.crop_area=[0.8,0.3]", "train.augment.crop_area"),  # reversed
+        ("train.sampler.anchor_sample=0", "train.sampler.anchor_sample"),  # ge=1 (null = every catalogue image)
+        ("train.augment.colour_cast=-0.1", "train.augment.colour_cast"),  # ge=0
+        ("train.augment.colour_cast=1.0", "train.augment.colour_cast"),  # a gain of 0 would black a channel out
+        ("train.augment.erase=-0.1", "train.augment.erase"),  # a chance: ge=0
+        ("train.augment.erase=1.5", "train.augment.erase"),  # le=1
+    ],
+)
 def test_wrong_type_or_range_is_rejected(override, path):
     with pytest.raises(ParamsError) as info:
         load_params(None, [override])

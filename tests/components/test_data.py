@@ -21,6 +21,7 @@ from components.data import (
     select,
     split_names,
 )
+
 SKU_NAMES = sorted(["Red-Circle", "Green-Square", "Blue-Triangle", "Yellow-Stripes", "Magenta-Cross", "Cyan-Ring"])
 
 
@@ -50,7 +51,10 @@ def test_grocery_manifest_roles_splits_and_skus(synthetic_dataset):
     assert sorted(catalogue["sku_id"]) == SKU_NAMES  # one iconic image per SKU
     assert set(catalogue["role"]) == {"catalogue"}
     for row in catalogue.itertuples():
-        assert Path(row.image_path) == synthetic_dataset / "iconic-images-and-descriptions" / row.sku_id / f"{row.sku_id}_Iconic.jpg"
+        assert (
+            Path(row.image_path)
+            == synthetic_dataset / "iconic-images-and-descriptions" / row.sku_id / f"{row.sku_id}_Iconic.jpg"
+        )
 
     for split, per_sku in (("train", 8), ("val", 4)):
         rows = select(manifest, split=split)
@@ -77,7 +81,10 @@ def test_max_images_per_sku_caps_query_splits_but_keeps_catalogue(synthetic_data
     assert len(manifest) == 6 * (1 + 2 + 2)
     # The first images in file order are kept.
     train = select(manifest, split="train")
-    assert sorted(Path(p).name for p in train["image_path"] if "Red-Circle" in p) == ["Red-Circle_001.jpg", "Red-Circle_002.jpg"]
+    assert sorted(Path(p).name for p in train["image_path"] if "Red-Circle" in p) == [
+        "Red-Circle_001.jpg",
+        "Red-Circle_002.jpg",
+    ]
 
 
 def _grocery_copy(synthetic_dataset: Path, tmp_path: Path) -> Path:

@@ -38,8 +38,9 @@ def identity_gallery(skus: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def metrics_for(query_rows, query_skus, gallery_skus, ks=(1, 3, 5), similarity_fn=faiss_similarity):
     gallery, gallery_skus = identity_gallery(gallery_skus)
-    return retrieval_metrics(np.array(query_rows, dtype=np.float32), np.array(query_skus), gallery, gallery_skus,
-                             ks, similarity_fn)
+    return retrieval_metrics(
+        np.array(query_rows, dtype=np.float32), np.array(query_skus), gallery, gallery_skus, ks, similarity_fn
+    )
 
 
 # --- retrieval_metrics -------------------------------------------------------------------------
@@ -134,7 +135,9 @@ def test_no_matchable_query_is_an_error():
 
 def test_numeric_sku_labels_match_string_labels():
     gallery, _ = identity_gallery(["1", "2"])
-    result = retrieval_metrics(np.array([[0.1, 0.9]], dtype=np.float32), np.array([2]), gallery, np.array(["1", "2"]), (1,))
+    result = retrieval_metrics(
+        np.array([[0.1, 0.9]], dtype=np.float32), np.array([2]), gallery, np.array(["1", "2"]), (1,)
+    )
     assert result["top1"] == 1.0
 
 
@@ -185,16 +188,25 @@ def test_similarity_fn_is_the_injected_one():
 
 
 def small_manifest() -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    rows = [("cat/A.jpg", "A", "catalogue", "catalogue"), ("cat/B.jpg", "B", "catalogue", "catalogue"),
-            ("train/A1.jpg", "A", "train", "query"), ("train/B1.jpg", "B", "train", "query"),
-            ("val/A1.jpg", "A", "val", "query"), ("val/B1.jpg", "B", "val", "query")]
+    rows = [
+        ("cat/A.jpg", "A", "catalogue", "catalogue"),
+        ("cat/B.jpg", "B", "catalogue", "catalogue"),
+        ("train/A1.jpg", "A", "train", "query"),
+        ("train/B1.jpg", "B", "train", "query"),
+        ("val/A1.jpg", "A", "val", "query"),
+        ("val/B1.jpg", "B", "val", "query"),
+    ]
     manifest = pd.DataFrame(rows, columns=["image_path", "sku_id", "split", "role"])
     e0, e1 = np.array([1.0, 0.0], dtype=np.float32), np.array([0.0, 1.0], dtype=np.float32)
     diag = np.array([0.6, 0.8], dtype=np.float32)
     embeddings = {
         # Catalogue: the right way round. Training photos: swapped, so the nn protocol fails.
-        "cat/A.jpg": e0, "cat/B.jpg": e1, "train/A1.jpg": e1, "train/B1.jpg": e0,
-        "val/A1.jpg": np.array([0.8, 0.6], dtype=np.float32), "val/B1.jpg": diag,
+        "cat/A.jpg": e0,
+        "cat/B.jpg": e1,
+        "train/A1.jpg": e1,
+        "train/B1.jpg": e0,
+        "val/A1.jpg": np.array([0.8, 0.6], dtype=np.float32),
+        "val/B1.jpg": diag,
     }
     return manifest, embeddings
 
@@ -260,14 +272,23 @@ def test_evaluate_encoder_on_the_synthetic_dataset(synthetic_dataset, tiny_model
     encoder, preprocess = build_encoder(params.model)
     manifest = load_manifest(synthetic_dataset)
     fast = evaluate_encoder(encoder, preprocess, manifest, "val", "train", params.evaluate)
-    exact = evaluate_encoder(encoder, preprocess, manifest, "val", "train", params.evaluate,
-                             similarity_fn=brute_force_similarity)
+    exact = evaluate_encoder(
+        encoder, preprocess, manifest, "val", "train", params.evaluate, similarity_fn=brute_force_similarity
+    )
     assert set(fast) == {"nn", "catalogue", "open_set"}
     for protocol in ("nn", "catalogue"):
         # Every query is either scored or left out as a leak (the synthetic images are simple
         # enough that a val drawing can land within 4 dHash bits of a gallery one).
         assert fast[protocol]["queries"] + fast[protocol]["leaked_queries"] == 24
-        assert set(fast[protocol]) == {"top1", "top3", "delta_similarity", "map", "queries", "queries_without_gallery_sku", "leaked_queries"}
+        assert set(fast[protocol]) == {
+            "top1",
+            "top3",
+            "delta_similarity",
+            "map",
+            "queries",
+            "queries_without_gallery_sku",
+            "leaked_queries",
+        }
         assert 0.0 <= fast[protocol]["top1"] <= fast[protocol]["top3"] <= 1.0
         for key, value in exact[protocol].items():
             assert fast[protocol][key] == pytest.approx(value, abs=1e-6)
@@ -369,7 +390,8 @@ def test_leaks_are_found_reported_and_left_out(synthetic_dataset, tmp_path):
     from PIL import Image
 
     from components.data import load_manifest
-    from components.evaluate import evaluate_embeddings, find_leaks, protocol_sets
+    from components.evaluate import evaluate_embeddings, protocol_sets
+    from components.leaks import find_leaks
 
     root = shutil.copytree(synthetic_dataset, tmp_path / "leaky")
     manifest = load_manifest(root)
@@ -382,8 +404,9 @@ def test_leaks_are_found_reported_and_left_out(synthetic_dataset, tmp_path):
     Image.open(train["image_path"].iat[3]).save(near_query, quality=75)
 
     leaks = find_leaks(catalogue, val)
-    assert leaks.to_dict("records") == [{"query_path": exact_query, "gallery_path": catalogue["image_path"].iat[0],
-                                         "kind": "exact", "distance": 0}]
+    assert leaks.to_dict("records") == [
+        {"query_path": exact_query, "gallery_path": catalogue["image_path"].iat[0], "kind": "exact", "distance": 0}
+    ]
     near = find_leaks(train, val)
     assert near["query_path"].tolist() == [near_query] and near["kind"].tolist() == ["near"]
     assert near["gallery_path"].tolist() == [train["image_path"].iat[3]]

@@ -16,9 +16,20 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_training_runs_on_cuda_with_bf16_and_loads_on_cpu(tmp_path, tiny_model_overrides, synthetic_dataset):
-    params = load_params(None, tiny_model_overrides + [
-        "train.device=cuda", "train.schedule.epochs=3", "train.schedule.frozen_epochs=1", "train.sampler.batch_size=12", "train.sampler.images_per_sku=2",
-        "train.schedule.lr=0.02", f"train.io.checkpoint_dir={tmp_path / 'ckpt'}", f"train.io.output_dir={tmp_path / 'model'}"])
+    params = load_params(
+        None,
+        tiny_model_overrides
+        + [
+            "train.device=cuda",
+            "train.schedule.epochs=3",
+            "train.schedule.frozen_epochs=1",
+            "train.sampler.batch_size=12",
+            "train.sampler.images_per_sku=2",
+            "train.schedule.lr=0.02",
+            f"train.io.checkpoint_dir={tmp_path / 'ckpt'}",
+            f"train.io.output_dir={tmp_path / 'model'}",
+        ],
+    )
     result = train_encoder(params, load_manifest(synthetic_dataset), progress=False)
     assert result.device == "cuda"
     assert result.history[-1]["train.loss"] < result.history[0]["train.loss"]

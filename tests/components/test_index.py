@@ -56,8 +56,14 @@ def brute_force_top_skus(embeddings, sku_ids, query, top_k):
 @pytest.fixture
 def saved(tmp_path, catalogue):
     embeddings, sku_ids, paths, _ = catalogue
-    index = build_index(embeddings, sku_ids, paths, "Flat", use_gpu="never",
-                        meta={"model_name": "skumatch-encoder", "model_version": "3"})
+    index = build_index(
+        embeddings,
+        sku_ids,
+        paths,
+        "Flat",
+        use_gpu="never",
+        meta={"model_name": "skumatch-encoder", "model_version": "3"},
+    )
     folder = tmp_path / "index"
     checksum = save_index(index, folder)
     return folder, checksum, index
@@ -68,8 +74,14 @@ def test_build_records_facts(catalogue):
     index = build_index(embeddings, sku_ids, paths, use_gpu="never", meta={"model_version": "7"})
     assert isinstance(index, CatalogueIndex)
     assert index.dim == DIM
-    assert index.meta == {"factory": "Flat", "nprobe": 16, "ef_search": 128, "dim": DIM, "ntotal": 60,
-                          "model_version": "7"}
+    assert index.meta == {
+        "factory": "Flat",
+        "nprobe": 16,
+        "ef_search": 128,
+        "dim": DIM,
+        "ntotal": 60,
+        "model_version": "7",
+    }
     assert index.sku_ids == sku_ids and index.image_paths == paths
 
 
@@ -224,7 +236,7 @@ def test_other_factories_work(tmp_path, factory):
     assert index.meta["factory"] == factory and index.meta["ntotal"] == n_skus * per_sku
 
     # A catalogue vector used as a query finds its own SKU first, with cosine ~1.
-    probes = embeddings[::per_sku * 4]
+    probes = embeddings[:: per_sku * 4]
     for probe_row, result in zip(range(0, n_skus * per_sku, per_sku * 4), index.search(probes, top_k=3)):
         assert result[0][0] == sku_ids[probe_row]
         assert result[0][1] == pytest.approx(1.0, abs=1e-4)

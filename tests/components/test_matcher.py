@@ -20,18 +20,23 @@ def tiny_encoder(tiny_clip_dir):
 
 
 def _catalogue_rows(synthetic_dataset) -> pd.DataFrame:
-    rows = pd.DataFrame({"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]})
+    rows = pd.DataFrame(
+        {"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]}
+    )
     rows["sku_id"] = [p.split("/")[-2] for p in rows["image_path"]]
     return rows
 
 
 def test_served_model_embeds_photos_as_queries_at_the_saved_query_zooms(tiny_clip_dir, synthetic_dataset, tmp_path):
-    params = ModelParams(backbone="hf-clip", hf_model_id=str(tiny_clip_dir), embed_dim=16, image_size=16,
-                         query_zooms=[1.0, 0.5])
+    params = ModelParams(
+        backbone="hf-clip", hf_model_id=str(tiny_clip_dir), embed_dim=16, image_size=16, query_zooms=[1.0, 0.5]
+    )
     encoder, preprocess = build_encoder(params)
     encoder, preprocess, _ = load_encoder(save_encoder(encoder, preprocess, params, tmp_path / "encoder"))
     rows = _catalogue_rows(synthetic_dataset)
-    checksum = save_index(build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1"}), tmp_path / "index")
+    checksum = save_index(
+        build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1"}), tmp_path / "index"
+    )
     served = ServedModel(encoder, preprocess, load_index(tmp_path / "index", checksum, "1"), "m", "1")
     photo = Image.open(rows["image_path"].iat[0])
     query = embed_batch(encoder, preprocess, [photo], as_queries=True).numpy()
@@ -45,7 +50,9 @@ def test_served_model_embeds_photos_as_queries_at_the_saved_query_zooms(tiny_cli
 def test_served_model_embeds_batch_size_photos_at_a_time(tiny_encoder, synthetic_dataset, tmp_path):
     encoder, preprocess = tiny_encoder
     rows = _catalogue_rows(synthetic_dataset)
-    checksum = save_index(build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1"}), tmp_path / "index")
+    checksum = save_index(
+        build_catalogue_index(encoder, preprocess, rows, meta={"model_version": "1"}), tmp_path / "index"
+    )
     catalogue = load_index(tmp_path / "index", checksum, "1")
     photos = [Image.open(path) for path in rows["image_path"]][:5]
     batches = []

@@ -120,8 +120,9 @@ def test_architecture_comes_from_encoder_json(clip_params, image_paths, tmp_path
     description["model"]["hf_model_id"] = str(tmp_path / "does-not-exist")
     (out / ENCODER_FILE).write_text(json.dumps(description))
     loaded, loaded_pre, _ = load_encoder(out)
-    np.testing.assert_allclose(embed_images(loaded, loaded_pre, image_paths),
-                               embed_images(encoder, preprocess, image_paths), atol=1e-6)
+    np.testing.assert_allclose(
+        embed_images(loaded, loaded_pre, image_paths), embed_images(encoder, preprocess, image_paths), atol=1e-6
+    )
 
 
 def test_saved_encoder_is_safetensors_and_json_only(clip_params, tmp_path):
@@ -183,8 +184,9 @@ def test_built_and_loaded_encoders_are_channels_last_and_embed_as_the_plain_layo
     plain.load_state_dict(built.state_dict())
     plain.to(memory_format=torch.contiguous_format)
     assert not plain.backbone.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
-    np.testing.assert_allclose(embed_images(loaded, preprocess, image_paths), embed_images(plain, preprocess, image_paths),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        embed_images(loaded, preprocess, image_paths), embed_images(plain, preprocess, image_paths), atol=1e-5
+    )
 
 
 def test_efficientnet_native_size_when_image_size_is_unset():
@@ -263,8 +265,11 @@ def test_embed_images_on_zero_paths(clip_params):
 
 def test_embed_images_is_independent_of_batch_size(clip_params, image_paths):
     encoder, preprocess = build_encoder(clip_params)
-    np.testing.assert_allclose(embed_images(encoder, preprocess, image_paths, batch_size=1),
-                               embed_images(encoder, preprocess, image_paths, batch_size=64), atol=1e-5)
+    np.testing.assert_allclose(
+        embed_images(encoder, preprocess, image_paths, batch_size=1),
+        embed_images(encoder, preprocess, image_paths, batch_size=64),
+        atol=1e-5,
+    )
 
 
 def test_embed_images_reports_an_unreadable_file(clip_params, tmp_path):
@@ -298,8 +303,12 @@ def test_encoders_saved_before_flip_tta_load_without_it(clip_params, tmp_path):
     (folder / "encoder.json").write_text(json.dumps(description))
     loaded, _, _ = load_encoder(folder)
     assert loaded.flip_average is False  # its index was built from single-view embeddings
-    assert load_encoder(save_encoder(encoder, preprocess, clip_params.model_copy(update={"flip_tta": True}),
-                                     tmp_path / "new"))[0].flip_average is True
+    assert (
+        load_encoder(
+            save_encoder(encoder, preprocess, clip_params.model_copy(update={"flip_tta": True}), tmp_path / "new")
+        )[0].flip_average
+        is True
+    )
 
 
 def test_queries_average_their_zoomed_views_and_gallery_images_keep_zoom_one(clip_params, image_paths):
@@ -311,8 +320,9 @@ def test_queries_average_their_zoomed_views_and_gallery_images_keep_zoom_one(cli
     queries = embed_batch(encoder, preprocess, images, as_queries=True)
     torch.testing.assert_close(queries, torch.nn.functional.normalize(whole + zoomed, dim=-1))
     assert not torch.allclose(queries, whole, atol=1e-4)
-    np.testing.assert_allclose(embed_images(encoder, preprocess, image_paths, 2, as_queries=True), queries.numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        embed_images(encoder, preprocess, image_paths, 2, as_queries=True), queries.numpy(), atol=1e-6
+    )
     np.testing.assert_allclose(embed_images(encoder, preprocess, image_paths, 2), whole.numpy(), atol=1e-6)
 
 

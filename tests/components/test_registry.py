@@ -40,10 +40,13 @@ def _register_with_index(store, encoder_bundle, synthetic_dataset, tmp_path, ind
     with mlflow.start_run() as run:
         version = registry.register_version(client, params, run.info.run_id, model_dir, METRICS, "abc.dir")
     if indexed:
-        rows = pd.DataFrame({"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]})
+        rows = pd.DataFrame(
+            {"image_path": [str(p) for p in sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))]}
+        )
         rows["sku_id"] = [p.split("/")[-2] for p in rows["image_path"]]
-        catalogue = build_catalogue_index(encoder, preprocess, rows, meta={"model_name": params.model_name,
-                                                                           "model_version": str(version.version)})
+        catalogue = build_catalogue_index(
+            encoder, preprocess, rows, meta={"model_name": params.model_name, "model_version": str(version.version)}
+        )
         folder = tmp_path / f"index-{version.version}"
         registry.attach_index(client, params.model_name, str(version.version), folder, save_index(catalogue, folder))
     return str(version.version)
@@ -58,8 +61,9 @@ def test_version_carries_metrics_data_version_and_index(store, tiny_encoder_dir,
     assert stored.tags["metric.catalogue.top1"] == "0.900000"
     resolved = registry.download_version(client, params.model_name, version, tmp_path / "dl")
     assert (resolved.encoder_dir / "model.safetensors").exists()
-    served = load_served_model(resolved.encoder_dir, resolved.index_dir, params.model_name, version,
-                               resolved.index_checksum)
+    served = load_served_model(
+        resolved.encoder_dir, resolved.index_dir, params.model_name, version, resolved.index_checksum
+    )
     iconic = sorted(synthetic_dataset.glob("iconic-images-and-descriptions/*/*.jpg"))[0]
     from PIL import Image
 

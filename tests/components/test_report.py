@@ -11,12 +11,26 @@ from components.report import embedding_map, run_figures, training_curves, worst
 
 
 def test_training_curves_draw_loss_and_both_protocols():
-    history = [{"epoch": e, "train.loss": 3.0 - e, "val.catalogue.top1": 0.2 * e, "val.catalogue.top3": 0.3 * e,
-                "val.nn.top1": 0.25 * e, "val.nn.top3": 0.3 * e} for e in range(3)]
+    history = [
+        {
+            "epoch": e,
+            "train.loss": 3.0 - e,
+            "val.catalogue.top1": 0.2 * e,
+            "val.catalogue.top3": 0.3 * e,
+            "val.nn.top1": 0.25 * e,
+            "val.nn.top3": 0.3 * e,
+        }
+        for e in range(3)
+    ]
     figure = training_curves(history)
     loss_axis, accuracy_axis = figure.axes
     assert list(loss_axis.lines[0].get_ydata()) == [3.0, 2.0, 1.0]
-    assert [line.get_label() for line in accuracy_axis.lines] == ["catalogue.top1", "catalogue.top3", "nn.top1", "nn.top3"]
+    assert [line.get_label() for line in accuracy_axis.lines] == [
+        "catalogue.top1",
+        "catalogue.top3",
+        "nn.top1",
+        "nn.top3",
+    ]
 
 
 def test_embedding_map_marks_catalogue_images():
@@ -31,7 +45,9 @@ def test_embedding_map_marks_catalogue_images():
 
 def test_worst_confusions_show_only_wrong_answers(synthetic_dataset):
     manifest = load_manifest(synthetic_dataset)
-    catalogue = dict(zip(manifest[manifest.role == "catalogue"].sku_id, manifest[manifest.role == "catalogue"].image_path))
+    catalogue = dict(
+        zip(manifest[manifest.role == "catalogue"].sku_id, manifest[manifest.role == "catalogue"].image_path)
+    )
     queries = manifest[manifest.split == "val"].head(3)
     skus = list(queries.sku_id)
     predicted = [skus[0], skus[0], skus[2]] if skus[1] != skus[0] else [skus[0], "other", skus[2]]

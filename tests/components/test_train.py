@@ -30,8 +30,14 @@ from components.training.feature_cache import CachedFeatures, cache_features, em
 from components.training.losses import MarginHead
 from components.training.sampling import pk_batches, with_catalogue_images
 
-EPOCH_KEYS = {"train.loss", "train.frozen_backbone", "val.catalogue.top1", "val.catalogue.top3",
-              "val.catalogue.delta_similarity", "val.catalogue.map"}
+EPOCH_KEYS = {
+    "train.loss",
+    "train.frozen_backbone",
+    "val.catalogue.top1",
+    "val.catalogue.top3",
+    "val.catalogue.delta_similarity",
+    "val.catalogue.map",
+}
 NN_KEYS = {"val.nn.top1", "val.nn.top3", "val.nn.delta_similarity"}
 
 
@@ -63,11 +69,20 @@ def train_params(clip_dir: Path, data_root: Path, work: Path, *extra: str) -> Pa
     steps; the default 1e-3 barely moves the projection in that many.
     """
     overrides = [
-        "model.backbone=hf-clip", f"model.hf_model_id={clip_dir}", "model.embed_dim=16", "model.image_size=16",
-        "train.schedule.epochs=3", "train.schedule.frozen_epochs=2", "train.sampler.batch_size=12", "train.sampler.images_per_sku=2",
-        "train.schedule.lr=0.02", "train.schedule.eval_every_epochs=1",  # per-epoch curves, for the assertions on them
-        f"train.io.checkpoint_dir={work / 'checkpoints'}", f"train.io.output_dir={work / 'model'}",
-        f"data.root={data_root}", "evaluate.ks=[1,3]",
+        "model.backbone=hf-clip",
+        f"model.hf_model_id={clip_dir}",
+        "model.embed_dim=16",
+        "model.image_size=16",
+        "train.schedule.epochs=3",
+        "train.schedule.frozen_epochs=2",
+        "train.sampler.batch_size=12",
+        "train.sampler.images_per_sku=2",
+        "train.schedule.lr=0.02",
+        "train.schedule.eval_every_epochs=1",  # per-epoch curves, for the assertions on them
+        f"train.io.checkpoint_dir={work / 'checkpoints'}",
+        f"train.io.output_dir={work / 'model'}",
+        f"data.root={data_root}",
+        "evaluate.ks=[1,3]",
     ]
     return load_params(None, overrides + list(extra))
 
@@ -138,8 +153,12 @@ def test_evaluating_less_often_changes_no_weight(trained, tmp_path, tiny_clip_di
     # train.schedule.eval_every_epochs only thins the validation curves: evaluation draws no random
     # number and moves no weight, so the saved model and its final metrics are the same.
     params, result, _ = trained
-    sparse = train_encoder(train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.eval_every_epochs=3"),
-                           manifest, data_version="synthetic.dir", progress=False)
+    sparse = train_encoder(
+        train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.eval_every_epochs=3"),
+        manifest,
+        data_version="synthetic.dir",
+        progress=False,
+    )
     assert [("val.catalogue.top1" in record) for record in sparse.history] == [False, False, True]
     assert [record["train.loss"] for record in sparse.history] == [record["train.loss"] for record in result.history]
     assert sparse.metrics == result.metrics
@@ -181,7 +200,11 @@ def test_checkpoints_are_safetensors_and_json_only(trained):
         assert array_file.parent.name.startswith("features-")
         assert np.load(array_file, allow_pickle=False).dtype == np.float32
     assert sorted(p.name for p in (folder / "epoch-0002").iterdir()) == [
-        "encoder.safetensors", "head.safetensors", "optimizer.safetensors", "state.json"]
+        "encoder.safetensors",
+        "head.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ]
     model_files = sorted(p.name for p in result.model_dir.iterdir())
     assert model_files == ["encoder.json", "model.safetensors"]
 
@@ -251,8 +274,15 @@ def test_other_params_never_resume_a_foreign_checkpoint(tmp_path, tiny_clip_dir,
 
 def test_fingerprint_ignores_resume_device_and_image_decoding(tmp_path, tiny_clip_dir, synthetic_dataset):
     base = train_params(tiny_clip_dir, synthetic_dataset, tmp_path)
-    same = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.io.resume=false", "train.device=cpu",
-                        "train.io.decoded_cache_mb=0", "train.io.loader_workers=2")
+    same = train_params(
+        tiny_clip_dir,
+        synthetic_dataset,
+        tmp_path,
+        "train.io.resume=false",
+        "train.device=cpu",
+        "train.io.decoded_cache_mb=0",
+        "train.io.loader_workers=2",
+    )
     assert run_fingerprint(base, "v") == run_fingerprint(same, "v")
 
 
@@ -394,8 +424,9 @@ def test_catalogue_anchor_loss_is_a_margin_softmax_over_the_anchor_skus_best_ima
 
     assert torch.allclose(catalogue_anchor_loss(photos, labels, anchors, anchor_labels, margin, scale), expected)
     order = torch.tensor([3, 0, 4, 2, 1])  # the anchors' order does not matter
-    assert torch.allclose(catalogue_anchor_loss(photos, labels, anchors[order], anchor_labels[order], margin, scale),
-                          expected)
+    assert torch.allclose(
+        catalogue_anchor_loss(photos, labels, anchors[order], anchor_labels[order], margin, scale), expected
+    )
 
 
 def test_catalogue_anchors_are_the_whole_catalogue_up_to_the_sample_size():
@@ -431,13 +462,24 @@ def test_sampled_catalogue_anchors_hold_the_steps_skus_and_random_others():
     assert anchor_set.positions(many, rng).tolist() == np.flatnonzero(np.isin(labels, many)).tolist()
 
 
-def test_training_samples_catalogue_anchors_beyond_the_sample_size(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
+def test_training_samples_catalogue_anchors_beyond_the_sample_size(
+    tmp_path, tiny_clip_dir, synthetic_dataset, manifest
+):
     # 6 SKUs, one catalogue image each; batches of 2 SKUs x 2 images.
     def run(name: str, sample: str):
-        params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path / name, "train.sampler.batch_size=4",
-                              "train.sampler.unfrozen_batch_size=4", "train.loss.anchor_refresh_steps=1", f"train.sampler.anchor_sample={sample}")
+        params = train_params(
+            tiny_clip_dir,
+            synthetic_dataset,
+            tmp_path / name,
+            "train.sampler.batch_size=4",
+            "train.sampler.unfrozen_batch_size=4",
+            "train.loss.anchor_refresh_steps=1",
+            f"train.sampler.anchor_sample={sample}",
+        )
         result = train_encoder(params, manifest, progress=False)
-        return [h["train.loss"] for h in result.history], (Path(params.train.io.output_dir) / "model.safetensors").read_bytes()
+        return [h["train.loss"] for h in result.history], (
+            Path(params.train.io.output_dir) / "model.safetensors"
+        ).read_bytes()
 
     whole_losses, whole_weights = run("whole", "null")
     # A sample as large as the catalogue is the whole catalogue: the same training, to the byte.
@@ -449,6 +491,7 @@ def test_training_samples_catalogue_anchors_beyond_the_sample_size(tmp_path, tin
 
 
 # --- the unfrozen stage -----------------------------------------------------------------------
+
 
 def test_shelf_augment_crops_tensors_and_photos_alike_and_keeps_hue():
     import random
@@ -519,8 +562,9 @@ def test_erase_hides_one_solid_rectangle_of_the_crop_only_when_drawn():
         # and one without differ exactly where the rectangle lies.
         masks = []
         for seed in range(40):
-            plain, erased = (ShelfAugment(preprocess, random.Random(seed), out_size=32, erase=chance)
-                             for chance in (0.0, erase))
+            plain, erased = (
+                ShelfAugment(preprocess, random.Random(seed), out_size=32, erase=chance) for chance in (0.0, erase)
+            )
             stored = plain.store.resize_crop(textured)
             masks.append((plain(stored) != erased(stored)).any(dim=0))
         return masks
@@ -549,8 +593,9 @@ def test_shelf_augment_crops_only_as_much_of_the_image_as_crop_area_allows():
     from components.training.augment import ShelfAugment
 
     # Black left half, white right half: a crop of the whole image always shows both.
-    half_and_half = Image.fromarray(np.concatenate([np.zeros((64, 32, 3), np.uint8),
-                                                    np.full((64, 32, 3), 255, np.uint8)], axis=1))
+    half_and_half = Image.fromarray(
+        np.concatenate([np.zeros((64, 32, 3), np.uint8), np.full((64, 32, 3), 255, np.uint8)], axis=1)
+    )
     preprocess = Preprocess(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
     def single_coloured_crops(crop_area) -> int:
@@ -562,16 +607,26 @@ def test_shelf_augment_crops_only_as_much_of_the_image_as_crop_area_allows():
     assert single_coloured_crops((0.05, 0.05)) >= 10  # a fifth of the side falls in one half most times
 
 
-def test_augmentation_settings_are_part_of_the_cached_features_identity(tmp_path, tiny_clip_dir, synthetic_dataset,
-                                                                        manifest):
+def test_augmentation_settings_are_part_of_the_cached_features_identity(
+    tmp_path, tiny_clip_dir, synthetic_dataset, manifest
+):
     # Stage 1's augmented views are cut with train.augment.crop_area, tinted with train.augment.colour_cast and
     # erased with train.augment.erase, so features cached with one setting must not be reused by a run
     # with another.
-    for shaping in (["train.augment.crop_area=[0.35,1.0]"], ["train.augment.crop_area=[0.6,1.0]"],
-                    ["train.augment.crop_area=[0.6,1.0]", "train.augment.colour_cast=0.1"],
-                    ["train.augment.crop_area=[0.6,1.0]", "train.augment.colour_cast=0.1", "train.augment.erase=0.5"]):
-        params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=2", "train.augment.cached_views=3",
-                              *shaping)
+    for shaping in (
+        ["train.augment.crop_area=[0.35,1.0]"],
+        ["train.augment.crop_area=[0.6,1.0]"],
+        ["train.augment.crop_area=[0.6,1.0]", "train.augment.colour_cast=0.1"],
+        ["train.augment.crop_area=[0.6,1.0]", "train.augment.colour_cast=0.1", "train.augment.erase=0.5"],
+    ):
+        params = train_params(
+            tiny_clip_dir,
+            synthetic_dataset,
+            tmp_path,
+            "train.schedule.epochs=2",
+            "train.augment.cached_views=3",
+            *shaping,
+        )
         train_encoder(params, manifest, progress=False)
     assert len(list((tmp_path / "checkpoints").glob("features-*"))) == 4
 
@@ -583,25 +638,51 @@ def fine_tuning_stage(tmp_path, synthetic_dataset, manifest, *extra: str):
     from components.data import select
     from components.training.stages import CropTraining
 
-    params = load_params(None, ["model.backbone=efficientnet-lite0", "model.pretrained=false", "model.image_size=32",
-                                "model.embed_dim=16", "train.sampler.unfrozen_batch_size=12", "train.sampler.images_per_sku=2",
-                                "train.schedule.epochs=3", "train.schedule.frozen_epochs=1", "train.schedule.warmup_steps=2",
-                                f"data.root={synthetic_dataset}", *extra])
-    rows = pd.concat([select(manifest, split="train", role="query"), select(manifest, role="catalogue")]).reset_index(drop=True)
+    params = load_params(
+        None,
+        [
+            "model.backbone=efficientnet-lite0",
+            "model.pretrained=false",
+            "model.image_size=32",
+            "model.embed_dim=16",
+            "train.sampler.unfrozen_batch_size=12",
+            "train.sampler.images_per_sku=2",
+            "train.schedule.epochs=3",
+            "train.schedule.frozen_epochs=1",
+            "train.schedule.warmup_steps=2",
+            f"data.root={synthetic_dataset}",
+            *extra,
+        ],
+    )
+    rows = pd.concat([select(manifest, split="train", role="query"), select(manifest, role="catalogue")]).reset_index(
+        drop=True
+    )
     sku_ids = sorted(rows["sku_id"].unique())
     labels = rows["sku_id"].map({s: i for i, s in enumerate(sku_ids)}).to_numpy()
     catalogue_rows = np.flatnonzero(rows["role"].to_numpy() == "catalogue")
     encoder, preprocess = build_encoder(params.model)
     head = MarginHead(encoder.embed_dim, len(sku_ids), "arcface", 0.2, 30.0)
-    optimizer = torch.optim.AdamW([{"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": 1e-3},
-                                   {"params": list(encoder.backbone.parameters()), "lr": 1e-3}])
-    stage = CropTraining(preprocess, list(rows["image_path"]), catalogue_rows, params.train, params.evaluate.batch_size,
-                         torch.device("cpu"))
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": 1e-3},
+            {"params": list(encoder.backbone.parameters()), "lr": 1e-3},
+        ]
+    )
+    stage = CropTraining(
+        preprocess,
+        list(rows["image_path"]),
+        catalogue_rows,
+        params.train,
+        params.evaluate.batch_size,
+        torch.device("cpu"),
+    )
     return params, stage, encoder, head, optimizer, labels, torch.from_numpy(labels[catalogue_rows])
 
 
 def test_unfrozen_stage_trains_the_backbone_but_keeps_batchnorm_statistics(tmp_path, synthetic_dataset, manifest):
-    _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(tmp_path, synthetic_dataset, manifest)
+    _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
+        tmp_path, synthetic_dataset, manifest
+    )
     assert stage.images.cache.dtype == torch.uint8 and stage.images.cache.shape[-1] == round(32 * 1.15)
     batchnorm = encoder.backbone.net._bn0
     conv = encoder.backbone.net._conv_stem.weight
@@ -614,8 +695,13 @@ def test_unfrozen_stage_trains_the_backbone_but_keeps_batchnorm_statistics(tmp_p
 
 def test_unfrozen_stage_re_embeds_only_the_sampled_catalogue_anchors(tmp_path, synthetic_dataset, manifest):
     _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
-        tmp_path, synthetic_dataset, manifest, "train.sampler.unfrozen_batch_size=4", "train.loss.anchor_refresh_steps=1",
-        "train.sampler.anchor_sample=3")
+        tmp_path,
+        synthetic_dataset,
+        manifest,
+        "train.sampler.unfrozen_batch_size=4",
+        "train.loss.anchor_refresh_steps=1",
+        "train.sampler.anchor_sample=3",
+    )
     embedded = []
     embed_rows = stage.embed_rows
 
@@ -633,7 +719,8 @@ def test_unfrozen_stage_re_embeds_only_the_sampled_catalogue_anchors(tmp_path, s
 
 def test_unfrozen_stage_with_catalogue_images_in_batches_trains(tmp_path, synthetic_dataset, manifest):
     _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
-        tmp_path, synthetic_dataset, manifest, "train.sampler.catalogue_in_batches=true")
+        tmp_path, synthetic_dataset, manifest, "train.sampler.catalogue_in_batches=true"
+    )
     weights_before = encoder.backbone.net._conv_stem.weight.detach().clone()
     losses = stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False)
     assert len(losses) == stage.steps_per_epoch and all(math.isfinite(loss) for loss in losses)
@@ -642,7 +729,8 @@ def test_unfrozen_stage_with_catalogue_images_in_batches_trains(tmp_path, synthe
 
 def test_unfrozen_stage_with_batch_statistics_updates_them(tmp_path, synthetic_dataset, manifest):
     _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
-        tmp_path, synthetic_dataset, manifest, "train.schedule.freeze_batchnorm=false")
+        tmp_path, synthetic_dataset, manifest, "train.schedule.freeze_batchnorm=false"
+    )
     batchnorm = encoder.backbone.net._bn0
     before = batchnorm.running_mean.clone()
     stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False)
@@ -652,14 +740,16 @@ def test_unfrozen_stage_with_batch_statistics_updates_them(tmp_path, synthetic_d
 def test_frozen_epoch_on_crops_trains_only_the_projection_and_head(tmp_path, synthetic_dataset, manifest):
     # Batch statistics requested, yet a frozen backbone must not move them either.
     _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
-        tmp_path, synthetic_dataset, manifest, "train.schedule.freeze_batchnorm=false")
+        tmp_path, synthetic_dataset, manifest, "train.schedule.freeze_batchnorm=false"
+    )
     for parameter in encoder.backbone.parameters():
         parameter.requires_grad = False
     backbone_before = {k: v.clone() for k, v in encoder.backbone.state_dict().items()}
     projection_before = encoder.projection.weight.detach().clone()
     backbone_lr_before = optimizer.param_groups[1]["lr"]
-    losses = stage.run_epoch(0, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False,
-                             backbone_frozen=True)
+    losses = stage.run_epoch(
+        0, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False, backbone_frozen=True
+    )
     assert len(losses) == stage.steps_per_epoch and all(math.isfinite(loss) for loss in losses)
     assert all(torch.equal(value, backbone_before[key]) for key, value in encoder.backbone.state_dict().items())
     assert not torch.equal(encoder.projection.weight.detach(), projection_before)
@@ -667,8 +757,13 @@ def test_frozen_epoch_on_crops_trains_only_the_projection_and_head(tmp_path, syn
 
 
 def test_frozen_stage_on_crops_runs_end_to_end_and_resumes(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
-    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.frozen_stage=crops",
-                          "train.sampler.unfrozen_batch_size=12")
+    params = train_params(
+        tiny_clip_dir,
+        synthetic_dataset,
+        tmp_path,
+        "train.schedule.frozen_stage=crops",
+        "train.sampler.unfrozen_batch_size=12",
+    )
     crashing = RecordingTracker(fail_at_step=1)
     with pytest.raises(KeyboardInterrupt):
         train_encoder(params, manifest, tracker=crashing, progress=False)
@@ -682,11 +777,15 @@ def test_frozen_stage_on_crops_runs_end_to_end_and_resumes(tmp_path, tiny_clip_d
     assert not list((tmp_path / "checkpoints").glob("features-*"))  # nothing was cached
     untrained, preprocess = build_encoder(params.model)
     before = evaluate_encoder(untrained, preprocess, manifest, "val", "train", params.evaluate)
-    assert result.metrics["catalogue"]["delta_similarity"] > before["catalogue"]["delta_similarity"] + 0.05, (before["catalogue"], result.metrics["catalogue"])
+    assert result.metrics["catalogue"]["delta_similarity"] > before["catalogue"]["delta_similarity"] + 0.05, (
+        before["catalogue"],
+        result.metrics["catalogue"],
+    )
 
 
-def test_decoded_images_keep_only_what_the_budget_holds_and_decode_the_rest_alike(tmp_path, synthetic_dataset,
-                                                                                  manifest):
+def test_decoded_images_keep_only_what_the_budget_holds_and_decode_the_rest_alike(
+    tmp_path, synthetic_dataset, manifest
+):
     from components.model import Preprocess
     from components.training.decoded_images import DecodedImages
 
@@ -707,12 +806,14 @@ def test_decoded_images_keep_only_what_the_budget_holds_and_decode_the_rest_alik
     assert len(by_workers) == 3 and all(torch.equal(a, b) for a, b in zip(in_process, by_workers))
 
 
-def test_unfrozen_epoch_trains_alike_whether_images_are_kept_or_decoded_by_workers(tmp_path, synthetic_dataset,
-                                                                                   manifest):
+def test_unfrozen_epoch_trains_alike_whether_images_are_kept_or_decoded_by_workers(
+    tmp_path, synthetic_dataset, manifest
+):
     def one_epoch(*extra: str):
         torch.manual_seed(0)
         _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
-            tmp_path, synthetic_dataset, manifest, *extra)
+            tmp_path, synthetic_dataset, manifest, *extra
+        )
         losses = stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False)
         return stage, losses, encoder.state_dict()
 
@@ -743,11 +844,14 @@ def test_clip_refuses_a_training_size_other_than_its_own(tmp_path, tiny_clip_dir
 def test_unfrozen_epoch_feeds_the_weight_average_every_step(tmp_path, synthetic_dataset, manifest):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(tmp_path, synthetic_dataset, manifest)
+    _, stage, encoder, head, optimizer, labels, catalogue_labels = fine_tuning_stage(
+        tmp_path, synthetic_dataset, manifest
+    )
     averaged = AveragedModel(encoder, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
     start = encoder.backbone.net._conv_stem.weight.detach().clone()
-    stage.run_epoch(1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False,
-                    averaged=averaged)
+    stage.run_epoch(
+        1, encoder, head, optimizer, labels, catalogue_labels, np.random.default_rng(0), False, averaged=averaged
+    )
     assert int(averaged.n_averaged) == stage.steps_per_epoch
     average = averaged.module.backbone.net._conv_stem.weight
     # Neither where the epoch started nor where it ended: between the two.
@@ -757,8 +861,14 @@ def test_unfrozen_epoch_feeds_the_weight_average_every_step(tmp_path, synthetic_
 def test_weight_average_is_what_is_saved_and_survives_a_resume(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
     from safetensors.torch import load_file
 
-    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=4", "train.schedule.ema_decay=0.5",
-                          "train.sampler.unfrozen_batch_size=12")
+    params = train_params(
+        tiny_clip_dir,
+        synthetic_dataset,
+        tmp_path,
+        "train.schedule.epochs=4",
+        "train.schedule.ema_decay=0.5",
+        "train.sampler.unfrozen_batch_size=12",
+    )
     crashing = RecordingTracker(fail_at_step=2)  # after epoch 2, the first unfrozen one, is checkpointed
     with pytest.raises(KeyboardInterrupt):
         train_encoder(params, manifest, tracker=crashing, progress=False)
@@ -780,9 +890,12 @@ def test_weight_average_is_what_is_saved_and_survives_a_resume(tmp_path, tiny_cl
     assert any(not torch.equal(value, live[key]) for key, value in saved.state_dict().items())
 
 
-def test_cached_features_are_memory_mapped_files_and_a_reuse_trains_identically(tmp_path, tiny_clip_dir,
-                                                                                   synthetic_dataset, manifest):
-    params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=2", "train.io.resume=false")
+def test_cached_features_are_memory_mapped_files_and_a_reuse_trains_identically(
+    tmp_path, tiny_clip_dir, synthetic_dataset, manifest
+):
+    params = train_params(
+        tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=2", "train.io.resume=false"
+    )
     computed = train_encoder(params, manifest, progress=False)
     computed_weights = (Path(params.train.io.output_dir) / "model.safetensors").read_bytes()
     [folder] = (tmp_path / "checkpoints").glob("features-*")
@@ -797,16 +910,27 @@ def test_cached_features_are_memory_mapped_files_and_a_reuse_trains_identically(
     assert (Path(params.train.io.output_dir) / "model.safetensors").read_bytes() == computed_weights
 
 
-def test_a_crash_while_caching_features_leaves_no_cache_that_looks_complete(tmp_path, tiny_clip_dir,
-                                                                            synthetic_dataset, manifest):
+def test_a_crash_while_caching_features_leaves_no_cache_that_looks_complete(
+    tmp_path, tiny_clip_dir, synthetic_dataset, manifest
+):
     params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path)
     encoder, preprocess = build_encoder(params.model)
     train_paths = list(manifest["image_path"][:8])
     evaluation_image = tmp_path / "moved-away.jpg"  # missing while the first run caches
 
     def cache():
-        return cache_features(encoder, preprocess, train_paths, np.array([0]), [str(evaluation_image)], params.model,
-                              params.train, params.evaluate.batch_size, torch.device("cpu"), None)
+        return cache_features(
+            encoder,
+            preprocess,
+            train_paths,
+            np.array([0]),
+            [str(evaluation_image)],
+            params.model,
+            params.train,
+            params.evaluate.batch_size,
+            torch.device("cpu"),
+            None,
+        )
 
     with pytest.raises(FileNotFoundError):
         cache()
@@ -822,8 +946,7 @@ def test_a_crash_while_caching_features_leaves_no_cache_that_looks_complete(tmp_
     assert cached.evaluation.shape == (1, encoder.feature_dim) and np.isfinite(cached.evaluation).all()
 
 
-def test_caching_sweeps_partial_caches_of_exited_processes_only(tmp_path, tiny_clip_dir, synthetic_dataset,
-                                                                 manifest):
+def test_caching_sweeps_partial_caches_of_exited_processes_only(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
     params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path)
     encoder, preprocess = build_encoder(params.model)
     checkpoints = tmp_path / "checkpoints"
@@ -838,8 +961,18 @@ def test_caching_sweeps_partial_caches_of_exited_processes_only(tmp_path, tiny_c
     for folder in (abandoned, busy, elsewhere):
         folder.mkdir(parents=True)
         (folder / "train_views.npy").write_bytes(b"half written")
-    cache_features(encoder, preprocess, list(manifest["image_path"][:4]), np.array([0]), [], params.model,
-                   params.train, params.evaluate.batch_size, torch.device("cpu"), None)
+    cache_features(
+        encoder,
+        preprocess,
+        list(manifest["image_path"][:4]),
+        np.array([0]),
+        [],
+        params.model,
+        params.train,
+        params.evaluate.batch_size,
+        torch.device("cpu"),
+        None,
+    )
     assert not abandoned.exists() and busy.is_dir() and elsewhere.is_dir()
     assert len(list(checkpoints.glob("features-????????????"))) == 1  # the finished cache
 
@@ -860,16 +993,27 @@ def test_a_cache_another_run_published_first_is_kept(tmp_path):
         publish(tmp_path / "gone.partial-host-1", tmp_path / "features-z")
 
 
-def test_evaluation_features_of_training_images_are_copied_not_embedded_again(tmp_path, tiny_clip_dir,
-                                                                              synthetic_dataset, manifest):
+def test_evaluation_features_of_training_images_are_copied_not_embedded_again(
+    tmp_path, tiny_clip_dir, synthetic_dataset, manifest
+):
     params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path)
     encoder, preprocess = build_encoder(params.model)
     train_paths = list(select(manifest, split="train")["image_path"][:8])
     query_path = select(manifest, split="val")["image_path"].iloc[0]
     embedded = []
     encoder.backbone.register_forward_pre_hook(lambda _, inputs: embedded.append(len(inputs[0])))
-    cached = cache_features(encoder, preprocess, train_paths, np.array([0]), [train_paths[3], query_path, train_paths[0]],
-                            params.model, params.train, params.evaluate.batch_size, torch.device("cpu"), None)
+    cached = cache_features(
+        encoder,
+        preprocess,
+        train_paths,
+        np.array([0]),
+        [train_paths[3], query_path, train_paths[0]],
+        params.model,
+        params.train,
+        params.evaluate.batch_size,
+        torch.device("cpu"),
+        None,
+    )
     # Every training view and extra catalogue view, then the one image training does not hold.
     cfg = params.train
     assert sum(embedded) == cfg.augment.cached_views * 8 + (cfg.augment.catalogue_views - 1) + 1

@@ -87,7 +87,12 @@ def test_image_facts_read_size_mode_hash_and_errors(tmp_path: Path) -> None:
 
     assert list(facts.index) == list(manifest.index)
     assert facts.loc[0, ["exists", "decodes", "convertible_to_rgb", "width", "height", "mode"]].tolist() == [
-        True, True, True, 30, 20, "RGB"
+        True,
+        True,
+        True,
+        30,
+        20,
+        "RGB",
     ]
     assert facts.loc[0, "content_sha256"] == hashlib.sha256(Path(good).read_bytes()).hexdigest()
     assert pd.isna(facts.loc[0, "error"])

@@ -23,14 +23,25 @@ def encoder_dir(tmp_path, tiny_model_overrides):
 
 def _json_tail(output: str) -> dict:
     """The JSON document a command printed last (log lines may come before it)."""
-    return json.loads(output[output.index("{"):])
+    return json.loads(output[output.index("{") :])
 
 
 def test_evaluate_a_model_folder_on_any_split(encoder_dir, synthetic_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(app, ["evaluate", str(encoder_dir), "--data", str(synthetic_dataset), "--queries", "val",
-                                 "--metrics-out", "reports/metrics.json"])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(encoder_dir),
+            "--data",
+            str(synthetic_dataset),
+            "--queries",
+            "val",
+            "--metrics-out",
+            "reports/metrics.json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = _json_tail(result.output)
     assert set(metrics) == {"nn", "catalogue", "open_set"}

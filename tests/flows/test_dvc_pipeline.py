@@ -42,9 +42,20 @@ def dvc_repo(tmp_path, synthetic_dataset, tiny_model_overrides):
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copytree(ROOT / "components", repo / "components", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(synthetic_dataset, repo / "data" / "grocery")
-    params = load_params(ROOT / "params.yaml", tiny_model_overrides + [
-        "data.root=data/grocery", "train.augment.image_size=null", "train.schedule.epochs=2", "train.schedule.frozen_epochs=1", "train.sampler.batch_size=12",
-        "train.schedule.lr=0.01", "train.schedule.backbone_lr=0.001", f"train.io.checkpoint_dir={tmp_path / 'checkpoints'}"])
+    params = load_params(
+        ROOT / "params.yaml",
+        tiny_model_overrides
+        + [
+            "data.root=data/grocery",
+            "train.augment.image_size=null",
+            "train.schedule.epochs=2",
+            "train.schedule.frozen_epochs=1",
+            "train.sampler.batch_size=12",
+            "train.schedule.lr=0.01",
+            "train.schedule.backbone_lr=0.001",
+            f"train.io.checkpoint_dir={tmp_path / 'checkpoints'}",
+        ],
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run([sys.executable, "-m", "dvc", "init", "-q"], repo)
@@ -67,8 +78,14 @@ def test_dvc_repro_builds_the_index_the_flow_builds(dvc_repo, tmp_path, monkeypa
     # The flow's task, given the same encoder, data and threshold, writes the same index: same
     # meta, same vectors, hence the same checksum.
     manifest = load_manifest(params.data.root, params.data.layout, params.data.max_images_per_sku)
-    flow_checksum = build_index.fn(Path(params.train.io.output_dir), params, manifest, "local", tmp_path / "flow-index",
-                                   metrics["open_set"]["threshold"])
+    flow_checksum = build_index.fn(
+        Path(params.train.io.output_dir),
+        params,
+        manifest,
+        "local",
+        tmp_path / "flow-index",
+        metrics["open_set"]["threshold"],
+    )
     flow = load_index(tmp_path / "flow-index", expected_checksum=flow_checksum)
     assert flow.meta == repro.meta
     assert flow_checksum == repro.meta["checksum"]

@@ -33,9 +33,14 @@ def workspace(tmp_path, monkeypatch, tiny_model_overrides, synthetic_dataset):
     overrides = tiny_model_overrides + [
         f"registry.tracking_uri={uri}",
         f"data.root={synthetic_dataset}",
-        "train.schedule.epochs=4", "train.schedule.frozen_epochs=3", "train.sampler.batch_size=12", "train.sampler.images_per_sku=2",
-        "train.schedule.lr=0.01", "train.schedule.backbone_lr=0.001",
-        "evaluate.min_top1=0.3", "evaluate.min_top3=0.5",
+        "train.schedule.epochs=4",
+        "train.schedule.frozen_epochs=3",
+        "train.sampler.batch_size=12",
+        "train.sampler.images_per_sku=2",
+        "train.schedule.lr=0.01",
+        "train.schedule.backbone_lr=0.001",
+        "evaluate.min_top1=0.3",
+        "evaluate.min_top3=0.5",
     ]
     return {"overrides": overrides, "uri": uri, "root": tmp_path}
 
@@ -49,7 +54,9 @@ def test_first_run_registers_indexes_and_promotes(workspace):
     assert str(client.get_model_version_by_alias("skumatch-encoder", "challenger").version) == "1"
     # The version carries its data version, metrics and index checksum ...
     assert champion.tags["data_version"].endswith(".dir")
-    assert json.loads(champion.tags["metrics"])["catalogue"]["top1"] == pytest.approx(summary["metrics"]["catalogue"]["top1"])
+    assert json.loads(champion.tags["metrics"])["catalogue"]["top1"] == pytest.approx(
+        summary["metrics"]["catalogue"]["top1"]
+    )
     assert champion.tags["index_checksum"] == summary["index_checksum"]
     # ... its run the resolved params, per-epoch history and the GX data docs.
     run = client.get_run(champion.run_id)
@@ -68,8 +75,9 @@ def test_first_run_registers_indexes_and_promotes(workspace):
 
     # The index verifies against the version and serves sensible matches.
     resolved = registry.download_version(client, "skumatch-encoder", "champion", workspace["root"] / "dl")
-    served = load_served_model(resolved.encoder_dir, resolved.index_dir, "skumatch-encoder", resolved.version,
-                               resolved.index_checksum)
+    served = load_served_model(
+        resolved.encoder_dir, resolved.index_dir, "skumatch-encoder", resolved.version, resolved.index_checksum
+    )
     assert len(served.catalogue.sku_ids) == 6
     # The open-set threshold calibrated in evaluation travels in the index meta (checksummed).
     assert served.reject_below == pytest.approx(summary["metrics"]["open_set"]["threshold"])
@@ -79,9 +87,16 @@ def test_first_run_registers_indexes_and_promotes(workspace):
 def test_worse_challenger_is_refused_and_champion_kept(workspace):
     retrain(params_path="params.yaml", overrides=workspace["overrides"])
     # An untrained challenger (zero learning rates) on the same data must lose to the champion.
-    worse = workspace["overrides"] + ["train.schedule.lr=1e-12", "train.schedule.backbone_lr=0", "train.schedule.epochs=1",
-                                      "train.schedule.frozen_epochs=1", "evaluate.min_top1=0", "evaluate.min_top3=0",
-                                      "evaluate.champion_tolerance=0", "train.io.checkpoint_dir=checkpoints-worse"]
+    worse = workspace["overrides"] + [
+        "train.schedule.lr=1e-12",
+        "train.schedule.backbone_lr=0",
+        "train.schedule.epochs=1",
+        "train.schedule.frozen_epochs=1",
+        "evaluate.min_top1=0",
+        "evaluate.min_top3=0",
+        "evaluate.champion_tolerance=0",
+        "train.io.checkpoint_dir=checkpoints-worse",
+    ]
     with pytest.raises(Exception) as caught:
         retrain(params_path="params.yaml", overrides=worse)
     error = caught.value

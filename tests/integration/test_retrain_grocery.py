@@ -11,13 +11,18 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.retrain import retrain
 
-GROCERY_ROOT = Path(os.environ.get("SKUMATCH_GROCERY_ROOT",
-                                   Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "grocery-store")).resolve()
+GROCERY_ROOT = Path(
+    os.environ.get(
+        "SKUMATCH_GROCERY_ROOT", Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "grocery-store"
+    )
+).resolve()
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not (GROCERY_ROOT / "classes.csv").exists(),
-                       reason=f"Grocery Store dataset not found at {GROCERY_ROOT} (set SKUMATCH_GROCERY_ROOT)"),
+    pytest.mark.skipif(
+        not (GROCERY_ROOT / "classes.csv").exists(),
+        reason=f"Grocery Store dataset not found at {GROCERY_ROOT} (set SKUMATCH_GROCERY_ROOT)",
+    ),
 ]
 
 
@@ -25,12 +30,18 @@ def test_retrain_on_grocery_subset_beats_zero_shot(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [
-        f"data.root={GROCERY_ROOT}", "data.max_images_per_sku=3",
-        "model.backbone=efficientnet-lite0", f"registry.tracking_uri={uri}",
+        f"data.root={GROCERY_ROOT}",
+        "data.max_images_per_sku=3",
+        "model.backbone=efficientnet-lite0",
+        f"registry.tracking_uri={uri}",
         # Six head-only epochs, then one that fine-tunes the backbone: both stages on real photos.
-        "train.schedule.epochs=7", "train.schedule.frozen_epochs=6", "evaluate.min_top1=0.3", "evaluate.min_top3=0.5",
+        "train.schedule.epochs=7",
+        "train.schedule.frozen_epochs=6",
+        "evaluate.min_top1=0.3",
+        "evaluate.min_top3=0.5",
         # Fewer catalogue views than the default recipe keep this test near two minutes on 2 cores.
-        "train.augment.cached_views=2", "train.augment.catalogue_views=4",
+        "train.augment.cached_views=2",
+        "train.augment.catalogue_views=4",
     ]
     with prefect_test_harness(server_startup_timeout=120):
         summary = retrain(params_path="params.yaml", overrides=overrides)

@@ -22,9 +22,10 @@ from serving_support import (
 
 
 @pytest.fixture(scope="session")
-def registered_champion(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path,
-                        synthetic_dataset: Path) -> RegisteredChampion:
-    """A tiny CLIP model registered as ``@champion`` with its index, in a private store (shared by the serving tests)."""
+def registered_champion(
+    tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path, synthetic_dataset: Path
+) -> RegisteredChampion:
+    """A tiny CLIP model registered as ``@champion`` with its index, in a private store shared by the serving tests."""
     return register_tiny_champion(tmp_path_factory.mktemp("serving-store"), tiny_clip_dir, synthetic_dataset)
 
 
@@ -61,9 +62,12 @@ def served_files(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path, 
     params = ModelParams(backbone="hf-clip", hf_model_id=str(tiny_clip_dir), embed_dim=EMBED_DIM, image_size=IMAGE_SIZE)
     encoder, preprocess = build_encoder(params)
     encoder_dir = save_encoder(encoder, preprocess, params, root / "encoder")
-    iconic = {p.parent.name: p for p in sorted((synthetic_dataset / "iconic-images-and-descriptions").glob("*/*_Iconic.jpg"))}
+    iconic = {
+        p.parent.name: p for p in sorted((synthetic_dataset / "iconic-images-and-descriptions").glob("*/*_Iconic.jpg"))
+    }
     rows = pd.DataFrame({"image_path": [str(p) for p in iconic.values()], "sku_id": list(iconic)})
-    index = build_catalogue_index(encoder, preprocess, rows, IndexParams(use_gpu="never"),
-                                  meta={"model_name": "tiny", "model_version": "7"})
+    index = build_catalogue_index(
+        encoder, preprocess, rows, IndexParams(use_gpu="never"), meta={"model_name": "tiny", "model_version": "7"}
+    )
     checksum = save_index(index, root / "index")
     return ServedFiles(encoder_dir, root / "index", "tiny", "7", checksum, iconic)

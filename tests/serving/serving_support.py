@@ -57,14 +57,16 @@ class Packaged:
 
 def subprocess_env(tracking_uri: str, bentoml_home: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "BENTOML_HOME": str(bentoml_home),
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "BENTOML_DO_NOT_TRACK": "True",
-        "DO_NOT_TRACK": "1",
-        "PYTHONUNBUFFERED": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    })
+    env.update(
+        {
+            "BENTOML_HOME": str(bentoml_home),
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "BENTOML_DO_NOT_TRACK": "True",
+            "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     env.pop("SKUMATCH_BENTO_MODEL", None)
     return env
 
@@ -105,18 +107,27 @@ def _register_tiny_champion(root: Path, tiny_clip_dir: Path, dataset: Path) -> R
     root.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     params_file = root / "params.yaml"
-    params_file.write_text(yaml.safe_dump({
-        "model": {"backbone": "hf-clip", "hf_model_id": str(tiny_clip_dir), "embed_dim": EMBED_DIM,
-                  "image_size": IMAGE_SIZE},
-        "registry": {"tracking_uri": tracking_uri, "experiment": "serving-test", "model_name": MODEL_NAME},
-        # A batch size below the test catalogue's SKU count, so /match_batch embeds in several batches.
-        "serve": {"top_k": 3, "batch_size": 3, "bento_model_name": BENTO_MODEL_NAME},
-    }))
+    params_file.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "backbone": "hf-clip",
+                    "hf_model_id": str(tiny_clip_dir),
+                    "embed_dim": EMBED_DIM,
+                    "image_size": IMAGE_SIZE,
+                },
+                "registry": {"tracking_uri": tracking_uri, "experiment": "serving-test", "model_name": MODEL_NAME},
+                # A batch size below the test catalogue's SKU count, so /match_batch embeds in several batches.
+                "serve": {"top_k": 3, "batch_size": 3, "bento_model_name": BENTO_MODEL_NAME},
+            }
+        )
+    )
     params = load_params(params_file)
     # Create the experiment first with its artifacts under root: with an explicit tracking URI,
     # registry.connect leaves MLflow's default artifact location (./mlruns in the working dir).
     MlflowClient(tracking_uri, tracking_uri).create_experiment(
-        params.registry.experiment, artifact_location=(root / "mlartifacts").resolve().as_uri())
+        params.registry.experiment, artifact_location=(root / "mlartifacts").resolve().as_uri()
+    )
     client = registry.connect(params.registry)
 
     encoder, preprocess = build_encoder(params.model)
@@ -125,15 +136,28 @@ def _register_tiny_champion(root: Path, tiny_clip_dir: Path, dataset: Path) -> R
     catalogue: dict[str, list[Path]] = {}
     for sku_dir in sorted((dataset / "iconic-images-and-descriptions").iterdir()):
         sku = sku_dir.name
-        catalogue[sku] = [sku_dir / f"{sku}_Iconic.jpg",
-                          *sorted((dataset / "train" / sku).glob("*.jpg"))[:EXTRA_CATALOGUE_IMAGES]]
+        catalogue[sku] = [
+            sku_dir / f"{sku}_Iconic.jpg",
+            *sorted((dataset / "train" / sku).glob("*.jpg"))[:EXTRA_CATALOGUE_IMAGES],
+        ]
     rows = pd.DataFrame([{"image_path": str(p), "sku_id": sku} for sku, paths in catalogue.items() for p in paths])
 
     with mlflow.start_run() as run:
-        version = registry.register_version(client, params.registry, run.info.run_id, encoder_dir,
-                                            {"catalogue": {"top1": 1.0, "top3": 1.0}}, "synthetic-v1").version
-    index = build_catalogue_index(encoder, preprocess, rows, IndexParams(use_gpu="never"),
-                                  meta={"model_name": MODEL_NAME, "model_version": str(version)})
+        version = registry.register_version(
+            client,
+            params.registry,
+            run.info.run_id,
+            encoder_dir,
+            {"catalogue": {"top1": 1.0, "top3": 1.0}},
+            "synthetic-v1",
+        ).version
+    index = build_catalogue_index(
+        encoder,
+        preprocess,
+        rows,
+        IndexParams(use_gpu="never"),
+        meta={"model_name": MODEL_NAME, "model_version": str(version)},
+    )
     index_dir = root / "index"
     checksum = save_index(index, index_dir)
     registry.attach_index(client, MODEL_NAME, str(version), index_dir, checksum)
@@ -144,15 +168,18 @@ def _register_tiny_champion(root: Path, tiny_clip_dir: Path, dataset: Path) -> R
 
 def package_in_subprocess(champion: RegisteredChampion, ref: str = "champion") -> Packaged:
     """Run ``skumatch build`` against the champion's stores and parse its tags."""
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "build", "--params", str(champion.params_file),
-                             "--ref", ref], cwd=REPO_ROOT, env=champion.env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "build", "--params", str(champion.params_file), "--ref", ref],
+        cwd=REPO_ROOT,
+        env=champion.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    tags = json.loads(result.stdout[result.stdout.index("{"):])
+    tags = json.loads(result.stdout[result.stdout.index("{") :])
     return Packaged(champion, tags["bento_model"], tags["bento"], output)
-
-
 
 
 def private_home(env: dict[str, str], folder: Path) -> dict[str, str]:
@@ -163,8 +190,12 @@ def private_home(env: dict[str, str], folder: Path) -> dict[str, str]:
     """
     import shutil
 
-    home = shutil.copytree(Path(env["BENTOML_HOME"]), folder / "bentoml_home", symlinks=True,
-                           ignore=shutil.ignore_patterns("prometheus_multiproc_dir"))
+    home = shutil.copytree(
+        Path(env["BENTOML_HOME"]),
+        folder / "bentoml_home",
+        symlinks=True,
+        ignore=shutil.ignore_patterns("prometheus_multiproc_dir"),
+    )
     return {**env, "BENTOML_HOME": str(home)}
 
 
@@ -180,8 +211,14 @@ def copy_registry(champion: RegisteredChampion, folder: Path) -> str:
     return f"sqlite:///{shutil.copy(champion.root / 'mlflow.db', folder / 'mlflow.db')}"
 
 
-def register_new_version(champion: RegisteredChampion, tracking_uri: str, clip_dir: Path, folder: Path,
-                         skus: list[str] | None = None, promote: bool = True) -> tuple[str, str, Path]:
+def register_new_version(
+    champion: RegisteredChampion,
+    tracking_uri: str,
+    clip_dir: Path,
+    folder: Path,
+    skus: list[str] | None = None,
+    promote: bool = True,
+) -> tuple[str, str, Path]:
     """Register another tiny encoder (``clip_dir``) with an index of ``skus``' catalogue images.
 
     Returns:
@@ -200,19 +237,34 @@ def _register_new_version(champion, tracking_uri, clip_dir, folder, skus, promot
     from components.index import build_catalogue_index, save_index
     from components.model import build_encoder, save_encoder
 
-    params = load_params(champion.params_file, [f"registry.tracking_uri={tracking_uri}",
-                                                f"model.hf_model_id={clip_dir}"])
+    params = load_params(
+        champion.params_file, [f"registry.tracking_uri={tracking_uri}", f"model.hf_model_id={clip_dir}"]
+    )
     client = registry.connect(params.registry)
     encoder, preprocess = build_encoder(params.model)
     encoder_dir = save_encoder(encoder, preprocess, params.model, folder / "encoder")
     chosen = skus or list(champion.catalogue)
-    rows = pd.DataFrame([{"image_path": str(path), "sku_id": sku} for sku in chosen
-                         for path in champion.catalogue[sku]])
+    rows = pd.DataFrame(
+        [{"image_path": str(path), "sku_id": sku} for sku in chosen for path in champion.catalogue[sku]]
+    )
     with mlflow.start_run() as run:
-        version = str(registry.register_version(client, params.registry, run.info.run_id, encoder_dir,
-                                                {"catalogue": {"top1": 1.0, "top3": 1.0}}, "synthetic-v2").version)
-    index = build_catalogue_index(encoder, preprocess, rows, IndexParams(use_gpu="never"),
-                                  meta={"model_name": MODEL_NAME, "model_version": version})
+        version = str(
+            registry.register_version(
+                client,
+                params.registry,
+                run.info.run_id,
+                encoder_dir,
+                {"catalogue": {"top1": 1.0, "top3": 1.0}},
+                "synthetic-v2",
+            ).version
+        )
+    index = build_catalogue_index(
+        encoder,
+        preprocess,
+        rows,
+        IndexParams(use_gpu="never"),
+        meta={"model_name": MODEL_NAME, "model_version": version},
+    )
     checksum = save_index(index, folder / "index")
     registry.attach_index(client, MODEL_NAME, version, folder / "index", checksum)
     if promote:

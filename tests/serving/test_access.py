@@ -10,8 +10,13 @@ from serving.access import Credentials, presented_credential, route_kind
 def test_keys_come_from_the_environment_and_a_file(tmp_path):
     keys_file = tmp_path / "keys"
     keys_file.write_text("# one key a line\nfile-key-1\n\nfile-key-2  # the shop app\n")
-    credentials = Credentials.from_environment({"SKUMATCH_API_KEYS": "env-a, env-b", "SKUMATCH_API_KEYS_FILE":
-                                                str(keys_file), "SKUMATCH_ADMIN_TOKEN": "the-admin"})
+    credentials = Credentials.from_environment(
+        {
+            "SKUMATCH_API_KEYS": "env-a, env-b",
+            "SKUMATCH_API_KEYS_FILE": str(keys_file),
+            "SKUMATCH_ADMIN_TOKEN": "the-admin",
+        }
+    )
     for key in ("env-a", "env-b", "file-key-1", "file-key-2"):
         assert credentials.is_caller(key), key
     for wrong in ("env-", "env-a ", "ENV-A", "", "the-admin", "# one key a line"):
@@ -40,22 +45,36 @@ def test_an_unreadable_key_file_stops_start_up(tmp_path):
         Credentials.from_environment({"SKUMATCH_ADMIN_TOKEN": "a b"})
 
 
-@pytest.mark.parametrize(("headers", "expected"), [
-    ({"authorization": "Bearer k1"}, "k1"),
-    ({"authorization": "bearer   k1 "}, "k1"),
-    ({"x-api-key": "k2"}, "k2"),
-    ({"authorization": "Basic dXNlcjpw"}, None),
-    ({"authorization": "Bearer "}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"authorization": "Bearer k1"}, "k1"),
+        ({"authorization": "bearer   k1 "}, "k1"),
+        ({"x-api-key": "k2"}, "k2"),
+        ({"authorization": "Basic dXNlcjpw"}, None),
+        ({"authorization": "Bearer "}, None),
+        ({}, None),
+    ],
+)
 def test_presented_credential(headers, expected):
     assert presented_credential(headers) == expected
 
 
-@pytest.mark.parametrize(("path", "kind"), [
-    ("/", "open"), ("/readyz", "open"), ("/metrics", "open"), ("/docs", "open"), ("/static_content/x.css", "open"),
-    ("/match", "caller"), ("/info", "caller"), ("/thumbnail", "caller"), ("/nowhere", "caller"),
-    ("/admin/reload", "admin"), ("/admin/anything", "admin"),
-])
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/", "open"),
+        ("/readyz", "open"),
+        ("/metrics", "open"),
+        ("/docs", "open"),
+        ("/static_content/x.css", "open"),
+        ("/match", "caller"),
+        ("/info", "caller"),
+        ("/thumbnail", "caller"),
+        ("/nowhere", "caller"),
+        ("/admin/reload", "admin"),
+        ("/admin/anything", "admin"),
+    ],
+)
 def test_route_kind(path, kind):
     assert route_kind(path) == kind

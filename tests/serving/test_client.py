@@ -61,7 +61,10 @@ def test_client_match_by_path_str_and_bytes_finds_the_catalogue_sku_first(server
     for answer in answers:
         assert isinstance(answer, MatchResult)
         assert (answer.model_name, answer.model_version, answer.index_checksum) == (
-            "skumatch-serving-test", champion.version, champion.index_checksum)
+            "skumatch-serving-test",
+            champion.version,
+            champion.index_checksum,
+        )
         assert len(answer.matches) == 3  # the packaged serve.top_k
         assert answer.matches[0].sku_id == sku
         assert answer.matches[0].score == pytest.approx(1.0, abs=1e-4)
@@ -100,11 +103,14 @@ def test_client_match_batch_splits_into_requests_and_keeps_input_order(server, p
     assert all(result.matches[0].score == pytest.approx(1.0, abs=1e-4) for result in results)
     assert all(len(result.matches) == 2 for result in results)
     assert {(result.model_version, result.index_checksum) for result in results} == {
-        (champion.version, champion.index_checksum)}
+        (champion.version, champion.index_checksum)
+    }
     assert [result.matches[0].sku_id for result in again] == [sku for sku, _ in items[:3]]
     # 2 images a request: 9 requests for the 18, 2 for the 3; the server's limit read only once.
-    assert _wait_for_requests(server, "/match_batch", before["/match_batch"] + expected_requests) - before[
-        "/match_batch"] == expected_requests
+    assert (
+        _wait_for_requests(server, "/match_batch", before["/match_batch"] + expected_requests) - before["/match_batch"]
+        == expected_requests
+    )
     assert _requests_to(server, "/info") - before["/info"] == 1
 
 
@@ -172,10 +178,16 @@ def test_openapi_document_lists_every_route_and_the_upload_forms(server):
     assert document["info"]["title"] == "skumatch" and isinstance(document["info"]["version"], str)
     for route in ("/match", "/match_batch", "/embed", "/info", "/thumbnail", "/admin/reload"):
         assert "post" in document["paths"].get(route, {}), route
-    operations = [op for item in document["paths"].values() for method, op in item.items()
-                  if method in ("get", "put", "post", "delete", "options", "head", "patch", "trace")]
-    assert all(op["responses"] and all(re.fullmatch(r"[1-5]\d\d|default", code) for code in op["responses"])
-               for op in operations)
+    operations = [
+        op
+        for item in document["paths"].values()
+        for method, op in item.items()
+        if method in ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+    ]
+    assert all(
+        op["responses"] and all(re.fullmatch(r"[1-5]\d\d|default", code) for code in op["responses"])
+        for op in operations
+    )
     operation_ids = [op["operationId"] for op in operations if "operationId" in op]
     assert len(operation_ids) == len(set(operation_ids))
     # Every reference resolves, and every schema an operation uses, directly or through
@@ -184,9 +196,13 @@ def test_openapi_document_lists_every_route_and_the_upload_forms(server):
     # whose file fields say Swagger 2's "type": "file", which no client reads.
     for ref in _refs(document):
         _resolve(document, ref)
-    used = [media["schema"] for op in operations
-            for part in [op.get("requestBody", {}), *op["responses"].values()]
-            for media in part.get("content", {}).values() if "schema" in media]
+    used = [
+        media["schema"]
+        for op in operations
+        for part in [op.get("requestBody", {}), *op["responses"].values()]
+        for media in part.get("content", {}).values()
+        if "schema" in media
+    ]
     seen: set[str] = set()
     while used:
         schema = used.pop()
@@ -215,7 +231,10 @@ def test_openapi_document_lists_every_route_and_the_upload_forms(server):
     answer = document["paths"]["/match"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert {"model_name", "model_version", "index_checksum", "matches"} <= set(answer["required"])
     assert set(_resolve(document, answer["properties"]["matches"]["items"]["$ref"])["properties"]) == {
-        "sku_id", "score", "confident"}
+        "sku_id",
+        "score",
+        "confident",
+    }
 
 
 def test_api_keys_401_without_a_key_and_403_for_a_caller_key_on_admin_routes(packaged, tmp_path):
@@ -240,13 +259,15 @@ def test_api_keys_401_without_a_key_and_403_for_a_caller_key_on_admin_routes(pac
             assert admin.match(paths[0]).matches[0].sku_id == sku  # the admin token opens caller routes too
 
         runner = CliRunner()
-        by_option = runner.invoke(app, ["match", str(paths[0]), "--url", server.url, "--api-key", "k1"],
-                                  env={"SKUMATCH_API_KEY": None})
+        by_option = runner.invoke(
+            app, ["match", str(paths[0]), "--url", server.url, "--api-key", "k1"], env={"SKUMATCH_API_KEY": None}
+        )
         assert by_option.exit_code == 0, by_option.output
         assert by_option.output.splitlines()[0] == f"{paths[0]} -> model skumatch-serving-test v{champion.version}"
         assert by_option.output.splitlines()[1].split()[1] == sku
-        by_env = runner.invoke(app, ["match", str(paths[0]), str(paths[1]), "--url", server.url],
-                               env={"SKUMATCH_API_KEY": "k2"})
+        by_env = runner.invoke(
+            app, ["match", str(paths[0]), str(paths[1]), "--url", server.url], env={"SKUMATCH_API_KEY": "k2"}
+        )
         assert by_env.exit_code == 0, by_env.output
         assert by_env.output.count(" -> model skumatch-serving-test") == 2
         keyless = runner.invoke(app, ["match", str(paths[0]), "--url", server.url], env={"SKUMATCH_API_KEY": None})

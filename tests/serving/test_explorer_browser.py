@@ -34,10 +34,19 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
     # The DevTools network log shows the headers the page's own fetch calls sent.
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     # Closed network, running as root, no GPU: keep Chromium from phoning home or needing a sandbox.
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--window-size=1100,1000",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1100,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.set_page_load_timeout(WAIT_S)
@@ -71,9 +80,13 @@ def _sent_requests(driver) -> list[dict]:
 
 
 def _thumbnail_loaded(driver, row) -> bool:
-    return bool(driver.execute_script(
-        "const img = arguments[0].querySelector('img.thumb'); return !!img && img.complete && img.naturalWidth > 0;",
-        row))
+    return bool(
+        driver.execute_script(
+            "const img = arguments[0].querySelector('img.thumb');"
+            " return !!img && img.complete && img.naturalWidth > 0;",
+            row,
+        )
+    )
 
 
 def test_a_catalogue_photo_shows_its_sku_first_with_thumbnails(page, packaged, tmp_path):
@@ -142,7 +155,10 @@ def test_the_api_key_is_remembered_and_sent_on_every_call(page, packaged):
 
     calls = [r for r in _sent_requests(page) if r["method"] == "POST"]
     assert sorted(r["url"].removeprefix(page.current_url.rstrip("/")) for r in calls) == [
-        "/match", "/thumbnail", "/thumbnail"]
+        "/match",
+        "/thumbnail",
+        "/thumbnail",
+    ]
     for request in calls:
         headers = {name.lower(): value for name, value in request["headers"].items()}
         assert headers.get("authorization") == "Bearer s3cret-key", request

@@ -35,12 +35,17 @@ def _image_bytes(size=(32, 32), fmt="JPEG", colour=(200, 40, 40)) -> bytes:
 
 def _png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` pixels, with one tiny compressed row of data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 class Watch:
@@ -66,8 +71,10 @@ class Watch:
 
         self.canary = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Canary)
         self.canary_url = f"http://127.0.0.1:{self.canary.server_address[1]}/photo.jpg"
-        self._threads = [threading.Thread(target=self.canary.serve_forever, daemon=True),
-                         threading.Thread(target=self._watch_fifo, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self.canary.serve_forever, daemon=True),
+            threading.Thread(target=self._watch_fifo, daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -128,9 +135,22 @@ def _named_cases(watch: Watch) -> dict[str, dict]:
     }
 
 
-@pytest.mark.parametrize("case", ["json-path", "json-url", "json-file-url", "form-text-path", "form-text-url",
-                                  "multipart-text-path", "multipart-text-url", "thin-1x5000", "thin-60000x1",
-                                  "144-megapixels", "gif-not-allowed"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "json-path",
+        "json-url",
+        "json-file-url",
+        "form-text-path",
+        "form-text-url",
+        "multipart-text-path",
+        "multipart-text-url",
+        "thin-1x5000",
+        "thin-60000x1",
+        "144-megapixels",
+        "gif-not-allowed",
+    ],
+)
 @pytest.mark.parametrize("route", ["/match", "/match_batch", "/embed"])
 def test_named_hostile_requests_are_refused_as_json(server, watch, route, case):
     request = _named_cases(watch)[case]
@@ -140,8 +160,12 @@ def test_named_hostile_requests_are_refused_as_json(server, watch, route, case):
     assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
     body = response.json()
     assert body["error"] and body["reason"], body
-    limit_reasons = {"thin-1x5000": "max_aspect_ratio", "thin-60000x1": "max_aspect_ratio",
-                     "144-megapixels": "max_pixels", "gif-not-allowed": "format"}
+    limit_reasons = {
+        "thin-1x5000": "max_aspect_ratio",
+        "thin-60000x1": "max_aspect_ratio",
+        "144-megapixels": "max_pixels",
+        "gif-not-allowed": "format",
+    }
     if case in limit_reasons:
         assert body["reason"] == limit_reasons[case] or (route == "/match_batch" and body["bad_images"]), body
         assert "limit" in body["error"] or "format" in body["error"] or "could not be decoded" in body["error"]
@@ -150,12 +174,13 @@ def test_named_hostile_requests_are_refused_as_json(server, watch, route, case):
 
 def test_a_chunked_body_without_length_is_refused(server):
     def body():
-        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n"
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
         yield _image_bytes()
         yield b"\r\n--b--\r\n"
 
-    response = httpx.post(f"{server.url}/match", content=body(), headers={"content-type": "multipart/form-data; boundary=b"},
-                          timeout=30)
+    response = httpx.post(
+        f"{server.url}/match", content=body(), headers={"content-type": "multipart/form-data; boundary=b"}, timeout=30
+    )
     assert response.status_code == 411 and response.json()["reason"] == "length_required"
 
 
@@ -168,8 +193,9 @@ def test_a_rotated_phone_photo_is_matched_upright(server, packaged):
     exif[0x0112] = 6
     buffer = io.BytesIO()
     stored.save(buffer, format="JPEG", quality=95, exif=exif)
-    response = httpx.post(f"{server.url}/match", files={"image": ("phone.jpg", buffer.getvalue(), "image/jpeg")},
-                          timeout=30)
+    response = httpx.post(
+        f"{server.url}/match", files={"image": ("phone.jpg", buffer.getvalue(), "image/jpeg")}, timeout=30
+    )
     assert response.status_code == 200, response.text
     assert response.json()["matches"][0]["sku_id"] == sku
     assert response.json()["matches"][0]["score"] > 0.99
@@ -178,8 +204,16 @@ def test_a_rotated_phone_photo_is_matched_upright(server, packaged):
 # --- the generated fuzz run ----------------------------------------------------------------------
 
 VALID_JPEG, VALID_PNG = _image_bytes(), _image_bytes(fmt="PNG")
-CONTENT_TYPES = ["image/jpeg", "image/png", "text/plain", "application/json", "application/octet-stream",
-                 "text/html", "", "image/svg+xml"]
+CONTENT_TYPES = [
+    "image/jpeg",
+    "image/png",
+    "text/plain",
+    "application/json",
+    "application/octet-stream",
+    "text/html",
+    "",
+    "image/svg+xml",
+]
 
 
 def _payloads(watch: Watch):
@@ -191,13 +225,23 @@ def _payloads(watch: Watch):
         st.integers(0, len(VALID_PNG)).map(lambda cut: VALID_PNG[:cut]),
         st.tuples(st.integers(1, 2**31 - 1), st.integers(1, 2**31 - 1)).map(lambda size: _png_claiming(*size)),
         st.tuples(st.integers(1, 3), st.integers(50, 3000), st.booleans()).map(
-            lambda thin: _image_bytes((thin[0], thin[1]) if thin[2] else (thin[1], thin[0]), "PNG")),
-        st.sampled_from([VALID_JPEG + b"<html><script>alert(1)</script></html>",
-                         b"GIF89a/*" + b"\x00" * 20 + b"*/=alert(1);", VALID_PNG + b"PK\x03\x04" + b"\x00" * 26,
-                         b"%PDF-1.4\n" + VALID_JPEG, b"<svg xmlns='http://www.w3.org/2000/svg'/>",
-                         marker.encode(), url.encode(), f"file://{marker}".encode()]),
+            lambda thin: _image_bytes((thin[0], thin[1]) if thin[2] else (thin[1], thin[0]), "PNG")
+        ),
+        st.sampled_from(
+            [
+                VALID_JPEG + b"<html><script>alert(1)</script></html>",
+                b"GIF89a/*" + b"\x00" * 20 + b"*/=alert(1);",
+                VALID_PNG + b"PK\x03\x04" + b"\x00" * 26,
+                b"%PDF-1.4\n" + VALID_JPEG,
+                b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+                marker.encode(),
+                url.encode(),
+                f"file://{marker}".encode(),
+            ]
+        ),
         st.binary(min_size=1, max_size=64).map(lambda noise: VALID_JPEG[:200] + noise + VALID_JPEG[200:]),
-        st.just(VALID_JPEG), st.just(VALID_PNG),
+        st.just(VALID_JPEG),
+        st.just(VALID_PNG),
     )
 
 
@@ -208,20 +252,50 @@ def _requests(watch: Watch):
     field_names = st.sampled_from(["image", "images", "image", "images", "photo", "file", "image[]", "", "img\x00"])
     text_values = st.sampled_from([marker, url, f"file://{marker}", "../../etc/passwd", "5", "", "x" * 300])
     top_k = st.one_of(st.none(), st.sampled_from(["0", "1", "3", "101", "-1", "nan", "1e9", "\u0661", "[]"]))
-    multipart = st.fixed_dictionaries({
-        "kind": st.just("multipart"), "route": routes,
-        "parts": st.lists(st.tuples(field_names, _payloads(watch), st.sampled_from(CONTENT_TYPES),
-                                    st.sampled_from(["a.jpg", "a.png", "../../x.jpg", "", "é.jpg"])),
-                          min_size=0, max_size=4),
-        "texts": st.lists(st.tuples(field_names, text_values), max_size=2), "top_k": top_k})
-    json_body = st.fixed_dictionaries({
-        "kind": st.just("json"), "route": routes,
-        "body": st.dictionaries(st.sampled_from(["image", "images", "path", "url", "top_k"]),
-                                st.one_of(text_values, st.lists(text_values, max_size=3), st.integers()), max_size=3)})
-    raw = st.fixed_dictionaries({
-        "kind": st.just("raw"), "route": routes, "body": _payloads(watch),
-        "content_type": st.sampled_from([*CONTENT_TYPES, "multipart/form-data", "multipart/form-data; boundary=zz",
-                                         "application/x-www-form-urlencoded"])})
+    multipart = st.fixed_dictionaries(
+        {
+            "kind": st.just("multipart"),
+            "route": routes,
+            "parts": st.lists(
+                st.tuples(
+                    field_names,
+                    _payloads(watch),
+                    st.sampled_from(CONTENT_TYPES),
+                    st.sampled_from(["a.jpg", "a.png", "../../x.jpg", "", "é.jpg"]),
+                ),
+                min_size=0,
+                max_size=4,
+            ),
+            "texts": st.lists(st.tuples(field_names, text_values), max_size=2),
+            "top_k": top_k,
+        }
+    )
+    json_body = st.fixed_dictionaries(
+        {
+            "kind": st.just("json"),
+            "route": routes,
+            "body": st.dictionaries(
+                st.sampled_from(["image", "images", "path", "url", "top_k"]),
+                st.one_of(text_values, st.lists(text_values, max_size=3), st.integers()),
+                max_size=3,
+            ),
+        }
+    )
+    raw = st.fixed_dictionaries(
+        {
+            "kind": st.just("raw"),
+            "route": routes,
+            "body": _payloads(watch),
+            "content_type": st.sampled_from(
+                [
+                    *CONTENT_TYPES,
+                    "multipart/form-data",
+                    "multipart/form-data; boundary=zz",
+                    "application/x-www-form-urlencoded",
+                ]
+            ),
+        }
+    )
     return st.one_of(multipart, json_body, raw)
 
 
@@ -230,8 +304,9 @@ def _send(server, request: dict) -> httpx.Response:
     if request["kind"] == "json":
         return httpx.post(target, json=request["body"], timeout=30)
     if request["kind"] == "raw":
-        return httpx.post(target, content=request["body"], headers={"content-type": request["content_type"]},
-                          timeout=30)
+        return httpx.post(
+            target, content=request["body"], headers={"content-type": request["content_type"]}, timeout=30
+        )
     files = [(name, (filename, payload, content_type)) for name, payload, content_type, filename in request["parts"]]
     data = dict(request["texts"])
     if request["top_k"] is not None:
@@ -244,8 +319,13 @@ def _send(server, request: dict) -> httpx.Response:
 def test_fuzz_run_gets_no_5xx_opens_nothing_and_leaves_the_service_matching(server, packaged, watch):
     statuses: list[int] = []
 
-    @settings(max_examples=FUZZ_REQUESTS, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=FUZZ_REQUESTS,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(_requests(watch))
     def one_request(request):
         response = _send(server, request)
@@ -263,6 +343,7 @@ def test_fuzz_run_gets_no_5xx_opens_nothing_and_leaves_the_service_matching(serv
     assert watch.fetched == [], f"the service fetched {watch.fetched}"
     assert server.process.poll() is None
     for sku, paths in packaged.champion.catalogue.items():
-        answer = httpx.post(f"{server.url}/match", files={"image": ("q.jpg", paths[0].read_bytes(), "image/jpeg")},
-                            timeout=30)
+        answer = httpx.post(
+            f"{server.url}/match", files={"image": ("q.jpg", paths[0].read_bytes(), "image/jpeg")}, timeout=30
+        )
         assert answer.status_code == 200 and answer.json()["matches"][0]["sku_id"] == sku

@@ -38,8 +38,11 @@ def registry_copy(packaged, tmp_path_factory) -> str:
 def swap_server(packaged, registry_copy, tmp_path_factory):
     """The packaged Bento, served with the registry copy and an admin token (no polling)."""
     folder = tmp_path_factory.mktemp("swap-server")
-    env = {**private_home(packaged.champion.env, folder), "MLFLOW_TRACKING_URI": registry_copy,
-           "SKUMATCH_ADMIN_TOKEN": ADMIN_TOKEN}
+    env = {
+        **private_home(packaged.champion.env, folder),
+        "MLFLOW_TRACKING_URI": registry_copy,
+        "SKUMATCH_ADMIN_TOKEN": ADMIN_TOKEN,
+    }
     with running(packaged.bento_tag, env, folder / "serve.log") as started:
         yield started
 
@@ -55,8 +58,7 @@ def _info(server) -> dict:
 
 
 def _match(server, path) -> httpx.Response:
-    return httpx.post(f"{server.url}/match", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
-                      timeout=30)
+    return httpx.post(f"{server.url}/match", files={"image": (path.name, path.read_bytes(), "image/jpeg")}, timeout=30)
 
 
 def _reload(server) -> httpx.Response:
@@ -85,7 +87,7 @@ class Load:
                 continue
             self.answers.append((time.monotonic(), response.status_code, {**body, "sku": sku}))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self._threads:
             thread.start()
         return self
@@ -96,8 +98,9 @@ class Load:
             thread.join(60)
 
 
-def test_a_new_champion_is_swapped_in_under_load_with_no_failed_request(swap_server, packaged, registry_copy,
-                                                                           second_clip, tmp_path):
+def test_a_new_champion_is_swapped_in_under_load_with_no_failed_request(
+    swap_server, packaged, registry_copy, second_clip, tmp_path
+):
     champion = packaged.champion
     before = _info(swap_server)
     version, checksum, _ = register_new_version(champion, registry_copy, second_clip, tmp_path / "v-new")
@@ -130,8 +133,9 @@ def test_a_new_champion_is_swapped_in_under_load_with_no_failed_request(swap_ser
     assert _reload(swap_server).json()["outcome"] == "unchanged"
 
 
-def test_a_corrupted_new_index_is_refused_and_the_old_pair_keeps_serving(swap_server, packaged, registry_copy,
-                                                                         second_clip, tmp_path):
+def test_a_corrupted_new_index_is_refused_and_the_old_pair_keeps_serving(
+    swap_server, packaged, registry_copy, second_clip, tmp_path
+):
     champion = packaged.champion
     before = _info(swap_server)
     version, _, _ = register_new_version(champion, registry_copy, second_clip, tmp_path / "v-bad", promote=False)
@@ -156,7 +160,8 @@ def test_a_corrupted_new_index_is_refused_and_the_old_pair_keeps_serving(swap_se
         assert "hot swap to version" in swap_server.output() and "refused" in swap_server.output()
     finally:
         MlflowClient(registry_copy, registry_copy).set_registered_model_alias(
-            "skumatch-serving-test", "champion", before["model_version"])
+            "skumatch-serving-test", "champion", before["model_version"]
+        )
 
 
 def test_a_new_index_for_the_served_version_is_swapped_in(swap_server, packaged, registry_copy, tmp_path):
@@ -176,10 +181,17 @@ def test_a_new_index_for_the_served_version_is_swapped_in(swap_server, packaged,
     encoder, preprocess, _ = load_encoder(served.encoder_dir)
     kept = list(champion.catalogue)[:-1]
     rows = pd.DataFrame([{"image_path": str(champion.catalogue[sku][0]), "sku_id": sku} for sku in kept])
-    index = build_catalogue_index(encoder, preprocess, rows, IndexParams(use_gpu="never"),
-                                  meta={"model_name": "skumatch-serving-test", "model_version": before["model_version"]})
+    index = build_catalogue_index(
+        encoder,
+        preprocess,
+        rows,
+        IndexParams(use_gpu="never"),
+        meta={"model_name": "skumatch-serving-test", "model_version": before["model_version"]},
+    )
     checksum = save_index(index, tmp_path / "smaller-index")
-    registry.attach_index(client, "skumatch-serving-test", before["model_version"], tmp_path / "smaller-index", checksum)
+    registry.attach_index(
+        client, "skumatch-serving-test", before["model_version"], tmp_path / "smaller-index", checksum
+    )
 
     response = _reload(swap_server)
     assert response.status_code == 200, response.text
@@ -191,8 +203,11 @@ def test_a_new_index_for_the_served_version_is_swapped_in(swap_server, packaged,
 
 def test_the_poll_interval_brings_a_promoted_version_in_without_asking(packaged, second_clip, tmp_path):
     registry_uri = copy_registry(packaged.champion, tmp_path / "registry")
-    env = {**private_home(packaged.champion.env, tmp_path), "MLFLOW_TRACKING_URI": registry_uri,
-           "SKUMATCH_RELOAD_POLL_SECONDS": "1"}
+    env = {
+        **private_home(packaged.champion.env, tmp_path),
+        "MLFLOW_TRACKING_URI": registry_uri,
+        "SKUMATCH_RELOAD_POLL_SECONDS": "1",
+    }
     with running(packaged.bento_tag, env, tmp_path / "serve.log") as server:
         assert _info(server)["reload_poll_seconds"] == 1.0
         version, checksum, _ = register_new_version(packaged.champion, registry_uri, second_clip, tmp_path / "v")
@@ -207,7 +222,6 @@ def test_the_poll_interval_brings_a_promoted_version_in_without_asking(packaged,
 
 def test_admin_route_needs_the_admin_token(swap_server):
     assert httpx.post(f"{swap_server.url}/admin/reload", json={}, timeout=30).status_code == 401
-    wrong = httpx.post(f"{swap_server.url}/admin/reload", json={}, headers={"Authorization": "Bearer nope"},
-                       timeout=30)
+    wrong = httpx.post(f"{swap_server.url}/admin/reload", json={}, headers={"Authorization": "Bearer nope"}, timeout=30)
     assert wrong.status_code == 401 and wrong.json()["reason"] == "unauthorized"
     assert wrong.headers["www-authenticate"].startswith("Bearer")

@@ -9,7 +9,6 @@ import httpx
 import pytest
 from PIL import Image
 
-
 pytestmark = pytest.mark.integration
 
 
@@ -18,7 +17,7 @@ def _series(text: str, name: str) -> list[dict[str, str]]:
     found = []
     for line in text.splitlines():
         if line.startswith(name + "{"):
-            labels = line[len(name) + 1:line.index("}")]
+            labels = line[len(name) + 1 : line.index("}")]
             found.append(dict(re.findall(r'(\w+)="([^"]*)"', labels)))
     return found
 
@@ -27,12 +26,20 @@ def test_metrics_carry_the_labelled_series(server, packaged, tmp_path):
     champion = packaged.champion
     sku, paths = next(iter(champion.catalogue.items()))
     for _ in range(3):
-        assert httpx.post(f"{server.url}/match", files={"image": ("a.jpg", paths[0].read_bytes(), "image/jpeg")},
-                          timeout=30).status_code == 200
+        assert (
+            httpx.post(
+                f"{server.url}/match", files={"image": ("a.jpg", paths[0].read_bytes(), "image/jpeg")}, timeout=30
+            ).status_code
+            == 200
+        )
     thin = tmp_path / "thin.png"
     Image.new("RGB", (1, 500)).save(thin)
-    assert httpx.post(f"{server.url}/match", files={"image": ("t.png", thin.read_bytes(), "image/png")},
-                      timeout=30).status_code == 400
+    assert (
+        httpx.post(
+            f"{server.url}/match", files={"image": ("t.png", thin.read_bytes(), "image/png")}, timeout=30
+        ).status_code
+        == 400
+    )
     assert httpx.post(f"{server.url}/match", json={"image": "/etc/passwd"}, timeout=30).status_code == 415
 
     text = ""
@@ -55,8 +62,12 @@ def test_metrics_carry_the_labelled_series(server, packaged, tmp_path):
 
 def test_request_id_is_echoed_and_logged(server, packaged):
     path = next(iter(packaged.champion.catalogue.values()))[0]
-    mine = httpx.post(f"{server.url}/match", files={"image": ("a.jpg", path.read_bytes(), "image/jpeg")},
-                      headers={"X-Request-ID": "shelf-42.a"}, timeout=30)
+    mine = httpx.post(
+        f"{server.url}/match",
+        files={"image": ("a.jpg", path.read_bytes(), "image/jpeg")},
+        headers={"X-Request-ID": "shelf-42.a"},
+        timeout=30,
+    )
     assert mine.headers["x-request-id"] == "shelf-42.a"
     # An id that is not tame (spaces, over 64 characters) is replaced, not echoed into logs.
     theirs = httpx.post(f"{server.url}/match", json={}, headers={"X-Request-ID": "a b" * 40}, timeout=30)

@@ -40,9 +40,24 @@ def test_info_describes_the_packaged_version(server, packaged):
     response = _post(server, "/info", json={})
     assert response.status_code == 200, response.text
     info = response.json()
-    assert {key: info[key] for key in ("model_name", "model_version", "index_checksum", "catalogue_size",
-                                       "catalogue_skus", "embed_dim", "default_top_k", "batch_size", "bento_model",
-                                       "workers", "torch_threads", "device", "thumbnails")} == {
+    assert {
+        key: info[key]
+        for key in (
+            "model_name",
+            "model_version",
+            "index_checksum",
+            "catalogue_size",
+            "catalogue_skus",
+            "embed_dim",
+            "default_top_k",
+            "batch_size",
+            "bento_model",
+            "workers",
+            "torch_threads",
+            "device",
+            "thumbnails",
+        )
+    } == {
         "model_name": "skumatch-serving-test",
         "model_version": champion.version,
         "index_checksum": champion.index_checksum,
@@ -116,22 +131,27 @@ def test_match_batch_answers_each_image_in_upload_order(server, packaged):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_version"] == champion.version and body["reject_below"] == pytest.approx(
-        _post(server, "/match", files=_upload(paths[0])).json()["reject_below"])
+        _post(server, "/match", files=_upload(paths[0])).json()["reject_below"]
+    )
     assert [result["matches"][0]["sku_id"] for result in body["results"]] == list(skus)
     assert all(len(result["matches"]) == 2 for result in body["results"])
     # The same answers as one /match request per image: batching changes nothing matched.
     for path, result in zip(paths, body["results"]):
         single = _post(server, "/match", files=_upload(path), data={"top_k": "2"}).json()
         assert [m["sku_id"] for m in single["matches"]] == [m["sku_id"] for m in result["matches"]]
-        assert [m["score"] for m in single["matches"]] == pytest.approx([m["score"] for m in result["matches"]],
-                                                                         abs=1e-5)
+        assert [m["score"] for m in single["matches"]] == pytest.approx(
+            [m["score"] for m in result["matches"]], abs=1e-5
+        )
         assert single["no_confident_match"] == result["no_confident_match"]
 
 
 def test_match_batch_refuses_the_request_and_names_every_bad_image(server, packaged):
     good = next(iter(packaged.champion.catalogue.values()))[0]
-    files = _batch([good]) + [("images", ("cut.jpg", _jpeg()[:300], "image/jpeg")), *_batch([good]),
-                              ("images", ("notes.txt", b"not an image\n", "text/plain"))]
+    files = _batch([good]) + [
+        ("images", ("cut.jpg", _jpeg()[:300], "image/jpeg")),
+        *_batch([good]),
+        ("images", ("notes.txt", b"not an image\n", "text/plain")),
+    ]
     response = _post(server, "/match_batch", files=files)
     assert response.status_code == 400, response.text
     body = response.json()
@@ -144,10 +164,12 @@ def test_match_batch_refuses_the_request_and_names_every_bad_image(server, packa
 @pytest.mark.parametrize("case", ["none", "too-many", "text-value", "wrong-field"])
 def test_match_batch_refuses_bad_image_lists(server, packaged, case):
     good = next(iter(packaged.champion.catalogue.values()))[0]
-    request = {"none": dict(data={"top_k": "3"}),
-               "too-many": dict(files=_batch([good] * (MAX_BATCH_IMAGES + 1))),
-               "text-value": dict(data={"images": "http://example.com/photo.jpg"}),
-               "wrong-field": dict(files=_upload(good))}[case]
+    request = {
+        "none": dict(data={"top_k": "3"}),
+        "too-many": dict(files=_batch([good] * (MAX_BATCH_IMAGES + 1))),
+        "text-value": dict(data={"images": "http://example.com/photo.jpg"}),
+        "wrong-field": dict(files=_upload(good)),
+    }[case]
     response = _post(server, "/match_batch", **request)
     # No file at all, or only text, is not a multipart upload: 415, as a JSON body would be.
     expected = {"too-many": 413, "none": 415, "text-value": 415}.get(case, 400)
@@ -163,9 +185,11 @@ def _jpeg(size=(32, 32)) -> bytes:
 
 BAD_REQUESTS = {
     "empty-file": dict(files={"image": ("empty.jpg", b"", "image/jpeg")}),
-    "random-bytes": dict(files={"image": ("noise.jpg", bytes(np.random.default_rng(1).integers(0, 256, 4096,
-                                                                                              dtype=np.uint8)),
-                                          "image/jpeg")}),
+    "random-bytes": dict(
+        files={
+            "image": ("noise.jpg", bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)), "image/jpeg")
+        }
+    ),
     "truncated-jpeg": dict(files={"image": ("cut.jpg", _jpeg()[:300], "image/jpeg")}),
     "text-file": dict(files={"image": ("notes.txt", b"not an image at all\n", "text/plain")}),
     "missing-field": dict(data={"top_k": "3"}),
@@ -176,8 +200,10 @@ BAD_REQUESTS = {
     "url-encoded-form": dict(data={"image": "http://example.com/photo.jpg"}),
     "json-body": dict(json={"image": "/etc/passwd"}),
     "raw-jpeg-body": dict(content=_jpeg(), headers={"content-type": "image/jpeg"}),
-    "broken-multipart": dict(content=b"--xyz\r\nContent-Disposition: form-data; name=\"image\"",
-                             headers={"content-type": "multipart/form-data; boundary=xyz"}),
+    "broken-multipart": dict(
+        content=b'--xyz\r\nContent-Disposition: form-data; name="image"',
+        headers={"content-type": "multipart/form-data; boundary=xyz"},
+    ),
 }
 BAD_TOP_K = {"top_k-0": "0", "top_k-101": "101", "top_k-negative": "-3", "top_k-not-a-number": "five"}
 
@@ -222,13 +248,16 @@ def test_server_still_answers_after_bad_requests(server, packaged):
 CPUS = len(os.sched_getaffinity(0))
 
 
-@pytest.mark.parametrize(("workers", "omp_num_threads", "served_workers", "threads_each"),
-                         [("cpu_count", None, CPUS, max(1, torch.get_num_threads() // CPUS)),
-                          # torch caps OMP_NUM_THREADS at its default; shared out, 3 workers would get 1
-                          (3, "2", 3, min(2, torch.get_num_threads()))],
-                         ids=["one-per-cpu-shared-out", "explicit-omp-wins"])
-def test_workers_share_torch_threads_out(packaged, tmp_path, workers, omp_num_threads, served_workers,
-                                         threads_each):
+@pytest.mark.parametrize(
+    ("workers", "omp_num_threads", "served_workers", "threads_each"),
+    [
+        ("cpu_count", None, CPUS, max(1, torch.get_num_threads() // CPUS)),
+        # torch caps OMP_NUM_THREADS at its default; shared out, 3 workers would get 1
+        (3, "2", 3, min(2, torch.get_num_threads())),
+    ],
+    ids=["one-per-cpu-shared-out", "explicit-omp-wins"],
+)
+def test_workers_share_torch_threads_out(packaged, tmp_path, workers, omp_num_threads, served_workers, threads_each):
     # Two workers that each took torch's thread-per-core default served 0.37 times one worker's
     # requests per second on 2 cores (benchmarks/results/serving.md). The worker count comes
     # from a deploy-time override, as an operator would set it, not from the service's code.
@@ -240,7 +269,8 @@ def test_workers_share_torch_threads_out(packaged, tmp_path, workers, omp_num_th
     with running(packaged.bento_tag, env, tmp_path / "serve.log") as server:
         answers = [_post(server, "/info", json={}) for _ in range(6)]
         assert {(answer.json()["workers"], answer.json()["torch_threads"]) for answer in answers} == {
-            (served_workers, threads_each)}
+            (served_workers, threads_each)
+        }
 
 
 def test_cli_match_sends_several_photos_as_one_batch(server, packaged, tmp_path):
@@ -279,8 +309,16 @@ def test_a_mixed_case_boundary_is_matched_as_sent(server, packaged):
     """Browsers send boundaries such as ----WebKitFormBoundaryQx7Zk: case matters in them."""
     sku, paths = next(iter(packaged.champion.catalogue.items()))
     boundary = "----WebKitFormBoundaryQx7Zk"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode() + paths[0].read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    response = _post(server, "/match", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + paths[0].read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    response = _post(
+        server, "/match", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert response.status_code == 200, response.text
     assert response.json()["matches"][0]["sku_id"] == sku

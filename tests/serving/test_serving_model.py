@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from serving_support import flip_byte
 
 from components.config import ServeParams, UploadLimits
 from components.index import IndexMismatchError
@@ -19,8 +20,6 @@ from components.matcher import load_served_model
 from components.registry import ResolvedModel
 from serving.build import package_model, serve_command, serving_requirements
 from serving.uploads import BadImage, decode_image
-
-from serving_support import flip_byte
 
 
 def _copy(files, tmp_path: Path) -> tuple[Path, Path]:
@@ -30,6 +29,7 @@ def _copy(files, tmp_path: Path) -> tuple[Path, Path]:
 
 
 # --- load_served_model: the check the service runs at start-up ---------------------------------
+
 
 def test_load_served_model_matches_catalogue_images(served_files):
     served = load_served_model(served_files.encoder_dir, served_files.index_dir, "tiny", "7", served_files.checksum)
@@ -84,12 +84,15 @@ def test_package_model_verifies_before_storing(served_files):
     without_index = ResolvedModel("tiny", "7", served_files.encoder_dir, None, None, {})
     with pytest.raises(ValueError, match="without an index"):
         package_model(without_index, ServeParams(bento_model_name="never-created"))
-    resolved_ok = ResolvedModel("tiny", "7", served_files.encoder_dir, served_files.index_dir, served_files.checksum, {})
+    resolved_ok = ResolvedModel(
+        "tiny", "7", served_files.encoder_dir, served_files.index_dir, served_files.checksum, {}
+    )
     with pytest.raises(ValueError, match="serve.top_k must be within 1..100"):
         package_model(resolved_ok, ServeParams(top_k=101, bento_model_name="never-created"))
 
 
 # --- decoding uploads ----------------------------------------------------------------------------
+
 
 def _jpeg_bytes(size=(24, 20), mode="RGB") -> bytes:
     buffer = io.BytesIO()
@@ -105,12 +108,16 @@ def test_decode_image_returns_rgb(tmp_path, mode, fmt):
     assert image.mode == "RGB" and image.size == (9, 7)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "is empty"),
-    (bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8)), "not an image"),
-    (b"just some text\n", "not an image"),
-    (_jpeg_bytes()[:200], "truncated or corrupt"),
-], ids=["empty", "random-bytes", "text", "truncated-jpeg"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8)), "not an image"),
+        (b"just some text\n", "not an image"),
+        (_jpeg_bytes()[:200], "truncated or corrupt"),
+    ],
+    ids=["empty", "random-bytes", "text", "truncated-jpeg"],
+)
 def test_decode_image_rejects_bad_uploads(tmp_path, content, message):
     path = tmp_path / "upload"
     path.write_bytes(content)
@@ -119,6 +126,7 @@ def test_decode_image_rejects_bad_uploads(tmp_path, content, message):
 
 
 # --- build helpers -------------------------------------------------------------------------------
+
 
 def test_serving_requirements_pin_installed_versions():
     requirements = serving_requirements()
@@ -130,13 +138,21 @@ def test_serving_requirements_pin_installed_versions():
 
 
 def test_serve_command():
-    assert serve_command("skumatch:abc", 3001) == [sys.executable, "-m", "bentoml", "serve", "skumatch:abc",
-                                                  "--port", "3001"]
+    assert serve_command("skumatch:abc", 3001) == [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "skumatch:abc",
+        "--port",
+        "3001",
+    ]
     assert serve_command("skumatch:abc", 3001, host="127.0.0.1")[-2:] == ["--host", "127.0.0.1"]
     assert serve_command(None, 3000)[4] == "skumatch:latest"
 
 
 # --- upload limits --------------------------------------------------------------------------------
+
 
 def _saved(tmp_path: Path, size, fmt="PNG", **save) -> Path:
     path = tmp_path / f"upload.{fmt.lower()}"
@@ -144,13 +160,17 @@ def _saved(tmp_path: Path, size, fmt="PNG", **save) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("size", "limits", "reason", "status"), [
-    ((1, 500), UploadLimits(), "max_aspect_ratio", 400),
-    ((400, 10), UploadLimits(max_aspect_ratio=20), "max_aspect_ratio", 400),
-    ((100, 100), UploadLimits(max_pixels=9_999), "max_pixels", 413),
-    ((64, 64), UploadLimits(formats=["JPEG"]), "format", 400),
-    ((64, 64), UploadLimits(max_upload_bytes=10), "max_upload_bytes", 413),
-], ids=["thin", "wide", "pixels", "format", "bytes"])
+@pytest.mark.parametrize(
+    ("size", "limits", "reason", "status"),
+    [
+        ((1, 500), UploadLimits(), "max_aspect_ratio", 400),
+        ((400, 10), UploadLimits(max_aspect_ratio=20), "max_aspect_ratio", 400),
+        ((100, 100), UploadLimits(max_pixels=9_999), "max_pixels", 413),
+        ((64, 64), UploadLimits(formats=["JPEG"]), "format", 400),
+        ((64, 64), UploadLimits(max_upload_bytes=10), "max_upload_bytes", 413),
+    ],
+    ids=["thin", "wide", "pixels", "format", "bytes"],
+)
 def test_decode_image_enforces_each_limit_and_names_it(tmp_path, size, limits, reason, status):
     with pytest.raises(BadImage) as refused:
         decode_image(_saved(tmp_path, size), limits)
@@ -173,8 +193,12 @@ def test_the_pixel_limit_is_checked_before_decoding(tmp_path):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     path = tmp_path / "bomb.png"
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
     with pytest.raises(BadImage, match="12000 x 12000 = 144000000 pixels, over the limit max_pixels=50000000"):
         decode_image(path)
 
@@ -213,13 +237,16 @@ def test_a_served_model_matches_on_cuda_as_on_the_cpu(served_files):
 
 # --- the upload guard's reading of multipart bodies ----------------------------------------------
 
+
 def _multipart(*parts: bytes, boundary: bytes = b"xyz", close: bool = True) -> bytes:
     """A multipart body of ``parts`` (header lines, blank line, data)."""
     body = b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts)
     return body + (b"--" + boundary + b"--\r\n" if close else b"")
 
 
-FILE_PART = b'Content-Disposition: form-data; name="image"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n' + b"J" * 300
+FILE_PART = (
+    b'Content-Disposition: form-data; name="image"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n' + b"J" * 300
+)
 TEXT_PART = b'Content-Disposition: form-data; name="top_k"\r\n\r\n3'
 
 
@@ -230,16 +257,21 @@ def test_multipart_parts_names_files_and_their_sizes():
     assert parts == [FormPart("image", True, 300), FormPart("top_k", False, 1), FormPart("image", True, 300)]
     # A browser's boundary is mixed case, and must be matched as sent.
     browser = b"----WebKitFormBoundaryQx7Zk"
-    assert multipart_parts(f"Multipart/Form-Data; boundary={browser.decode()}",
-                           _multipart(FILE_PART, boundary=browser)) == [FormPart("image", True, 300)]
+    assert multipart_parts(
+        f"Multipart/Form-Data; boundary={browser.decode()}", _multipart(FILE_PART, boundary=browser)
+    ) == [FormPart("image", True, 300)]
 
 
-@pytest.mark.parametrize(("content_type", "body"), [
-    ("multipart/form-data", _multipart(FILE_PART)),  # no boundary
-    ("multipart/form-data; boundary=xyz", _multipart(FILE_PART, close=False)),  # cut before the end
-    ("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Disposition: form-data; name=\"image\""),
-    ("multipart/form-data; boundary=xyz", b"no boundary anywhere"),
-], ids=["no-boundary", "unterminated", "cut-in-headers", "no-parts"])
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", _multipart(FILE_PART)),  # no boundary
+        ("multipart/form-data; boundary=xyz", _multipart(FILE_PART, close=False)),  # cut before the end
+        ("multipart/form-data; boundary=xyz", b'--xyz\r\nContent-Disposition: form-data; name="image"'),
+        ("multipart/form-data; boundary=xyz", b"no boundary anywhere"),
+    ],
+    ids=["no-boundary", "unterminated", "cut-in-headers", "no-parts"],
+)
 def test_multipart_parts_refuses_malformed_bodies(content_type, body):
     from serving.uploads import multipart_parts
 
