@@ -252,8 +252,8 @@ CPUS = len(os.sched_getaffinity(0))
     ("workers", "omp_num_threads", "served_workers", "threads_each"),
     [
         ("cpu_count", None, CPUS, max(1, torch.get_num_threads() // CPUS)),
-        # torch caps OMP_NUM_THREADS at its default; shared out, 3 workers would get 1
-        (3, "2", 3, min(2, torch.get_num_threads())),
+        # torch caps OMP_NUM_THREADS at its default; shared out, 2 workers would get 1 each here
+        (2, "2", 2, min(2, torch.get_num_threads())),
     ],
     ids=["one-per-cpu-shared-out", "explicit-omp-wins"],
 )
