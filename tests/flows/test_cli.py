@@ -78,3 +78,15 @@ def test_bad_params_are_refused_with_the_key(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["validate", "-S", "train.epochz=3"])
     assert result.exit_code == 1
     assert "train.epochz" in result.output and "Extra inputs are not permitted" in result.output
+
+
+def test_index_without_evaluation_metrics_is_refused_naming_the_command_to_run(tmp_path, monkeypatch):
+    # The index carries the open-set threshold that evaluation calibrates; without its metrics
+    # file the command stops instead of building an index that never says "no confident match".
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "reports" / "metrics.json"
+    result = CliRunner().invoke(app, ["index", "--model-dir", "models/encoder", "--metrics", str(missing)])
+    assert result.exit_code == 1
+    assert f"no evaluation metrics at {missing}" in result.output
+    assert "skumatch evaluate models/encoder --metrics-out" in result.output
+    assert not (tmp_path / "models" / "index").exists()
