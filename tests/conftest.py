@@ -220,3 +220,13 @@ def make_synthetic_dataset():
 def draw_sku():
     """``draw_sku_image(spec, rng=None, size=32)``: one synthetic image of a SKU (``rng=None`` = catalogue)."""
     return draw_sku_image
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect server and SQLite database for the whole session (flow tests share it:
+    starting one takes about 20 s on 2 cores)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

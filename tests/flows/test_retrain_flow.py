@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from components import registry
 from components.evaluate import GateFailedError
@@ -19,10 +18,9 @@ from flows.retrain import retrain
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+@pytest.fixture(autouse=True)
+def _on_prefect_api(prefect_api):
+    """Every test here runs its flow against the session's temporary Prefect server."""
 
 
 @pytest.fixture
