@@ -42,6 +42,7 @@ from benchmarks import reporting
 from benchmarks.inference import noise_images
 from benchmarks.reporting import results_page, write_results
 from components.config import Params, load_params
+from serving.inference import TorchLanes
 from serving.local import descendants
 
 RESULTS = Path(__file__).parent / "results" / "serving.md"
@@ -232,14 +233,14 @@ class Baseline:
     one baseline, so a slow spell of a shared machine does not land on the denominator alone.
     """
 
-    def __init__(self, served, photos: list[Path], top_k: int, limits) -> None:
-        self.served, self.photos, self.top_k, self.limits = served, photos, top_k, limits
+    def __init__(self, served, photos: list[Path], top_k: int, limits, lanes=None) -> None:
+        self.served, self.photos, self.top_k, self.limits, self.lanes = served, photos, top_k, limits, lanes
         self.passes: dict[str, tuple[list[float], float]] = {}  # name -> (ms per match, seconds)
 
     def match(self, number: int) -> None:
         from serving.uploads import decode_image
 
-        self.served.match([decode_image(self.photos[number % len(self.photos)], self.limits)], self.top_k)
+        self.served.match([decode_image(self.photos[number % len(self.photos)], self.limits)], self.top_k, self.lanes)
 
     def warm_up(self, matches: int) -> None:
         for number in range(matches):
@@ -802,13 +803,18 @@ def measure(params: Params, scratch: Path, args: argparse.Namespace) -> dict[str
     models = prepare(params, scratch, args)
     paths = write_photos(scratch / "queries", args.queries, seed=4)
     photos = [(path.name, path.read_bytes()) for path in paths]
-    baseline = Baseline(models.served, paths, args.top_k, params.serve.limits)
+    # The baseline embeds on lanes as the server does (serve.lanes auto: one per torch thread, on
+    # one worker); the plain one makes one call on all of torch's threads, to show what lanes buy.
+    baseline = Baseline(models.served, paths, args.top_k, params.serve.limits, TorchLanes(torch.get_num_threads()))
+    plain = Baseline(models.served, paths, args.top_k, params.serve.limits)
     baseline.warm_up(args.warm_up)
+    plain.warm_up(args.warm_up)
     results: dict[str, Any] = {}
 
     def time_baseline(name: str) -> None:
-        figures = baseline.time(name, args.baseline_matches)
-        print(f"in-process baseline, {name}: {figures['per_s']:.2f} matches/s, p50 {figures['p50']:.1f} ms", flush=True)
+        for label, timed in (("in-process baseline", baseline), ("without lanes", plain)):
+            figures = timed.time(name, args.baseline_matches)
+            print(f"{label}, {name}: {figures['per_s']:.2f} matches/s, p50 {figures['p50']:.1f} ms", flush=True)
 
     time_baseline("before the servers")
     print("batching off (max_images 1)", flush=True)
@@ -834,7 +840,9 @@ def measure(params: Params, scratch: Path, args: argparse.Namespace) -> dict[str
         print(f"hot swap at concurrency {args.swap_callers}", flush=True)
         results["swap"] = hot_swap(server, models, token, photos, args)
     time_baseline("after the servers")
-    results["baseline"] = {**baseline.figures(), "passes": {name: baseline.figures(name) for name in baseline.passes}}
+    for key, timed in (("baseline", baseline), ("plain", plain)):
+        results[key] = {**timed.figures(), "passes": {name: timed.figures(name) for name in timed.passes}}
+    baseline.lanes.close()
     results["minutes"] = (time.perf_counter() - started) / 60
     return results
 
@@ -874,12 +882,12 @@ def headline(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     swapped = swap["reload"]["body"].get("outcome") == "swapped" and len(versions) >= 2
     rows = [
         (
-            f"throughput at concurrency {max(levels)} ≥ {THROUGHPUT_TARGET:g}× in-process rate",
+            f"throughput at concurrency {max(levels)} ≥ {THROUGHPUT_TARGET:g}× in-process rate (lanes)",
             f"×{throughput:.2f}: {top['per_s']:.2f} req/s against {base['per_s']:.2f} matches/s (batching on)",
             throughput >= THROUGHPUT_TARGET,
         ),
         (
-            f"p99 at concurrency {min(levels)} ≤ {LATENCY_TARGET:g}× in-process single-match time",
+            f"p99 at concurrency {min(levels)} ≤ {LATENCY_TARGET:g}× in-process single-match time (lanes)",
             f"×{latency:.2f}: p99 {_ms(bottom['p99'])} ms against in-process p50 {_ms(base['p50'])} ms (batching on)",
             latency <= LATENCY_TARGET,
         ),
@@ -945,6 +953,14 @@ def load_table(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def baseline_rows(base: dict[str, Any], plain: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """Each pass with lanes and without, then both pooled: (row label, figures)."""
+    rows = []
+    for name in base["passes"]:
+        rows += [(f"{name}, lanes", base["passes"][name]), (f"{name}, without lanes", plain["passes"][name])]
+    return [*rows, ("all passes, lanes (the baseline)", base), ("all passes, without lanes", plain)]
+
+
 def render(results: dict[str, Any], params: Params, args: argparse.Namespace, command: str) -> str:
     """The results file: the targets, the command, the machine, how to read it, the detail tables."""
     base, model, batching = results["baseline"], params.model, params.serve.batching
@@ -952,8 +968,8 @@ def render(results: dict[str, Any], params: Params, args: argparse.Namespace, co
     health, hostile, swap = results["health"], results["hostile"], results["swap"]
     setup = [
         f"Server: `bentoml serve {SERVICE}` from source on 127.0.0.1, {info['workers']} worker, "
-        f"{info['torch_threads']} torch threads, device {info['device']} (from `/info`); the benchmark process "
-        f"has {torch.get_num_threads()} torch threads",
+        f"{info['torch_threads']} torch threads on {info['lanes']} lanes, device {info['device']} (from `/info`); "
+        f"the benchmark process has {torch.get_num_threads()} torch threads",
         f"Model: `{model.backbone}` (pretrained {model.pretrained}, untrained projection), image size "
         f"{model.image_size or 'native'}, embedding {model.embed_dim}, flip TTA {model.flip_tta}, query zooms "
         f"{list(model.query_zooms)}, `serve.batch_size` {params.serve.batch_size}, top_k {args.top_k}",
@@ -976,16 +992,22 @@ def render(results: dict[str, Any], params: Params, args: argparse.Namespace, co
         f"## In-process baseline: decode_image + ServedModel.match, one photo after another, in "
         f"{len(base['passes'])} passes of {args.baseline_matches} after {args.warm_up} warm-up matches",
         "",
-        "No server runs during a pass. The pooled row is the baseline every ratio divides by; passes that "
-        "differ much mean the machine's speed moved during the run.",
+        "No server runs during a pass. The baseline embeds each photo's view rows on "
+        f"{torch.get_num_threads()} lanes of one torch thread, as the server does (`serve.lanes` auto); each pass "
+        "also times the same matches as one call on all of torch's threads (without lanes), which is what lanes "
+        "buy. The pooled lanes row is the baseline every ratio divides by; passes that differ much mean the "
+        "machine's speed moved during the run.",
         "",
         "| pass | matches | p50 ms | p95 ms | p99 ms | matches/s |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {name} | {figures['n']} | {_ms(figures['p50'])} | {_ms(figures['p95'])} | {_ms(figures['p99'])} | "
+            f"| {label} | {figures['n']} | {_ms(figures['p50'])} | {_ms(figures['p95'])} | {_ms(figures['p99'])} | "
             f"{figures['per_s']:.2f} |"
-            for name, figures in [*base["passes"].items(), ("all passes (the baseline)", base)]
+            for label, figures in baseline_rows(base, results["plain"])
         ),
+        "",
+        f"Lanes against one call on torch's threads: ×{base['per_s'] / results['plain']['per_s']:.2f} matches/s, "
+        f"p50 ×{base['p50'] / results['plain']['p50']:.2f}.",
         "",
         f"## Closed-loop load: POST /match, batching on (`serve.batching.max_images` {batching.max_images}, "
         f"`max_wait_ms` {batching.max_wait_ms:g}) against off (`max_images` 1)",

@@ -313,6 +313,9 @@ class ServeParams(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=3000, ge=1, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Threads of each worker that embed side by side, sharing the worker's torch threads out;
+    # auto: one per torch thread on a CPU (faster than one call on all of them), one on a GPU.
+    lanes: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # Seconds between checks of the registry's @champion for a new model or index (0 = only
     # when POST /admin/reload asks).
     reload_poll_seconds: float = Field(default=0.0, ge=0)

@@ -6,16 +6,26 @@ from folders the registry downloaded (:func:`components.registry.download_versio
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from components.config import ServeParams
 from components.index import CatalogueIndex, IndexMismatchError, load_index
-from components.model import embed_batch, load_encoder, resolve_device
+from components.model import embed_rows, load_encoder, pool_query_rows, query_rows, resolve_device
 
 DEFAULT_BATCH_SIZE = ServeParams.model_fields["batch_size"].default
+
+
+class Lanes(Protocol):
+    """Threads that run torch side by side, each with its own intra-op threads (``serving.inference.TorchLanes``)."""
+
+    count: int
+
+    def map(self, function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]: ...
 
 
 class ServedModel:
@@ -44,22 +54,30 @@ class ServedModel:
         """The SHA-256 checksum of the index this model searches (verified when it was loaded)."""
         return str(self.catalogue.meta.get("checksum", ""))
 
-    def embed(self, images: list) -> np.ndarray:
+    def embed(self, images: list, lanes: Lanes | None = None) -> np.ndarray:
         """Unit-norm query embeddings of PIL images, one row each (what :meth:`match` searches with).
 
-        The images are embedded ``batch_size`` at a time (``serve.batch_size``): a batch's rows do
-        not depend on what else is in it, and on a CPU small batches are faster per image.
+        Every photo is cut into its view rows (each query zoom and its mirror), and a forward pass
+        takes ``batch_size`` photos' worth of rows (``serve.batch_size``): a row's embedding does
+        not depend on what else is in its pass, and on a CPU small passes are faster per image.
+        With ``lanes`` the rows are shared out among them, so one photo's six views keep two cores
+        busy, where torch's intra-op threads scale less well on a network this small.
         """
         if not images:
             return np.zeros((0, self.encoder.embed_dim), dtype=np.float32)
-        return np.concatenate(
-            [
-                embed_batch(
-                    self.encoder, self.preprocess, images[start : start + self.batch_size], as_queries=True
-                ).numpy()
-                for start in range(0, len(images), self.batch_size)
-            ]
-        )
+        run = lanes.map if lanes else map
+        rows = torch.cat(list(run(self._query_rows, images)))
+        count = lanes.count if lanes else 1
+        bounds = [round(part * len(rows) / count) for part in range(count + 1)]
+        parts = [rows[start:end] for start, end in zip(bounds, bounds[1:]) if end > start]
+        embedded = torch.cat(list(run(self._embed_rows, parts)))
+        return pool_query_rows(self.encoder, embedded).numpy()
+
+    def _query_rows(self, image) -> torch.Tensor:
+        return query_rows(self.encoder, self.preprocess, image)
+
+    def _embed_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return embed_rows(self.encoder, rows, self.batch_size * (2 if self.encoder.flip_average else 1))
 
     @property
     def reject_below(self) -> float | None:
@@ -67,13 +85,13 @@ class ServedModel:
         value = self.catalogue.meta.get("reject_below")
         return None if value is None else float(value)
 
-    def match(self, images: list, top_k: int = 5) -> list[list[dict[str, Any]]]:
+    def match(self, images: list, top_k: int = 5, lanes: Lanes | None = None) -> list[list[dict[str, Any]]]:
         """The ``top_k`` SKUs for each image, best first: ``[{"sku_id", "score", "confident"}, ...]``.
 
         ``confident`` is False for a score below the calibrated threshold (always True when the
         index carries none): the photo may show a product the catalogue does not have.
         """
-        return self.match_vectors(self.embed(images), top_k) if images else []
+        return self.match_vectors(self.embed(images, lanes), top_k) if images else []
 
     def match_vectors(self, vectors: np.ndarray, top_k: int = 5) -> list[list[dict[str, Any]]]:
         """:meth:`match` for query embeddings already made by :meth:`embed`."""

@@ -1,9 +1,10 @@
 """The service's inference thread: model work off the event loop, concurrent requests batched.
 
-One thread runs every model call of a worker process, so the event loop stays free for health
-probes, metrics and request parsing while a match runs, and torch's intra-op threads are set
-once, on the thread that uses them. Torch work elsewhere (loading, self-tests) runs on threads
-that end with it (:func:`in_short_lived_thread`), so torch keeps one OpenMP pool per process.
+One thread takes every model call of a worker process, so the event loop stays free for health
+probes, metrics and request parsing while a match runs. It shares each call's view rows out to
+the worker's lanes (:class:`TorchLanes`), threads whose torch thread counts are set once, on the
+threads that use them. Torch work elsewhere (loading, self-tests) runs on threads that end with
+it (:func:`in_short_lived_thread`), so the process keeps no OpenMP pools it does not use.
 Requests queue; the thread takes the first, adds queued requests for the same model until
 ``max_images`` images (never splitting a request) or until ``max_wait_ms`` has passed, embeds
 them in one call and searches the index for each request.
@@ -24,8 +25,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -69,6 +70,37 @@ def in_short_lived_thread(function: Callable[..., Any], *args: Any) -> Any:
     return outcome["result"]
 
 
+class TorchLanes:
+    """``count`` threads that run torch side by side, each with ``threads`` intra-op threads.
+
+    What :meth:`components.matcher.ServedModel.embed` shares a batch's view rows out to. On 2 CPU
+    cores, two lanes of one thread embedded 1.3 times the images per second of one call with two
+    intra-op threads (EfficientNet-Lite0; ``benchmarks/results/serving.md``): the network's small
+    layers leave torch's threads waiting on each other. Torch's thread count is per thread, so each
+    lane sets its own once, when it starts, and keeps it.
+    """
+
+    def __init__(self, count: int, threads: int = 1) -> None:
+        if count < 1 or threads < 1:
+            raise ValueError(f"lanes need count and threads of at least 1, got {count} and {threads}")
+        self.count, self.threads = count, threads
+        self._pool = ThreadPoolExecutor(count, thread_name_prefix="skumatch-lane", initializer=self._start_lane)
+        # Start every lane now, so the first request does not pay for it.
+        list(self._pool.map(time.sleep, [0.01] * count))
+
+    def _start_lane(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
+
+    def map(self, function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """``function`` over ``items`` on the lanes, results in order."""
+        return self._pool.map(function, items)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 # Put on the queue by close(): the thread finishes what came before it, then stops.
 _STOP = object()
 BatchObserver = Callable[[Any, int], None]
@@ -79,14 +111,14 @@ class InferenceQueue:
 
     Args:
         batching: ``serve.batching`` (images per model call, wait for more).
-        torch_threads: intra-op threads for the inference thread (None: torch's default).
+        lanes: where the model's view rows run (None: on the inference thread, torch's threads).
         on_batch: called after each model call with the model and its image count (metrics).
     """
 
     def __init__(
-        self, batching: BatchingParams, torch_threads: int | None = None, on_batch: BatchObserver | None = None
+        self, batching: BatchingParams, lanes: TorchLanes | None = None, on_batch: BatchObserver | None = None
     ) -> None:
-        self.batching, self.torch_threads, self.on_batch = batching, torch_threads, on_batch
+        self.batching, self.lanes, self.on_batch = batching, lanes, on_batch
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="skumatch-inference", daemon=True)
         self._thread.start()
@@ -104,15 +136,19 @@ class InferenceQueue:
         return await asyncio.wrap_future(job.done)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Finish the queued work and stop the thread."""
+        """Finish the queued work and stop the thread and its lanes."""
         self._queue.put(_STOP)
         self._thread.join(timeout)
+        if self.lanes:
+            self.lanes.close()
 
     def _run(self) -> None:
-        if self.torch_threads:
+        if self.lanes:
             import torch
 
-            torch.set_num_threads(self.torch_threads)
+            # What is left here (joining rows, pooling) is small: one thread keeps this thread from
+            # holding an OpenMP pool of its own beside the lanes (see in_short_lived_thread).
+            torch.set_num_threads(1)
         carried = None
         while True:
             first = carried if carried is not None else self._queue.get()
@@ -145,7 +181,7 @@ class InferenceQueue:
     def _answer(self, batch: list[_Job]) -> None:
         served = batch[0].served
         try:
-            vectors = served.embed([image for job in batch for image in job.images])
+            vectors = served.embed([image for job in batch for image in job.images], self.lanes)
         except BaseException as err:  # noqa: BLE001 - every waiting request must hear of it
             for job in batch:
                 job.done.set_exception(err)

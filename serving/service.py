@@ -46,7 +46,7 @@ from components.config import BatchingParams, ServeParams, UploadLimits
 from serving import SERVICE_NAME
 from serving.access import AccessGuard
 from serving.explorer import Pages
-from serving.inference import InferenceQueue, in_short_lived_thread
+from serving.inference import InferenceQueue, TorchLanes, in_short_lived_thread
 from serving.observability import METRICS, RequestContext, RequestIdFilter
 from serving.refusals import refusal_response
 from serving.swap import ModelSlot, registry_loader
@@ -91,6 +91,14 @@ def configured_workers(service_name: str) -> int:
 def threads_per_worker(threads: int, workers: int) -> int:
     """Torch intra-op threads for one worker: a process's ``threads`` shared out among the workers, at least 1."""
     return max(1, threads // workers)
+
+
+def lane_count(setting: int | str, torch_threads: int, device: str) -> int:
+    """How many lanes a worker embeds on (``serve.lanes``): ``auto`` is one per torch thread on a
+    CPU and one on a GPU, where a single stream of larger passes keeps the device busy."""
+    if setting != "auto":
+        return int(setting)
+    return 1 if device.startswith("cuda") else torch_threads
 
 
 def packaged_serve_params(facts: dict[str, Any]) -> ServeParams:
@@ -165,6 +173,8 @@ class InfoResponse(BaseModel):
     # How this process runs the model: BentoML worker processes, torch threads, device.
     workers: int
     torch_threads: int
+    # Threads embedding side by side in each worker, sharing its torch threads (serve.lanes).
+    lanes: int
     device: str
     limits: UploadLimits
     batching: BatchingParams
@@ -260,9 +270,10 @@ class Matcher:
         self.bento_model_tag = str(self.bento_model.tag)
         METRICS.set_model(served.version, served.index_checksum)
 
+        self.lanes = lane_count(self.serve.lanes, self.torch_threads, self.device)
         self.inference = InferenceQueue(
             self.serve.batching,
-            self.torch_threads,
+            TorchLanes(self.lanes, threads_per_worker(self.torch_threads, self.lanes)),
             on_batch=lambda model, images: METRICS.batch(images, model.version, model.index_checksum),
         )
         # Decoding runs beside the model (Pillow releases the GIL), never on the event loop.
@@ -293,7 +304,7 @@ class Matcher:
         sys.setswitchinterval(0.001)
         LOGGER.info(
             "serving %s version %s from %s (index %s, %d catalogue images) on %s; %d workers, %d torch "
-            "threads each; API keys %s; @champion checked %s",
+            "threads each on %d lanes; API keys %s; @champion checked %s",
             self.model_name,
             served.version,
             self.bento_model_tag,
@@ -302,6 +313,7 @@ class Matcher:
             self.device,
             self.workers,
             self.torch_threads,
+            self.lanes,
             "required" if self.api_keys_required else "off",
             f"every {self.poll_seconds:g} s" if self.poll_seconds > 0 and tracking_uri else "on request",
         )
@@ -446,6 +458,7 @@ class Matcher:
             bento_model=self.bento_model_tag,
             workers=self.workers,
             torch_threads=self.torch_threads,
+            lanes=self.lanes,
             device=self.device,
             limits=self.serve.limits,
             batching=self.serve.batching,

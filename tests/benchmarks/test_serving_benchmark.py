@@ -80,6 +80,9 @@ def run_benchmark(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
 
 
+PASSES = ("before the servers", "between the servers", "after the servers")
+
+
 def test_one_run_writes_the_targets_then_every_part(tmp_path, table_rows, results_file_parts):
     out = tmp_path / "serving.md"
     out.write_text(
@@ -97,8 +100,8 @@ def test_one_run_writes_the_targets_then_every_part(tmp_path, table_rows, result
     assert parts.headline.startswith("| target | measured | met |\n|---|---|---|\n")
     headline = table_rows(parts.headline)
     assert list(headline) == [
-        "throughput at concurrency 2 ≥ 0.9× in-process rate",
-        "p99 at concurrency 1 ≤ 1.3× in-process single-match time",
+        "throughput at concurrency 2 ≥ 0.9× in-process rate (lanes)",
+        "p99 at concurrency 1 ≤ 1.3× in-process single-match time (lanes)",
         "/readyz p99 under 3 callers ≤ 50 ms",
         "0 non-4xx answers to hostile input",
         "0 failed requests across a hot swap under load",
@@ -130,11 +133,11 @@ def test_one_run_writes_the_targets_then_every_part(tmp_path, table_rows, result
     ]
     by_name = dict(zip(names, sections.values()))
     assert list(table_rows(by_name["In-process baseline"])) == [
-        "before the servers",
-        "between the servers",
-        "after the servers",
-        "all passes (the baseline)",
+        *(f"{name}, {kind}" for name in PASSES for kind in ("lanes", "without lanes")),
+        "all passes, lanes (the baseline)",
+        "all passes, without lanes",
     ]
+    assert "Lanes against one call on torch's threads: ×" in by_name["In-process baseline"]
     load = table_rows(by_name["Closed-loop load"])
     assert list(load) == [
         "batching off, 1 caller",

@@ -47,7 +47,7 @@ def test_served_model_embeds_photos_as_queries_at_the_saved_query_zooms(tiny_cli
     assert best["score"] == pytest.approx(float(query[0] @ indexed[0]), abs=1e-5) and best["score"] < 0.9999
 
 
-def test_served_model_embeds_batch_size_photos_at_a_time(tiny_encoder, synthetic_dataset, tmp_path):
+def test_served_model_embeds_batch_size_photos_worth_of_view_rows_per_pass(tiny_encoder, synthetic_dataset, tmp_path):
     encoder, preprocess = tiny_encoder
     rows = _catalogue_rows(synthetic_dataset)
     checksum = save_index(
@@ -55,17 +55,24 @@ def test_served_model_embeds_batch_size_photos_at_a_time(tiny_encoder, synthetic
     )
     catalogue = load_index(tmp_path / "index", checksum, "1")
     photos = [Image.open(path) for path in rows["image_path"]][:5]
-    batches = []
-    hook = encoder.register_forward_pre_hook(lambda _, inputs: batches.append(len(inputs[0])))
+    passes: list[int] = []
+    hook = encoder.backbone.register_forward_pre_hook(lambda _, inputs: passes.append(len(inputs[0])))
     try:
         whole = ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=len(photos)).embed(photos)
-        sizes_whole, batches[:] = list(batches), []
+        passes_whole, passes[:] = list(passes), []
         in_twos = ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=2).embed(photos)
     finally:
         hook.remove()
-    zooms = len(encoder.query_zooms)
-    assert sizes_whole == [5] * zooms and batches == [2] * zooms + [2] * zooms + [1] * zooms
-    np.testing.assert_allclose(in_twos, whole, atol=1e-6)  # the same rows, whatever the batch
+    views = len(encoder.query_zooms) * (2 if encoder.flip_average else 1)
+    flips = 2 if encoder.flip_average else 1
+    total = len(photos) * views
+
+    def passes_of(size: int) -> list[int]:
+        return [min(size, total - start) for start in range(0, total, size)]
+
+    assert passes_whole == passes_of(len(photos) * flips) and passes == passes_of(2 * flips)
+    np.testing.assert_allclose(in_twos, whole, atol=1e-6)  # the same rows, whatever the pass
+    np.testing.assert_allclose(whole, embed_batch(encoder, preprocess, photos, as_queries=True).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         ServedModel(encoder, preprocess, catalogue, "m", "1", batch_size=0)
 

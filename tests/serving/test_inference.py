@@ -10,7 +10,7 @@ from PIL import Image
 
 from components.config import BatchingParams
 from components.matcher import load_served_model
-from serving.inference import InferenceQueue
+from serving.inference import InferenceQueue, TorchLanes
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def _images(served_files) -> list:
 def test_answers_equal_in_process_matching(two_models, served_files):
     served, _ = two_models
     images = _images(served_files)
-    queue = InferenceQueue(BatchingParams(max_images=16))
+    queue = InferenceQueue(BatchingParams(max_images=16), TorchLanes(2))
     try:
 
         async def ask():
@@ -141,3 +141,30 @@ def test_a_request_whose_caller_has_gone_is_never_computed(two_models, served_fi
         queue.close()
     assert gone.cancelled() and len(after) == 3
     assert embedded == [len(images) * 4, 3]  # the two images of the cancelled request never embedded
+
+
+def test_lanes_share_one_photos_view_rows_and_keep_their_own_torch_threads(two_models, served_files):
+    import threading
+
+    import torch
+
+    served, _ = two_models
+    photo = _images(served_files)[:1]
+    lanes = TorchLanes(2, threads=1)
+    passes: list[tuple[str, int]] = []
+
+    def record(_module, _inputs):
+        passes.append((threading.current_thread().name, torch.get_num_threads()))
+
+    hook = served.encoder.backbone.register_forward_pre_hook(record)
+    try:
+        shared = served.embed(photo, lanes)
+    finally:
+        hook.remove()
+        lanes.close()
+    # Both lanes embed rows of the one photo, each on its own single torch thread.
+    assert len({name for name, _ in passes}) == 2 and all(name.startswith("skumatch-lane") for name, _ in passes)
+    assert {threads for _, threads in passes} == {1}
+    np.testing.assert_allclose(shared, served.embed(photo), atol=1e-6)
+    with pytest.raises(ValueError, match="at least 1"):
+        TorchLanes(0)

@@ -54,6 +54,7 @@ def test_info_describes_the_packaged_version(server, packaged):
             "bento_model",
             "workers",
             "torch_threads",
+            "lanes",
             "device",
             "thumbnails",
         )
@@ -70,6 +71,7 @@ def test_info_describes_the_packaged_version(server, packaged):
         "workers": 1,
         # One worker keeps torch's own choice (nothing in the tests changes this process's).
         "torch_threads": torch.get_num_threads(),
+        "lanes": torch.get_num_threads(),  # serve.lanes auto: one per torch thread on a CPU
         "device": "cpu",
         "thumbnails": len(champion.catalogue),  # one per SKU, packed with the model
     }
@@ -268,8 +270,9 @@ def test_workers_share_torch_threads_out(packaged, tmp_path, workers, omp_num_th
         env["OMP_NUM_THREADS"] = omp_num_threads
     with running(packaged.bento_tag, env, tmp_path / "serve.log") as server:
         answers = [_post(server, "/info", json={}) for _ in range(6)]
-        assert {(answer.json()["workers"], answer.json()["torch_threads"]) for answer in answers} == {
-            (served_workers, threads_each)
+        # serve.lanes auto on a CPU: one lane per torch thread of the worker.
+        assert {tuple(answer.json()[key] for key in ("workers", "torch_threads", "lanes")) for answer in answers} == {
+            (served_workers, threads_each, threads_each)
         }
 
 
