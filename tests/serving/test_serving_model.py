@@ -277,3 +277,14 @@ def test_multipart_parts_refuses_malformed_bodies(content_type, body):
 
     with pytest.raises(ValueError):
         multipart_parts(content_type, body)
+
+
+def test_lanes_are_one_per_torch_thread_on_a_cpu_and_one_on_a_gpu():
+    from serving.service import lane_count
+
+    assert lane_count("auto", 2, "cpu") == 2 and lane_count("auto", 8, "cuda:0") == 1
+    assert lane_count(3, 8, "cpu") == 3  # an explicit count wins
+    assert ServeParams.model_validate({"lanes": 2}).lanes == 2 and ServeParams().lanes == "auto"
+    for bad in (0, "many"):
+        with pytest.raises(ValueError):
+            ServeParams.model_validate({"lanes": bad})
