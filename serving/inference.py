@@ -74,8 +74,8 @@ class TorchLanes:
     """``count`` threads that run torch side by side, each with ``threads`` intra-op threads.
 
     What :meth:`components.matcher.ServedModel.embed` shares a batch's view rows out to. On 2 CPU
-    cores, two lanes of one thread matched 1.16 times the photos per second of one call on two
-    intra-op threads (EfficientNet-Lite0, ``benchmarks/results/serving.md``): the network's small
+    cores, two lanes of one thread matched 1.04 to 1.16 times the photos per second of one call on
+    two intra-op threads (EfficientNet-Lite0, ``benchmarks/results/serving.md``): the network's small
     layers leave torch's threads waiting on each other. Torch's thread count is per thread, so each
     lane sets its own once, when it starts, and keeps it.
     """
