@@ -11,6 +11,7 @@ improves retrieval. Flow, serving and integration tests reuse it.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,10 +224,66 @@ def draw_sku():
 
 
 @pytest.fixture(scope="session")
-def prefect_api():
-    """A temporary Prefect server and SQLite database for the whole session (flow tests share it:
-    starting one takes about 20 s on 2 cores)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(tmp_path_factory) -> dict[str, str]:
+    """A real ``prefect server start`` on a free port of 127.0.0.1 for the whole session, with its
+    own home and SQLite database.
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    Flows run in this process reach it through Prefect's settings; the environment returned lets a
+    ``prefect`` CLI call or a worker reach it too. One server for every flow test: starting one
+    takes about 20 s on 2 cores.
+    """
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from serving.local import LocalServer, free_port, stop_server
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    log = home / "server.log"
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("prefect")),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = LocalServer(url, process, log)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server start did not answer /api/health:\n{server.output()[-3000:]}")
+            time.sleep(0.5)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield env
+            # Flow-run logs still queued go to the server before it stops, not to an error line.
+            APILogWorker.drain_all(timeout=5)
+    finally:
+        stop_server(server)
