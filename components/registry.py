@@ -8,17 +8,21 @@ anywhere else (an MLflow server, Postgres...).
 A registered version carries: the encoder folder (safetensors + ``encoder.json`` with the
 resolved params) as its source, tags with the data version and evaluation metrics, and,
 once built, the FAISS index as an artifact of the same run with its checksum in a tag.
-``@challenger`` marks the last version that passed the gate, ``@champion`` the served one;
-the registered model's ``champion_history`` tag keeps earlier champions for rollback.
+``@challenger`` marks the last version that passed the gate, ``@champion`` the served one.
+Every move of ``@champion`` is recorded on the registered model, one tag each
+(``champion_history.000001``...): who, when, why, from which version to which. Rollback replays
+those moves to find the previous champion.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,9 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 ENCODER_ARTIFACT = "encoder"
 INDEX_ARTIFACT = "index"
-HISTORY_TAG = "champion_history"
+# Before moves were recorded one by one: a JSON list of earlier champions, still read for rollback.
+LEGACY_HISTORY_TAG = "champion_history"
+MOVE_TAG_PREFIX = "champion_history."
 DEFAULT_HOME = Path(os.environ.get("SKUMATCH_HOME", ".skumatch"))
 
 
@@ -104,8 +110,13 @@ def register_version(
     model_dir: str | Path,
     metrics: dict[str, dict[str, float]],
     data_version: str,
+    lineage: dict[str, str] | None = None,
 ) -> Any:
     """Log the encoder folder to the run and register it as a new model version.
+
+    Args:
+        lineage: more tags on the version (the flow's: code commit, flow run, the champion it was
+            compared with and that champion's metrics, the gate's verdict).
 
     Returns:
         The new ``ModelVersion``.
@@ -127,6 +138,7 @@ def register_version(
             for name, value in values.items()
         }
     )
+    tags.update(lineage or {})
     version = client.create_model_version(params.model_name, source=source, run_id=run_id, tags=tags)
     LOGGER.info("registered %s version %s", params.model_name, version.version)
     return version
@@ -172,12 +184,62 @@ def set_alias(client, model_name: str, alias: str, version: str) -> None:
     client.set_registered_model_alias(model_name, alias, str(version))
 
 
-def _history(client, model_name: str) -> list[str]:
-    return json.loads(client.get_registered_model(model_name).tags.get(HISTORY_TAG, "[]"))
+@dataclass(frozen=True)
+class ChampionMove:
+    """One move of ``@champion``: a promotion or a rollback, by whom, when (UTC, ISO 8601) and why."""
+
+    action: str  # "promote" or "rollback"
+    from_version: str | None
+    to_version: str
+    by: str
+    at: str
+    reason: str
 
 
-def promote(client, model_name: str, version: str) -> str | None:
-    """Make ``version`` the ``@champion``, remembering the previous one for rollback.
+def champion_history(client, model_name: str) -> list[ChampionMove]:
+    """Every recorded move of ``@champion``, oldest first.
+
+    Raises:
+        RegistryError: no such registered model.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(model_name).tags
+    except MlflowException as err:
+        raise RegistryError(f"no registered model {model_name!r}") from err
+    return [ChampionMove(**json.loads(value)) for key, value in sorted(tags.items()) if key.startswith(MOVE_TAG_PREFIX)]
+
+
+def _record_move(client, model_name: str, action: str, from_version, to_version, by, reason: str) -> ChampionMove:
+    move = ChampionMove(
+        action=action,
+        from_version=None if from_version is None else str(from_version),
+        to_version=str(to_version),
+        by=by or getpass.getuser(),
+        at=datetime.now(UTC).isoformat(timespec="seconds"),
+        reason=reason,
+    )
+    # One tag per move: a registered model's tag value is bounded, its number of tags is not.
+    number = len(champion_history(client, model_name)) + 1
+    client.set_registered_model_tag(model_name, f"{MOVE_TAG_PREFIX}{number:06d}", json.dumps(asdict(move)))
+    return move
+
+
+def _earlier_champions(client, model_name: str) -> list[str]:
+    """The champions a rollback can return to, most recent last: the moves replayed."""
+    tags = client.get_registered_model(model_name).tags
+    earlier = json.loads(tags.get(LEGACY_HISTORY_TAG, "[]"))
+    for move in champion_history(client, model_name):
+        if move.action == "promote" and move.from_version is not None:
+            earlier.append(move.from_version)
+        elif move.action == "rollback" and earlier:
+            earlier.pop()
+    return earlier
+
+
+def promote(client, model_name: str, version: str, by: str | None = None, reason: str = "") -> str | None:
+    """Make ``version`` the ``@champion`` and record the move (``by`` defaults to the OS user).
 
     The version must carry an index with a checksum, since serving refuses one without.
 
@@ -191,20 +253,19 @@ def promote(client, model_name: str, version: str) -> str | None:
     if "index_checksum" not in target.tags:
         raise RegistryError(f"version {target.version} has no index; build one before promoting it")
     try:
-        previous = resolve_version(client, model_name, CHAMPION).version
+        previous = str(resolve_version(client, model_name, CHAMPION).version)
     except RegistryError:
         previous = None
-    if previous == target.version:
+    if previous == str(target.version):
         return previous
-    if previous is not None:
-        client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(_history(client, model_name) + [previous]))
     set_alias(client, model_name, CHAMPION, target.version)
+    _record_move(client, model_name, "promote", previous, target.version, by, reason)
     LOGGER.info("@champion: %s -> %s", previous, target.version)
     return previous
 
 
-def rollback(client, model_name: str) -> tuple[str, str]:
-    """Point ``@champion`` back at the previous champion.
+def rollback(client, model_name: str, by: str | None = None, reason: str = "") -> tuple[str, str]:
+    """Point ``@champion`` back at the previous champion and record the move.
 
     Returns:
         ``(from_version, to_version)``.
@@ -212,15 +273,15 @@ def rollback(client, model_name: str) -> tuple[str, str]:
     Raises:
         RegistryError: no champion, or no earlier champion to go back to.
     """
-    current = resolve_version(client, model_name, CHAMPION).version
-    history = _history(client, model_name)
-    if not history:
+    current = str(resolve_version(client, model_name, CHAMPION).version)
+    earlier = _earlier_champions(client, model_name)
+    if not earlier:
         raise RegistryError(
             f"@champion of {model_name!r} is version {current} and has no earlier champion to roll back to"
         )
-    previous = history.pop()
+    previous = earlier[-1]
     set_alias(client, model_name, CHAMPION, previous)
-    client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
+    _record_move(client, model_name, "rollback", current, previous, by, reason)
     LOGGER.info("@champion rolled back: %s -> %s", current, previous)
     return current, previous
 

@@ -1,7 +1,8 @@
 """``skumatch``: the command line. Every command is a thin call into components or flows.
 
 Stage commands (``validate``, ``train``, ``evaluate``, ``index``) are what ``dvc.yaml`` runs;
-``retrain`` runs the whole Prefect flow; ``promote``/``rollback`` move MLflow aliases;
+``retrain`` runs the whole Prefect flow; ``promote``/``rollback`` move MLflow aliases and
+``history`` shows who moved them, when and why;
 ``build``/``serve``/``match`` package, serve and call the matching service.
 """
 
@@ -33,6 +34,8 @@ app.add_typer(data_app, name="data")
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override, e.g. train.schedule.epochs=3")]
 DataOption = Annotated[Optional[str], typer.Option("--data", help="dataset path (overrides data.root)")]
+ReasonOption = Annotated[str, typer.Option("--reason", help="why: kept with the move in the registry's history")]
+ByOption = Annotated[Optional[str], typer.Option("--by", help="who moves it (default: the OS user)")]
 
 
 def _fail(message: str) -> None:
@@ -229,21 +232,54 @@ def _move_champion(params: Path, overrides: list[str] | None, move) -> None:
 @app.command()
 def promote(
     version: Annotated[str, typer.Argument(help="the model version to make @champion")],
+    reason: ReasonOption,
+    by: ByOption = None,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
 ) -> None:
     """Point ``@champion`` at VERSION (the previous champion is kept for rollback)."""
     from components import registry
 
-    _move_champion(params, overrides, lambda client, model: (registry.promote(client, model, version), version))
+    _move_champion(
+        params, overrides, lambda client, model: (registry.promote(client, model, version, by, reason), version)
+    )
 
 
 @app.command()
-def rollback(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+def rollback(
+    reason: ReasonOption, by: ByOption = None, params: ParamsOption = Path("params.yaml"), overrides: SetOption = None
+) -> None:
     """Point ``@champion`` back at the previous champion."""
     from components import registry
 
-    _move_champion(params, overrides, registry.rollback)
+    _move_champion(params, overrides, lambda client, model: registry.rollback(client, model, by, reason))
+
+
+@app.command()
+def history(
+    as_json: Annotated[bool, typer.Option("--json", help="the moves as a JSON list")] = False,
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Every move of ``@champion``, oldest first: when, what, from and to which version, who, why."""
+    from dataclasses import asdict
+
+    from components import registry
+
+    cfg = _params(params, overrides)
+    try:
+        moves = registry.champion_history(registry.connect(cfg.registry), cfg.registry.model_name)
+    except registry.RegistryError as err:
+        _fail(str(err))
+    if as_json:
+        typer.echo(json.dumps([asdict(move) for move in moves], indent=2))
+        return
+    rows = [("when (UTC)", "action", "from", "to", "by", "reason")] + [
+        (move.at, move.action, move.from_version or "-", move.to_version, move.by, move.reason) for move in moves
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
 
 
 @app.command()

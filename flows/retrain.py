@@ -1,5 +1,8 @@
 """The ``retrain`` Prefect flow: validate -> fine-tune -> evaluate -> gate -> register -> index -> promote.
 
+A challenger the gate refuses is registered too, tagged ``gate: refused`` with the numbers, and
+then the flow fails: it gets no index and no alias, so nothing can serve it.
+
 Each task wraps one component call and adds what orchestration is for: retries where a
 store may hiccup, Prefect artifacts people look at (validation report, metrics, gate
 verdict) and logging. The decisions themselves (validation rules, gate) live in components.
@@ -15,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
+from prefect import runtime as prefect_runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 # Inputs here are DataFrames, models and MLflow clients: hashing them for a cache key costs
@@ -24,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from components import data as data_lib
 from components import evaluate as evaluate_lib
 from components import index as index_lib
+from components import lineage as lineage_lib
 from components import registry
 from components import validation as validation_lib
 from components.config import Params, flatten_params, load_params
@@ -123,22 +128,34 @@ def evaluate_champion(params: Params, manifest: pd.DataFrame, client) -> tuple[s
 def apply_gate(
     challenger: dict, champion: dict | None, champion_version: str | None, params: Params
 ) -> evaluate_lib.GateDecision:
-    """Apply the promotion gate and publish the verdict; raises when the challenger is refused."""
+    """Apply the promotion gate and publish the verdict (the flow registers a refused challenger too)."""
     decision = evaluate_lib.gate(challenger, champion, params.evaluate)
     rows = [{"model": "challenger", **evaluate_lib.flatten_metrics(challenger)}]
     if champion is not None:
         rows.append({"model": f"champion v{champion_version}", **evaluate_lib.flatten_metrics(champion)})
     create_table_artifact(key="evaluation-metrics", table=rows, description="top-k over distinct SKUs")
     create_markdown_artifact(key="promotion-gate", markdown=f"## {decision.summary()}\n")
-    if not decision.passed:
-        raise evaluate_lib.GateFailedError(decision)
     return decision
 
 
+def version_lineage(
+    decision: evaluate_lib.GateDecision, champion_version: str | None, champion: dict | None
+) -> dict[str, str]:
+    """The tags that trace a version: code commit, flow run, the champion it was compared with, the verdict."""
+    return {
+        **lineage_lib.code_version(),
+        "prefect_flow_run_id": str(prefect_runtime.flow_run.id),
+        "compared_champion_version": champion_version or "none",
+        "compared_champion_metrics": json.dumps(champion or {}, sort_keys=True),
+        "gate": "passed" if decision.passed else "refused",
+        "gate_summary": decision.summary(),
+    }
+
+
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def register(client, params: Params, run_id: str, encoder_dir: Path, metrics: dict, data_version: str):
-    """Register the encoder as a new model version."""
-    return registry.register_version(client, params.registry, run_id, encoder_dir, metrics, data_version)
+def register(client, params: Params, run_id: str, encoder_dir: Path, metrics: dict, data_version: str, lineage: dict):
+    """Register the encoder as a new model version, refused or not, with its lineage."""
+    return registry.register_version(client, params.registry, run_id, encoder_dir, metrics, data_version, lineage)
 
 
 @task(name="build-index", cache_policy=NO_CACHE)
@@ -169,13 +186,17 @@ def build_index(
 
 
 @task(name="publish-version", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def publish_version(client, params: Params, version: str, index_dir: Path, checksum: str) -> str | None:
-    """Attach the index, alias the version ``@challenger`` and, if configured, promote it."""
+def publish_version(client, params: Params, version: str, index_dir: Path, checksum: str, gate: str) -> str | None:
+    """Attach the index, alias the version ``@challenger`` and, if configured, promote it.
+
+    An automatic promotion is recorded as made by this flow run, with the gate's verdict as its reason.
+    """
     name = params.registry.model_name
     registry.attach_index(client, name, version, index_dir, checksum)
     registry.set_alias(client, name, registry.CHALLENGER, version)
     if params.registry.auto_promote:
-        registry.promote(client, name, version)
+        flow_run = prefect_runtime.flow_run
+        registry.promote(client, name, version, by=f"prefect flow run {flow_run.name} ({flow_run.id})", reason=gate)
         return version
     return None
 
@@ -219,7 +240,11 @@ def retrain(
         champion_version, champion = evaluate_champion(params, manifest, client)
         decision = apply_gate(metrics, champion, champion_version, params)
         mlflow.set_tag("gate", decision.summary())
-        model_version = register(client, params, run_id, result.model_dir, metrics, version_of_data)
+        lineage = version_lineage(decision, champion_version, champion)
+        model_version = register(client, params, run_id, result.model_dir, metrics, version_of_data, lineage)
+        if not decision.passed:
+            # Registered, tagged refused, never indexed or aliased: the refusal can be audited.
+            raise evaluate_lib.GateFailedError(decision)
     checksum = build_index(
         result.model_dir,
         params,
@@ -228,7 +253,7 @@ def retrain(
         work / "index",
         evaluate_lib.open_set_threshold(metrics),
     )
-    promoted = publish_version(client, params, model_version.version, work / "index", checksum)
+    promoted = publish_version(client, params, model_version.version, work / "index", checksum, decision.summary())
     summary = {
         "data_version": version_of_data,
         "run_id": run_id,
@@ -238,6 +263,7 @@ def retrain(
         "metrics": metrics,
         "gate": decision.summary(),
         "champion": promoted or champion_version,
+        "flow_run_id": str(prefect_runtime.flow_run.id),
         "train_wall_time_s": round(result.wall_time_s, 1),
     }
     print(json.dumps(summary, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from components.validation import DataValidationError
 from flows.retrain import retrain
 
 pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +59,19 @@ def test_first_run_registers_indexes_and_promotes(workspace):
         summary["metrics"]["catalogue"]["top1"]
     )
     assert champion.tags["index_checksum"] == summary["index_checksum"]
+    # Its lineage: the code's commit and tree state, the flow run, no champion to compare with.
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+    ).stdout
+    assert champion.tags["git_commit"] == commit.strip()
+    assert champion.tags["git_dirty"] == str(bool(changed.strip())).lower()
+    assert champion.tags["prefect_flow_run_id"] == summary["flow_run_id"]
+    assert champion.tags["compared_champion_version"] == "none" and champion.tags["gate"] == "passed"
+    # The automatic promotion is recorded as this flow run's, with the gate's verdict as its reason.
+    (move,) = registry.champion_history(client, "skumatch-encoder")
+    assert (move.action, move.from_version, move.to_version, move.reason) == ("promote", None, "1", summary["gate"])
+    assert move.by.startswith("prefect flow run ") and summary["flow_run_id"] in move.by
     # ... its run the resolved params, per-epoch history and the GX data docs.
     run = client.get_run(champion.run_id)
     assert run.data.params["train.schedule.epochs"] == "4"
@@ -83,7 +99,7 @@ def test_first_run_registers_indexes_and_promotes(workspace):
 
 
 def test_worse_challenger_is_refused_and_champion_kept(workspace):
-    retrain(params_path="params.yaml", overrides=workspace["overrides"])
+    first = retrain(params_path="params.yaml", overrides=workspace["overrides"])
     # An untrained challenger (zero learning rates) on the same data must lose to the champion.
     worse = workspace["overrides"] + [
         "train.schedule.lr=1e-12",
@@ -103,7 +119,18 @@ def test_worse_challenger_is_refused_and_champion_kept(workspace):
     assert any(char.isdigit() for char in str(error))
     client = MlflowClient(workspace["uri"], workspace["uri"])
     assert str(client.get_model_version_by_alias("skumatch-encoder", "champion").version) == "1"
-    assert [str(v.version) for v in client.search_model_versions("name='skumatch-encoder'")] == ["1"]
+    assert str(client.get_model_version_by_alias("skumatch-encoder", "challenger").version) == "1"
+    # The refused challenger is registered for the audit: tagged refused, compared with v1, no index.
+    refused = client.get_model_version("skumatch-encoder", "2")
+    assert refused.tags["gate"] == "refused" and refused.tags["gate_summary"] == str(error)
+    # The champion's metrics on the challenger's data: the same data here, so the first run's figures.
+    assert refused.tags["compared_champion_version"] == "1"
+    compared = json.loads(refused.tags["compared_champion_metrics"])
+    for protocol in ("catalogue", "nn"):
+        assert compared[protocol]["top1"] == pytest.approx(first["metrics"][protocol]["top1"], abs=1e-6)
+    assert "index_checksum" not in refused.tags
+    with pytest.raises(registry.RegistryError, match="no index"):
+        registry.promote(client, "skumatch-encoder", "2")
 
 
 def test_planted_bad_dataset_stops_before_training(workspace, synthetic_dataset, tmp_path):
