@@ -393,13 +393,15 @@ def data_add(
     path: Annotated[Path, typer.Argument(help="a dataset folder inside the repo, e.g. data/shop")],
     push: Annotated[bool, typer.Option(help="push to the default DVC remote")] = False,
 ) -> None:
-    """``dvc add`` a dataset folder and print its DVC hash."""
+    """``dvc add`` a dataset folder, print its DVC hash and announce it to Prefect (``skumatch.data.added``)."""
     from components.dvc_data_ops import DataVersioningError, add_dataset
 
     try:
-        typer.echo(add_dataset(path, ".", push=push))
+        dvc_hash = add_dataset(path, ".", push=push)
     except DataVersioningError as err:
         _fail(str(err))
+    typer.echo(dvc_hash)
+    _announce(path, dvc_hash)
 
 
 @data_app.command("import")
@@ -409,13 +411,24 @@ def data_import(
     out: Annotated[Path, typer.Option("--out", "-o", help="where it goes here")] = Path("data/dataset"),
     rev: Annotated[Optional[str], typer.Option(help="git revision of the source")] = None,
 ) -> None:
-    """``dvc import`` a dataset from a data registry and print its DVC hash."""
+    """``dvc import`` a dataset from a data registry, print its DVC hash and announce it to Prefect."""
     from components.dvc_data_ops import DataVersioningError, import_dataset
 
     try:
-        typer.echo(import_dataset(url, path, out, ".", rev=rev))
+        dvc_hash = import_dataset(url, path, out, ".", rev=rev)
     except DataVersioningError as err:
         _fail(str(err))
+    typer.echo(dvc_hash)
+    _announce(out, dvc_hash)
+
+
+def _announce(folder: Path, dvc_hash: str) -> None:
+    from flows.events import DATA_ADDED, announce_data_version
+
+    if announce_data_version(folder, dvc_hash):
+        typer.echo(f"announced {DATA_ADDED} for {folder} to Prefect", err=True)
+    else:
+        typer.echo(f"no Prefect API configured (PREFECT_API_URL): {DATA_ADDED} not sent", err=True)
 
 
 if __name__ == "__main__":
