@@ -14,6 +14,7 @@ from components import registry
 from components.evaluate import GateFailedError
 from components.matcher import load_served_model
 from components.validation import DataValidationError
+from flows import registry_flows
 from flows.retrain import retrain
 
 pytestmark = pytest.mark.integration
@@ -96,6 +97,14 @@ def test_first_run_registers_indexes_and_promotes(workspace):
     # The open-set threshold calibrated in evaluation travels in the index meta (checksummed).
     assert served.reject_below == pytest.approx(summary["metrics"]["open_set"]["threshold"])
     assert {"precision", "recall", "threshold"} <= set(summary["metrics"]["open_set"])
+
+    # The registry's flows (the promote, rollback and evaluate deployments) on that version.
+    again = registry_flows.evaluate("champion", params_path="params.yaml", overrides=workspace["overrides"])
+    assert again["catalogue"]["top1"] == pytest.approx(summary["metrics"]["catalogue"]["top1"], abs=1e-6)
+    assert registry_flows.promote("1", "already champion", overrides=workspace["overrides"]) == {"from": "1", "to": "1"}
+    with pytest.raises(registry.RegistryError, match="no earlier champion"):
+        registry_flows.rollback("nothing to go back to", overrides=workspace["overrides"])
+    assert len(registry.champion_history(client, "skumatch-encoder")) == 1  # neither was a move
 
 
 def test_worse_challenger_is_refused_and_champion_kept(workspace):
