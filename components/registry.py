@@ -202,12 +202,19 @@ def champion_history(client, model_name: str) -> list[ChampionMove]:
     Raises:
         RegistryError: no such registered model.
     """
+    return _moves(_model_tags(client, model_name))
+
+
+def _model_tags(client, model_name: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
     try:
-        tags = client.get_registered_model(model_name).tags
+        return client.get_registered_model(model_name).tags
     except MlflowException as err:
         raise RegistryError(f"no registered model {model_name!r}") from err
+
+
+def _moves(tags: dict[str, str]) -> list[ChampionMove]:
     return [ChampionMove(**json.loads(value)) for key, value in sorted(tags.items()) if key.startswith(MOVE_TAG_PREFIX)]
 
 
@@ -228,9 +235,9 @@ def _record_move(client, model_name: str, action: str, from_version, to_version,
 
 def _earlier_champions(client, model_name: str) -> list[str]:
     """The champions a rollback can return to, most recent last: the moves replayed."""
-    tags = client.get_registered_model(model_name).tags
+    tags = _model_tags(client, model_name)
     earlier = json.loads(tags.get(LEGACY_HISTORY_TAG, "[]"))
-    for move in champion_history(client, model_name):
+    for move in _moves(tags):
         if move.action == "promote" and move.from_version is not None:
             earlier.append(move.from_version)
         elif move.action == "rollback" and earlier:
