@@ -101,7 +101,7 @@ def test_one_run_writes_the_targets_then_every_part(tmp_path, table_rows, result
     headline = table_rows(parts.headline)
     assert list(headline) == [
         "throughput at concurrency 2 ≥ 0.9× in-process rate (lanes)",
-        "p99 at concurrency 1 ≤ 1.3× in-process single-match time (lanes)",
+        "p99 at concurrency 1 ≤ 1.3× in-process single-match time (lanes), same percentile",
         "/readyz p99 under 3 callers ≤ 50 ms",
         "0 non-4xx answers to hostile input",
         "0 failed requests across a hot swap under load",
@@ -125,6 +125,7 @@ def test_one_run_writes_the_targets_then_every_part(tmp_path, table_rows, result
     assert names == [
         "In-process baseline",
         "Closed-loop load",
+        "One caller, in blocks of 20 requests, each followed by 20 in-process matches",
         "Health probes under 3 callers",
         "Hostile mix at concurrency 2",
         "Soak",
@@ -146,6 +147,14 @@ def test_one_run_writes_the_targets_then_every_part(tmp_path, table_rows, result
         "batching on, 2 callers",
     ]
     assert all(len(cells) == 9 and cells[6].startswith("×") and cells[7].startswith("×") for cells in load.values())
+    # The single caller's requests and the in-process matches beside them: as many of each.
+    single = table_rows(by_name["One caller, in blocks of 20 requests, each followed by 20 in-process matches"])
+    assert list(single) == ["batching off", "batching on"]
+    assert all(cells[0] == cells[4] == "4" and cells[-1].startswith("×") for cells in single.values())
+    assert (
+        "alternating blocks"
+        in headline["p99 at concurrency 1 ≤ 1.3× in-process single-match time (lanes), same percentile"][0]
+    )
     assert list(table_rows(by_name["Health probes under 3 callers"])) == ["GET /readyz", "GET /metrics"]
     assert list(table_rows(by_name["Hostile mix at concurrency 2"])) == ["good photo", *HOSTILE]
     soak = table_rows(by_name["Soak"])
@@ -178,13 +187,14 @@ def test_a_run_without_a_soak_says_so():
     }
     results = {
         "baseline": {**figures, "per_s": 4.0},
-        "batched": {"levels": {1: figures, 8: figures}},
+        "batched": {"levels": {1: {**figures, "beside": figures}, 8: figures}},
         "health": {"probes": {"/readyz": figures}},
         "hostile": {"bad_not_4xx": 0, "bad": 1, "bad_json_4xx": 1, "good_not_200": 0, "good": 9},
         "swap": {**figures, "versions": {"1": 2, "2": 2}, "reload": {"body": {"outcome": "swapped"}}},
     }
     args, _ = serving.parse_args([])
     rows = serving.headline(results, args)
+    assert "×1.00: p99 13.0 ms against in-process p99 13.0 ms" in rows[3]
     assert rows[-1] == "| soak: 0 errors and RSS growth < 10% | not run (--soak-minutes 0) | — |"
     assert serving.soak_section(results, args)[:3] == ["## Soak", "", "Not run: `--soak-minutes 0`."]
 
