@@ -79,6 +79,25 @@ def retrieval_metrics(
         ``top{k}`` for each k, ``delta_similarity``, ``map``, ``queries``,
         ``queries_without_gallery_sku``.
     """
+    metrics, _ = retrieval_metrics_by_sku(
+        query_embeddings, query_skus, gallery_embeddings, gallery_skus, ks, similarity_fn
+    )
+    return metrics
+
+
+def retrieval_metrics_by_sku(
+    query_embeddings: np.ndarray,
+    query_skus: np.ndarray,
+    gallery_embeddings: np.ndarray,
+    gallery_skus: np.ndarray,
+    ks: tuple[int, ...] | list[int] = (1, 3, 5),
+    similarity_fn: SimilarityFn = faiss_similarity,
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """:func:`retrieval_metrics`, and per query SKU its matchable queries and their top-1.
+
+    Returns:
+        ``(metrics, by_sku)``; ``by_sku`` has columns ``sku_id``, ``queries``, ``top1``.
+    """
     query_skus = np.asarray(query_skus).astype(str)
     gallery_skus = np.asarray(gallery_skus).astype(str)
     matchable = np.isin(query_skus, gallery_skus)
@@ -95,6 +114,12 @@ def retrieval_metrics(
     rank = (scores > true_score[:, None]).sum(axis=1) + ((scores == true_score[:, None]).sum(axis=1) - 1)
     for k in ks:
         result[f"top{k}"] = float((rank < k).mean())
+    by_sku = (
+        pd.DataFrame({"sku_id": query_skus, "hit": rank < 1})
+        .groupby("sku_id", sort=True)["hit"]
+        .agg(queries="size", top1="mean")
+        .reset_index()
+    )
 
     # Delta similarity: similarity to the true SKU minus the mean similarity to all others.
     others = scores.copy()
@@ -107,7 +132,7 @@ def retrieval_metrics(
     hits = np.cumsum(relevant, axis=1)
     precision_at_hit = np.where(relevant, hits / np.arange(1, relevant.shape[1] + 1), 0.0)
     result["map"] = float(np.mean(precision_at_hit.sum(axis=1) / relevant.sum(axis=1)))
-    return result
+    return result, by_sku
 
 
 @dataclass(frozen=True)
@@ -151,6 +176,15 @@ def protocol_sets(
     return ProtocolSets(queries, galleries, leaks)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """Both protocols' metrics, and each protocol's top-1 per query SKU."""
+
+    metrics: dict[str, dict[str, float]]
+    # Columns protocol, sku_id, queries, top1: what a challenger report compares SKU by SKU.
+    by_sku: pd.DataFrame
+
+
 def evaluate_embeddings(
     embeddings: dict[str, np.ndarray],
     sets: ProtocolSets,
@@ -163,12 +197,23 @@ def evaluate_embeddings(
     ``query_embeddings``, when given, holds the queries' embeddings (embedded as queries, see
     :func:`components.model.embed_batch`); ``embeddings`` then needs only the gallery images.
     """
+    return evaluate_embeddings_by_sku(embeddings, sets, ks, similarity_fn, query_embeddings).metrics
+
+
+def evaluate_embeddings_by_sku(
+    embeddings: dict[str, np.ndarray],
+    sets: ProtocolSets,
+    ks: list[int],
+    similarity_fn: SimilarityFn = faiss_similarity,
+    query_embeddings: dict[str, np.ndarray] | None = None,
+) -> Evaluation:
+    """:func:`evaluate_embeddings`, with each protocol's top-1 per query SKU."""
     query_embeddings = embeddings if query_embeddings is None else query_embeddings
 
     def stack(rows: pd.DataFrame, source: dict[str, np.ndarray] = embeddings) -> np.ndarray:
         return np.stack([source[p] for p in rows["image_path"]])
 
-    metrics = {}
+    metrics, by_sku = {}, []
     for protocol, gallery in sets.galleries.items():
         if gallery.empty:
             LOGGER.warning("protocol %s has an empty gallery; skipped", protocol)
@@ -177,9 +222,10 @@ def evaluate_embeddings(
         leaked = set(sets.leaks[protocol]["query_path"]) if protocol in sets.leaks else set()
         queries = sets.queries[~sets.queries["image_path"].isin(leaked)]
         query_vectors = stack(queries, query_embeddings)
-        metrics[protocol] = retrieval_metrics(
+        metrics[protocol], skus = retrieval_metrics_by_sku(
             query_vectors, queries["sku_id"].to_numpy(), stack(gallery), gallery["sku_id"].to_numpy(), ks, similarity_fn
         )
+        by_sku.append(skus.assign(protocol=protocol))
         metrics[protocol]["leaked_queries"] = len(leaked)
         if protocol == "catalogue" and gallery["sku_id"].nunique() >= 2:
             metrics["open_set"] = open_set_metrics(
@@ -189,7 +235,10 @@ def evaluate_embeddings(
                 gallery["sku_id"].to_numpy(),
                 similarity_fn=similarity_fn,
             )
-    return metrics
+    columns = ["protocol", "sku_id", "queries", "top1"]
+    return Evaluation(
+        metrics, pd.concat(by_sku, ignore_index=True)[columns] if by_sku else pd.DataFrame(columns=columns)
+    )
 
 
 def evaluate_encoder(
@@ -208,9 +257,26 @@ def evaluate_encoder(
     Returns:
         ``{"nn": {...}, "catalogue": {...}}`` as from :func:`retrieval_metrics`.
     """
+    return evaluate_encoder_by_sku(
+        encoder, preprocess, manifest, query_split, train_split, params, device, similarity_fn, progress
+    ).metrics
+
+
+def evaluate_encoder_by_sku(
+    encoder,
+    preprocess,
+    manifest: pd.DataFrame,
+    query_split: str,
+    train_split: str,
+    params: EvaluateParams,
+    device=None,
+    similarity_fn: SimilarityFn = faiss_similarity,
+    progress: bool = False,
+) -> Evaluation:
+    """:func:`evaluate_encoder`, with each protocol's top-1 per query SKU."""
     sets = protocol_sets(manifest, query_split, train_split, params.leak_max_distance)
     gallery, queries = embed_protocol_sets(encoder, preprocess, sets, params.batch_size, device, progress)
-    return evaluate_embeddings(gallery, sets, params.ks, similarity_fn, query_embeddings=queries)
+    return evaluate_embeddings_by_sku(gallery, sets, params.ks, similarity_fn, query_embeddings=queries)
 
 
 def embed_protocol_sets(
