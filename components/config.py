@@ -245,6 +245,9 @@ class EvaluateParams(_Section):
     # Queries within this many bits (of 64) of a gallery image's perceptual hash, or with the
     # same bytes, are leaks: reported and left out of the metrics. null skips the check.
     leak_max_distance: int | None = Field(default=4, ge=0, le=64)
+    # The retrain flow's run plots (training curves, a t-SNE map, worst confusions). The map and
+    # the confusions embed the queries a second time: off for quick runs and very large catalogues.
+    plots: bool = True
 
 
 class IndexParams(_Section):

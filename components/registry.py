@@ -32,6 +32,8 @@ LOGGER = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# The run's resolved params tree, from which a version can be trained again.
+PARAMS_ARTIFACT = "params.json"
 ENCODER_ARTIFACT = "encoder"
 INDEX_ARTIFACT = "index"
 # Before moves were recorded one by one: a JSON list of earlier champions, still read for rollback.
@@ -291,6 +293,41 @@ def rollback(client, model_name: str, by: str | None = None, reason: str = "") -
     _record_move(client, model_name, "rollback", current, previous, by, reason)
     LOGGER.info("@champion rolled back: %s -> %s", current, previous)
     return current, previous
+
+
+@dataclass(frozen=True)
+class RecordedTraining:
+    """What a registered version was trained from: the resolved params tree and the data's DVC hash."""
+
+    version: str
+    run_id: str
+    params: dict[str, Any]
+    data_version: str
+    metrics: dict[str, dict[str, float]]
+
+
+def recorded_training(client, model_name: str, ref: str) -> RecordedTraining:
+    """The params (its run's ``params.json``), data version and metrics a version was registered with.
+
+    Raises:
+        RegistryError: unknown ref, or a version whose run holds no ``params.json``.
+    """
+    version = resolve_version(client, model_name, ref)
+    names = {artifact.path for artifact in client.list_artifacts(version.run_id)} if version.run_id else set()
+    if PARAMS_ARTIFACT not in names:
+        raise RegistryError(
+            f"version {version.version} of {model_name!r} has no recorded {PARAMS_ARTIFACT} (registered before "
+            "runs recorded their params tree); it cannot be re-run"
+        )
+    folder = tempfile.mkdtemp(prefix="skumatch-params-")
+    params = json.loads(Path(client.download_artifacts(version.run_id, PARAMS_ARTIFACT, folder)).read_text())
+    return RecordedTraining(
+        str(version.version),
+        version.run_id,
+        params,
+        version.tags.get("data_version", ""),
+        json.loads(version.tags.get("metrics", "{}")),
+    )
 
 
 @dataclass

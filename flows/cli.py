@@ -106,7 +106,9 @@ def validate(
 def train(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None, data: DataOption = None) -> None:
     """Fine-tune the encoder into ``train.io.output_dir`` (DVC stage ``train``; no registry).
 
-    Prints the last epoch's validation metrics (the gate protocol); ``evaluate`` gives both.
+    Prints the last epoch's validation metrics (the gate protocol; ``evaluate`` gives both) and
+    each epoch's loss. On several processes: ``torchrun --nproc-per-node N -m flows.cli train``
+    (gloo on a CPU, NCCL on GPUs); rank 0 saves and prints.
     """
     from components.data import data_version, load_manifest
     from components.training import train_encoder
@@ -114,12 +116,16 @@ def train(params: ParamsOption = Path("params.yaml"), overrides: SetOption = Non
     cfg = _params(params, overrides, data)
     manifest = load_manifest(cfg.data.root, cfg.data.layout, cfg.data.max_images_per_sku)
     result = train_encoder(cfg, manifest, data_version=data_version(cfg.data.root))
+    if result.rank != 0:
+        return
     typer.echo(
         json.dumps(
             {
                 "model_dir": str(result.model_dir),
                 "wall_time_s": round(result.wall_time_s, 1),
+                "processes": result.world_size,
                 "metrics": result.metrics,
+                "train_loss": [record["train.loss"] for record in result.history],
             },
             indent=2,
         )
@@ -280,6 +286,27 @@ def history(
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
+@app.command()
+def reproduce(
+    version: Annotated[str, typer.Argument(help="the model version (or alias) to train again")],
+    data: DataOption = None,
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Train VERSION again from its recorded params on its recorded data version, and compare its metrics.
+
+    ``--data`` names the version's data folder when it is not where the version was trained.
+    """
+    from components import registry
+    from flows.registry_flows import reproduce as reproduce_flow
+
+    try:
+        outcome = reproduce_flow(version, data, str(params), overrides)
+    except registry.RegistryError as err:
+        _fail(str(err))
+    typer.echo(json.dumps(outcome, indent=2))
 
 
 @app.command()

@@ -1,7 +1,9 @@
 """The ``retrain`` Prefect flow: validate -> fine-tune -> evaluate -> gate -> register -> index -> promote.
 
-A challenger the gate refuses is registered too, tagged ``gate: refused`` with the numbers, and
-then the flow fails: it gets no index and no alias, so nothing can serve it.
+Every gate, passed or refused, publishes a challenger-against-champion report (a Prefect markdown
+artifact, and markdown plus a plot with the MLflow run). A challenger the gate refuses is
+registered too, tagged ``gate: refused`` with the numbers, and then the flow fails: it gets no
+index and no alias, so nothing can serve it.
 
 Each task wraps one component call and adds what orchestration is for: retries where a
 store may hiccup, Prefect artifacts people look at (validation report, metrics, gate
@@ -34,6 +36,8 @@ from components import validation as validation_lib
 from components.config import Params, flatten_params, load_params
 
 LOGGER = logging.getLogger(__name__)
+# Where the challenger report goes in the MLflow run's artifacts.
+REPORT_FOLDER = "report"
 
 
 @task(name="load-data", cache_policy=NO_CACHE)
@@ -71,12 +75,12 @@ def fine_tune(params: Params, manifest: pd.DataFrame, data_version: str, run_id:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_model(encoder_dir: Path, params: Params, manifest: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Both protocols' metrics of a saved encoder on the query split."""
+def evaluate_model(encoder_dir: Path, params: Params, manifest: pd.DataFrame) -> evaluate_lib.Evaluation:
+    """Both protocols' metrics of a saved encoder on the query split, and its top-1 per SKU."""
     from components.model import load_encoder
 
     encoder, preprocess, _ = load_encoder(encoder_dir)
-    return evaluate_lib.evaluate_encoder(
+    return evaluate_lib.evaluate_encoder_by_sku(
         encoder, preprocess, manifest, params.data.query_split, params.data.train_split, params.evaluate
     )
 
@@ -108,7 +112,9 @@ def log_plots(encoder_dir: Path, params: Params, manifest: pd.DataFrame, history
 
 
 @task(name="evaluate-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def evaluate_champion(params: Params, manifest: pd.DataFrame, client) -> tuple[str | None, dict | None]:
+def evaluate_champion(
+    params: Params, manifest: pd.DataFrame, client
+) -> tuple[str | None, evaluate_lib.Evaluation | None]:
     """Re-evaluate ``@champion`` on this run's data, so the gate compares like with like."""
     try:
         champion = registry.download_version(
@@ -136,6 +142,36 @@ def apply_gate(
     create_table_artifact(key="evaluation-metrics", table=rows, description="top-k over distinct SKUs")
     create_markdown_artifact(key="promotion-gate", markdown=f"## {decision.summary()}\n")
     return decision
+
+
+@task(name="challenger-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def publish_report(
+    challenger: evaluate_lib.Evaluation,
+    champion: evaluate_lib.Evaluation | None,
+    champion_version: str | None,
+    decision: evaluate_lib.GateDecision,
+    params: Params,
+    run_id: str,
+) -> str:
+    """The challenger-against-champion report, as a Prefect artifact and with the MLflow run; its markdown."""
+    from matplotlib import pyplot as plt
+    from mlflow import MlflowClient
+
+    from components.comparison import challenger_report
+
+    report = challenger_report(
+        challenger, champion, champion_version, decision.summary(), params.evaluate.gate_protocol
+    )
+    client = MlflowClient()
+    client.log_text(run_id, report.markdown, f"{REPORT_FOLDER}/challenger_vs_champion.md")
+    client.log_figure(run_id, report.figure, f"{REPORT_FOLDER}/sku_top1.png")
+    plt.close(report.figure)
+    create_markdown_artifact(
+        key="challenger-report",
+        markdown=report.markdown,
+        description=f"the gate's report; its plot is the MLflow run's {REPORT_FOLDER}/sku_top1.png",
+    )
+    return report.markdown
 
 
 def version_lineage(
@@ -224,6 +260,8 @@ def retrain(
     with mlflow.start_run(run_name="retrain") as run:
         run_id = run.info.run_id
         mlflow.log_params(flatten_params(params))
+        # The whole tree as resolved, for `skumatch reproduce` (flat params are strings, and truncated).
+        mlflow.log_dict(params.model_dump(mode="json"), registry.PARAMS_ARTIFACT)
         mlflow.set_tags({"data_version": version_of_data, "data_root": str(params.data.root)})
         work = Path(tempfile.mkdtemp(prefix="skumatch-run-"))
         try:
@@ -232,14 +270,18 @@ def retrain(
             if (work / "data_docs").exists():
                 mlflow.log_artifacts(str(work / "data_docs"), "data_docs")
         result = fine_tune(params, manifest, version_of_data, run_id)
-        metrics = evaluate_model(result.model_dir, params, manifest)
+        evaluation = evaluate_model(result.model_dir, params, manifest)
+        metrics = evaluation.metrics
         mlflow.log_metrics({f"eval.{k}": v for k, v in evaluate_lib.flatten_metrics(metrics).items()})
         mlflow.log_dict(metrics, "metrics.json")
         evaluate_lib.write_metrics(metrics, params.evaluate.metrics_path)
-        log_plots(result.model_dir, params, manifest, result.history, run_id)
-        champion_version, champion = evaluate_champion(params, manifest, client)
+        if params.evaluate.plots:
+            log_plots(result.model_dir, params, manifest, result.history, run_id)
+        champion_version, champion_evaluation = evaluate_champion(params, manifest, client)
+        champion = champion_evaluation.metrics if champion_evaluation else None
         decision = apply_gate(metrics, champion, champion_version, params)
         mlflow.set_tag("gate", decision.summary())
+        publish_report(evaluation, champion_evaluation, champion_version, decision, params, run_id)
         lineage = version_lineage(decision, champion_version, champion)
         model_version = register(client, params, run_id, result.model_dir, metrics, version_of_data, lineage)
         if not decision.passed:

@@ -11,6 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from components import registry
+from components.config import load_params
 from components.evaluate import GateFailedError
 from components.matcher import load_served_model
 from components.validation import DataValidationError
@@ -20,6 +21,27 @@ from flows.retrain import retrain
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def published_report(client: MlflowClient, run_id: str, flow_run_id: str) -> str:
+    """The challenger report of a run: its MLflow markdown, checked equal to the flow run's Prefect artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    assert {a.path for a in client.list_artifacts(run_id, "report")} == {
+        "report/challenger_vs_champion.md",
+        "report/sku_top1.png",
+    }
+    markdown = Path(client.download_artifacts(run_id, "report/challenger_vs_champion.md")).read_text()
+    with get_client(sync_client=True) as prefect:
+        (artifact,) = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["challenger-report"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            )
+        )
+    assert artifact.type == "markdown" and artifact.data == markdown
+    return markdown
 
 
 @pytest.fixture(autouse=True)
@@ -81,9 +103,14 @@ def test_first_run_registers_indexes_and_promotes(workspace):
     # Validation every train.schedule.eval_every_epochs (2 in params.yaml) and after the last epoch.
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val.catalogue.top3")] == [1, 3]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"encoder", "index", "data_docs", "metrics.json", "plots"} <= artifacts
+    assert {"encoder", "index", "data_docs", "metrics.json", "params.json", "plots", "report"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/training_curves.png", "plots/embedding_map.png", "plots/worst_confusions.png"}
+    # The gate's report, in MLflow and in Prefect: the challenger's figures and no champion.
+    report = published_report(client, run.info.run_id, summary["flow_run_id"])
+    assert report.startswith("# Challenger against no champion\n\n" + summary["gate"])
+    assert f"| catalogue.top1 | {summary['metrics']['catalogue']['top1']:.4f} |" in report
+    assert "No `@champion` to compare with" in report
     # The DVC metrics file is written too.
     metrics_file = json.loads((workspace["root"] / "reports/metrics.json").read_text())
     assert set(metrics_file) == {"nn", "catalogue", "open_set"}
@@ -105,6 +132,28 @@ def test_first_run_registers_indexes_and_promotes(workspace):
     with pytest.raises(registry.RegistryError, match="no earlier champion"):
         registry_flows.rollback("nothing to go back to", overrides=workspace["overrides"])
     assert len(registry.champion_history(client, "skumatch-encoder")) == 1  # neither was a move
+
+    # Trained again from scratch on its recorded params and data version: the same top-1, within a point.
+    reproduced = registry_flows.reproduce("1", overrides=workspace["overrides"])
+    assert reproduced["data_version"] == champion.tags["data_version"]
+    assert abs(reproduced["top1_difference"]) <= 0.01
+    assert reproduced["reproduced"]["catalogue"]["top1"] == pytest.approx(
+        summary["metrics"]["catalogue"]["top1"], abs=0.01
+    )
+    assert len(client.search_model_versions("name='skumatch-encoder'")) == 1  # nothing registered
+    # Refused, before any training: other data than the version's, and a version with no recorded params.
+    changed = workspace["root"] / "changed-data"
+    shutil.copytree(run.data.tags["data_root"], changed)
+    next(changed.rglob("*.jpg")).unlink()
+    with pytest.raises(registry.RegistryError, match="trained on"):
+        registry_flows.reproduce("1", data_root=str(changed), overrides=workspace["overrides"])
+    bare_run = client.create_run(run.info.experiment_id).info.run_id
+    params = load_params("params.yaml", workspace["overrides"])
+    bare = registry.register_version(
+        client, params.registry, bare_run, resolved.encoder_dir, summary["metrics"], champion.tags["data_version"]
+    )
+    with pytest.raises(registry.RegistryError, match="no recorded params.json"):
+        registry_flows.reproduce(str(bare.version), overrides=workspace["overrides"])
 
 
 def test_worse_challenger_is_refused_and_champion_kept(workspace):
@@ -138,6 +187,14 @@ def test_worse_challenger_is_refused_and_champion_kept(workspace):
     for protocol in ("catalogue", "nn"):
         assert compared[protocol]["top1"] == pytest.approx(first["metrics"][protocol]["top1"], abs=1e-6)
     assert "index_checksum" not in refused.tags
+    # The refusal's report compares both on the same data, metric by metric and SKU by SKU.
+    report = published_report(client, refused.run_id, refused.tags["prefect_flow_run_id"])
+    assert report.startswith("# Challenger against champion v1\n\n" + str(error))
+    challenger_metrics = json.loads(refused.tags["metrics"])
+    top1, best = challenger_metrics["catalogue"]["top1"], compared["catalogue"]["top1"]
+    assert f"| catalogue.top1 | {top1:.4f} | {best:.4f} | {top1 - best:+.4f} |" in report
+    assert "## SKUs that gained most (catalogue top-1)" in report and "## SKUs that lost most" in report
+    assert "6 SKUs compared:" in report
     with pytest.raises(registry.RegistryError, match="no index"):
         registry.promote(client, "skumatch-encoder", "2")
 
