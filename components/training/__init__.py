@@ -7,6 +7,7 @@
 - :mod:`~components.training.decoded_images`: decoded training images within a memory budget;
 - :mod:`~components.training.checkpoints`: per-epoch checkpoints and resume;
 - :mod:`~components.training.stages`: the two stages (cached features, augmented crops);
+- :mod:`~components.training.distributed`: data parallelism under ``torchrun`` (gloo / NCCL);
 - :mod:`~components.training.recipe`: :func:`train_encoder`, which chains them.
 """
 

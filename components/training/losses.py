@@ -13,6 +13,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from components.config import TrainParams
+from components.training.distributed import DataParallel
+
+ALONE = DataParallel()  # one training process
 
 
 class MarginHead(nn.Module):
@@ -105,14 +108,23 @@ def optimisation_step(
     anchors: torch.Tensor | None,
     anchor_labels: torch.Tensor | None,
     train: TrainParams,
+    parallel: DataParallel = ALONE,
+    loss_weight: float = 1.0,
 ) -> float:
-    """One optimiser step on the margin loss, plus the catalogue-anchor loss when anchors are given; the loss."""
+    """One optimiser step on the margin loss, plus the catalogue-anchor loss when anchors are given; the loss.
+
+    Under data parallelism ``embeddings`` are this rank's share of the batch and ``loss_weight``
+    its :meth:`DataParallel.loss_weight`; the gradients and the returned loss are the batch's.
+    """
     loss = head(embeddings, targets)
     if anchors is not None:
         loss = loss + train.loss.catalogue_anchor_weight * catalogue_anchor_loss(
             embeddings, targets, anchors, anchor_labels, train.loss.margin, train.loss.scale
         )
+    if loss_weight != 1.0:
+        loss = loss * loss_weight
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    parallel.average_gradients([parameter for group in optimizer.param_groups for parameter in group["params"]])
     optimizer.step()
-    return float(loss.detach())
+    return parallel.mean(float(loss.detach()))

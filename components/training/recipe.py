@@ -32,8 +32,9 @@ from components.evaluate import (
 )
 from components.model import Encoder, Preprocess, build_encoder, resolve_device, save_encoder
 from components.training.checkpoints import load_latest_checkpoint, run_fingerprint, save_checkpoint
+from components.training.distributed import DataParallel, from_environment, leave
 from components.training.feature_cache import CachedFeatures, cache_features, embed_cached
-from components.training.losses import MarginHead, margin_head
+from components.training.losses import ALONE, MarginHead, margin_head
 from components.training.sampling import pk_batches
 from components.training.stages import CropTraining, frozen_epoch, init_head_from_cached, set_trainable, sku_means
 
@@ -71,6 +72,9 @@ class TrainResult:
     device: str = "cpu"
     resumed_from_epoch: int | None = None
     sku_ids: list[str] = field(default_factory=list)
+    # Under torchrun: this process's rank and how many trained; only rank 0 saved the model.
+    rank: int = 0
+    world_size: int = 1
 
 
 @dataclass
@@ -145,6 +149,7 @@ class _Run:
     device: torch.device
     eval_sets: ProtocolSets
     checkpoint_folder: Path
+    parallel: DataParallel = ALONE
     start_epoch: int = 0
     resumed: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -206,6 +211,8 @@ def _start_frozen_stage(run: _Run, data_version: str | None, progress: bool) -> 
         # computed once (or read from disk) so the head trains in seconds per epoch.
         sets = run.eval_sets
         eval_paths = sorted(set(sets.queries["image_path"]).union(*(g["image_path"] for g in sets.galleries.values())))
+        if not run.parallel.is_main:
+            run.parallel.barrier()  # rank 0 computes the cache; the others read it back
         run.cached = cache_features(
             setup.encoder,
             setup.preprocess,
@@ -219,6 +226,8 @@ def _start_frozen_stage(run: _Run, data_version: str | None, progress: bool) -> 
             data_version,
             progress,
         )
+        if run.parallel.is_main:
+            run.parallel.barrier()
         if run.resumed is None:
             init_head_from_cached(setup.encoder, setup.head, run.cached, setup.labels, run.device)
     elif run.resumed is None:
@@ -252,6 +261,7 @@ def _train_one_epoch(
             batches,
             rng,
             run.device,
+            run.parallel,
         )
     return run.crop_training().run_epoch(
         epoch,
@@ -264,6 +274,7 @@ def _train_one_epoch(
         progress,
         backbone_frozen=frozen,
         averaged=run.averaged,
+        parallel=run.parallel,
     )
 
 
@@ -317,17 +328,40 @@ def train_encoder(
 
     Returns:
         A :class:`TrainResult`; the encoder is saved to ``params.train.io.output_dir``.
+
+    Started by ``torchrun``, each process trains its share of every batch
+    (:mod:`components.training.distributed`), and only rank 0 validates, tracks, checkpoints and
+    saves; the process group is left on return.
     """
-    cfg, tracker, started = params.train, tracker or NullTracker(), time.perf_counter()
+    parallel, device = from_environment(resolve_device(params.train.device))
+    try:
+        return _train(params, manifest, tracker, data_version, progress, parallel, device)
+    finally:
+        leave()
+
+
+def _train(
+    params: Params,
+    manifest: pd.DataFrame,
+    tracker: Tracker | None,
+    data_version: str | None,
+    progress: bool,
+    parallel: DataParallel,
+    device: torch.device,
+) -> TrainResult:
+    cfg, started = params.train, time.perf_counter()
+    tracker = (tracker or NullTracker()) if parallel.is_main else NullTracker()
+    progress = progress and parallel.is_main
     _seed(cfg.seed)
-    device = resolve_device(cfg.device)
     setup = training_setup(params, manifest, device)
+    parallel.broadcast_from_main([setup.encoder, setup.head])
     run = _Run(
         params,
         setup,
         device,
         protocol_sets(manifest, params.data.query_split, params.data.train_split, params.evaluate.leak_max_distance),
         Path(cfg.io.checkpoint_dir) / run_fingerprint(params, data_version),
+        parallel,
     )
     _resume(run)
     tracker.log_params(
@@ -351,18 +385,26 @@ def train_encoder(
             "train.loss": float(np.mean(losses)),
             "train.frozen_backbone": float(epoch < cfg.schedule.frozen_epochs),
         }
-        if (epoch + 1) % cfg.schedule.eval_every_epochs == 0 or epoch + 1 == cfg.schedule.epochs:
+        due = (epoch + 1) % cfg.schedule.eval_every_epochs == 0 or epoch + 1 == cfg.schedule.epochs
+        if due and parallel.is_main:
             metrics = _validate(run, on_cached_features)
             record.update({f"val.{k}": v for k, v in flatten_metrics(metrics).items()})
             record["_metrics"] = metrics
         _record_epoch(run, epoch, record, tracker)
-    return _save_model(run, metrics, data_version, time.perf_counter() - started)
+    if not parallel.is_main:
+        parallel.barrier()  # until rank 0 has saved the model
+        return _describe(run, metrics, Path(cfg.io.output_dir), time.perf_counter() - started)
+    result = _save_model(run, metrics, data_version, time.perf_counter() - started)
+    parallel.barrier()
+    return result
 
 
 def _record_epoch(run: _Run, epoch: int, record: dict[str, Any], tracker: Tracker) -> None:
     """Keep an epoch's record: in the history, in a checkpoint, with the tracker and in the log."""
     setup, epochs = run.setup, run.train.schedule.epochs
     run.history.append(record)
+    if not run.parallel.is_main:
+        return
     # Checkpoint first: a tracker that fails (a network hiccup) must not cost the epoch.
     save_checkpoint(run.checkpoint_folder, epoch, setup.encoder, setup.head, setup.optimizer, run.history, run.averaged)
     tracker.log_metrics({k: v for k, v in record.items() if not k.startswith("_") and k != "epoch"}, step=epoch)
@@ -389,6 +431,10 @@ def _save_model(
             "run_fingerprint": run_fingerprint(run.params, data_version),
         },
     )
+    return _describe(run, metrics, model_dir, wall_time_s)
+
+
+def _describe(run: _Run, metrics: dict[str, dict[str, float]], model_dir: Path, wall_time_s: float) -> TrainResult:
     return TrainResult(
         model_dir=model_dir,
         metrics=metrics,
@@ -397,4 +443,6 @@ def _save_model(
         device=run.device.type,
         resumed_from_epoch=run.resumed,
         sku_ids=run.setup.sku_ids,
+        rank=run.parallel.rank,
+        world_size=run.parallel.world_size,
     )

@@ -21,8 +21,9 @@ from components.config import TrainParams
 from components.model import Encoder, Preprocess, autocast_for
 from components.training.augment import shelf_augment
 from components.training.decoded_images import DecodedImages
+from components.training.distributed import DataParallel
 from components.training.feature_cache import CachedFeatures, embed_cached
-from components.training.losses import MarginHead, optimisation_step
+from components.training.losses import ALONE, MarginHead, optimisation_step
 from components.training.sampling import CatalogueAnchors, pk_batches, with_catalogue_images
 
 
@@ -48,19 +49,24 @@ def frozen_epoch(
     batches: list[np.ndarray],
     rng: np.random.Generator,
     device: torch.device,
+    parallel: DataParallel = ALONE,
 ) -> list[float]:
     """One head-only epoch on cached backbone features (a random cached view per image).
 
     The catalogue anchors are a random cached view of each of the step's :class:`CatalogueAnchors`.
+    Under data parallelism every rank draws the whole batch's views and anchors, and embeds its share.
     """
     encoder.train()
     encoder.backbone.eval()
     anchor_set = CatalogueAnchors(catalogue_labels.cpu().numpy(), train.sampler.anchor_sample)
     losses = []
     for batch in batches:
+        mine = parallel.share(len(batch))
         with autocast_for(device):
             views = rng.integers(0, len(cached.train_views), len(batch))
-            embeddings = encoder.embed_features(torch.from_numpy(cached.train_views[views, batch]).to(device))
+            embeddings = encoder.embed_features(
+                torch.from_numpy(cached.train_views[views[mine], batch[mine]]).to(device)
+            )
             anchors = anchor_labels = None
             if train.loss.catalogue_anchor_weight > 0 and len(catalogue_labels):
                 positions = anchor_set.positions(labels[batch], rng)
@@ -69,7 +75,15 @@ def frozen_epoch(
                 anchor_labels = anchor_set.labels_at(catalogue_labels, positions)
         losses.append(
             optimisation_step(
-                head, optimizer, embeddings, torch.from_numpy(labels[batch]).to(device), anchors, anchor_labels, train
+                head,
+                optimizer,
+                embeddings,
+                torch.from_numpy(labels[batch[mine]]).to(device),
+                anchors,
+                anchor_labels,
+                train,
+                parallel,
+                parallel.loss_weight(len(batch)),
             )
         )
     return losses
@@ -182,10 +196,13 @@ class CropTraining:
         progress: bool,
         backbone_frozen: bool = False,
         averaged: AveragedModel | None = None,
+        parallel: DataParallel = ALONE,
     ) -> list[float]:
         """One epoch of P x K batches of augmented crops; returns the per-step losses.
 
         ``averaged``, when given, takes the encoder's weights into its moving average after every step.
+        Under data parallelism every rank draws the whole batches and anchors, and decodes, augments
+        and embeds its share of each batch.
         """
         from tqdm.auto import tqdm
 
@@ -194,7 +211,8 @@ class CropTraining:
         batches = self._epoch_batches(labels, rng)
         losses, anchors, anchor_labels = [], None, None
         anchor_set = CatalogueAnchors(catalogue_labels.cpu().numpy(), cfg.sampler.anchor_sample)
-        decoded = self.images.batches(batches, cfg.io.loader_workers)
+        shares = [batch[parallel.share(len(batch))] for batch in batches]
+        decoded = self.images.batches(shares, cfg.io.loader_workers)
         for index, (batch, images) in enumerate(
             tqdm(
                 zip(batches, decoded),
@@ -219,8 +237,20 @@ class CropTraining:
                 )
             with autocast_for(self.device):
                 embeddings = encoder(self.pixels(images))
-            targets = torch.from_numpy(labels[batch]).to(self.device)
-            losses.append(optimisation_step(head, optimizer, embeddings, targets, anchors, anchor_labels, cfg))
+            targets = torch.from_numpy(labels[shares[index]]).to(self.device)
+            losses.append(
+                optimisation_step(
+                    head,
+                    optimizer,
+                    embeddings,
+                    targets,
+                    anchors,
+                    anchor_labels,
+                    cfg,
+                    parallel,
+                    parallel.loss_weight(len(batch)),
+                )
+            )
             if averaged is not None:
                 averaged.update_parameters(encoder)
         return losses
