@@ -61,8 +61,9 @@ def start_server(target: str, env: dict[str, str], log: Path, cwd: Path | None =
     return LocalServer(f"http://127.0.0.1:{port}", process, log)
 
 
-def wait_ready(server: LocalServer, timeout: float = 120.0) -> bool:
-    """Poll ``/readyz`` until 200; False when the process exits or the time runs out."""
+def wait_ready(server: LocalServer, timeout: float = 120.0, path: str = "/readyz") -> bool:
+    """Poll ``path`` (BentoML's ``/readyz``; another server's health route) until 200; False when the
+    process exits or the time runs out."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -70,7 +71,7 @@ def wait_ready(server: LocalServer, timeout: float = 120.0) -> bool:
         if server.process.poll() is not None:
             return False
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{server.url}{path}", timeout=2).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass

@@ -70,6 +70,21 @@ def tiny_model_overrides(tiny_clip_dir: Path) -> list[str]:
     ]
 
 
+@pytest.fixture
+def quick_retrain_overrides(tiny_model_overrides: list[str]) -> list[str]:
+    """A retrain that only has to run end to end: the tiny model, one epoch on cached features,
+    the gate's thresholds at zero, no run plots."""
+    return tiny_model_overrides + [
+        "train.schedule.epochs=1",
+        "train.schedule.frozen_epochs=1",
+        "train.sampler.batch_size=12",
+        "train.sampler.images_per_sku=2",
+        "evaluate.min_top1=0",
+        "evaluate.min_top3=0",
+        "evaluate.plots=false",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Synthetic Grocery Store dataset
 # ---------------------------------------------------------------------------------------------
@@ -223,27 +238,16 @@ def draw_sku():
     return draw_sku_image
 
 
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory) -> dict[str, str]:
-    """A real ``prefect server start`` on a free port of 127.0.0.1 for the whole session, with its
-    own home and SQLite database.
-
-    Flows run in this process reach it through Prefect's settings; the environment returned lets a
-    ``prefect`` CLI call or a worker reach it too. One server for every flow test: starting one
-    takes about 20 s on 2 cores.
-    """
+def _start_prefect_server():
+    """Start ``prefect server start`` on a free port with its own home; (server, environment) at once."""
     import subprocess
     import sys
-    import time
+    import tempfile
 
-    import httpx
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from serving.local import LocalServer, free_port
 
-    from serving.local import LocalServer, free_port, stop_server
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
+    home = Path(tempfile.mkdtemp(prefix="skumatch-prefect-home-"))
+    port = str(free_port())
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -255,35 +259,60 @@ def prefect_api(tmp_path_factory) -> dict[str, str]:
     log = home / "server.log"
     with log.open("wb") as handle:
         process = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("prefect")),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", port],
             env=env,
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = LocalServer(url, process, log)
+    return LocalServer(url, process, log), env
+
+
+_PREFECT_SERVER = pytest.StashKey[tuple]()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start the session's Prefect server as soon as a collected test needs it.
+
+    Starting one takes about 20 s on 2 cores, mostly its own imports and migrations; begun here, it
+    overlaps the tests that run before the first flow test instead of stalling that test.
+    """
+    if any("prefect_api" in getattr(item, "fixturenames", ()) for item in items):
+        config.stash[_PREFECT_SERVER] = _start_prefect_server()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop a Prefect server started at collection that no test came to use (a run stopped early)."""
+    from serving.local import stop_server
+
+    started = session.config.stash.get(_PREFECT_SERVER, None)
+    if started and started[0].process.poll() is None:
+        stop_server(started[0])
+
+
+@pytest.fixture(scope="session")
+def prefect_api(request) -> dict[str, str]:
+    """A real ``prefect server start`` on a free port of 127.0.0.1 for the whole session, with its
+    own home and SQLite database (started at collection, see ``pytest_collection_modifyitems``).
+
+    Flows run in this process reach it through Prefect's settings; the environment returned lets a
+    ``prefect`` CLI call or a worker reach it too. One server for every flow test.
+    """
+    import shutil
+
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from serving.local import stop_server, wait_ready
+
+    server, env = request.config.stash.get(_PREFECT_SERVER, None) or _start_prefect_server()
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server start did not answer /api/health:\n{server.output()[-3000:]}")
-            time.sleep(0.5)
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        if not wait_ready(server, timeout=180, path="/health"):
+            raise RuntimeError(f"prefect server start did not answer /api/health:\n{server.output()[-3000:]}")
+        with temporary_settings(updates={PREFECT_API_URL: server.url}):
             yield env
             # Flow-run logs still queued go to the server before it stops, not to an error line.
             APILogWorker.drain_all(timeout=5)
     finally:
         stop_server(server)
+        shutil.rmtree(env["PREFECT_HOME"], ignore_errors=True)
