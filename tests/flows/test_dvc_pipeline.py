@@ -1,7 +1,8 @@
-"""`dvc repro` of the project's own dvc.yaml in a real DVC repo, on a tiny model and dataset.
+"""`dvc exp run` / `dvc repro` of the project's own dvc.yaml in a real DVC repo, on a tiny model and dataset.
 
 The DVC stages call the `skumatch` CLI; the index they make must be the one the retrain flow's
-`build-index` task makes from the same encoder and metrics: one index-building path.
+`build-index` task makes from the same encoder and metrics: one index-building path. An
+experiment run with `-S` shows in `dvc exp show` with its params and metrics.
 """
 
 from __future__ import annotations
@@ -27,8 +28,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    # The venv's own `skumatch` and `dvc`, whatever the caller's PATH.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # The venv's own `skumatch` and `dvc`, whatever the caller's PATH; a committer for git.
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "GIT_AUTHOR_NAME": "skumatch tests",
+        "GIT_AUTHOR_EMAIL": "tests@skumatch.invalid",
+        "GIT_COMMITTER_NAME": "skumatch tests",
+        "GIT_COMMITTER_EMAIL": "tests@skumatch.invalid",
+        "DVC_NO_ANALYTICS": "1",
+    }
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     return result
@@ -48,10 +57,10 @@ def dvc_repo(tmp_path, synthetic_dataset, tiny_model_overrides):
         + [
             "data.root=data/grocery",
             "train.augment.image_size=null",
-            "train.schedule.epochs=2",
+            "train.schedule.epochs=1",
             "train.schedule.frozen_epochs=1",
             "train.sampler.batch_size=12",
-            "train.schedule.lr=0.01",
+            "train.schedule.lr=0.01",  # the experiment below runs with 0.02
             "train.schedule.backbone_lr=0.001",
             f"train.io.checkpoint_dir={tmp_path / 'checkpoints'}",
         ],
@@ -59,11 +68,19 @@ def dvc_repo(tmp_path, synthetic_dataset, tiny_model_overrides):
     (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run([sys.executable, "-m", "dvc", "init", "-q"], repo)
+    # Experiments need a commit to be based on.
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-q", "-m", "baseline"], repo)
     return repo
 
 
-def test_dvc_repro_builds_the_index_the_flow_builds(dvc_repo, tmp_path, monkeypatch):
-    _run([sys.executable, "-m", "dvc", "repro"], dvc_repo)
+def test_an_experiment_builds_the_index_the_flow_builds_and_shows_in_exp_show(dvc_repo, tmp_path, monkeypatch):
+    import dvc.api
+
+    _run([sys.executable, "-m", "dvc", "exp", "run", "-n", "faster-head", "-S", "train.schedule.lr=0.02"], dvc_repo)
+    (shown,) = [row for row in dvc.api.exp_show(repo=str(dvc_repo)) if row.get("Experiment") == "faster-head"]
+    assert shown["train.schedule.lr"] == 0.02
+    assert 0.0 <= shown["catalogue.top1"] <= 1.0
 
     monkeypatch.chdir(dvc_repo)
     params = load_params("params.yaml")
