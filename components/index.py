@@ -27,6 +27,7 @@ LOGGER = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.json"
 META_FILE = "index.json"
+CHECKSUM_CHUNK = 8 << 20  # bytes hashed at a time
 
 
 class IndexMismatchError(RuntimeError):
@@ -160,9 +161,23 @@ def _checksum(folder: Path, meta: dict) -> str:
     # is caught like a flipped byte in the index itself.
     digest = hashlib.sha256()
     for name in (INDEX_FILE, ITEMS_FILE):
-        digest.update((folder / name).read_bytes())
+        # Streamed: an index of 10M vectors is gigabytes, which must not be held twice to hash it.
+        with open(folder / name, "rb") as handle:
+            while chunk := handle.read(CHECKSUM_CHUNK):
+                digest.update(chunk)
     digest.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def _read_faiss(path: Path):
+    """Read an index file memory-mapped where FAISS allows it (flat codes: Flat, SQ, PQ, HNSW
+    storage), so that the workers serving one file share its pages; a full read otherwise."""
+    import faiss
+
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError:
+        return faiss.read_index(str(path))
 
 
 def save_index(catalogue: CatalogueIndex, out_dir: str | Path) -> str:
@@ -193,7 +208,6 @@ def load_index(
         IndexMismatchError: missing files, files that do not match their checksum, or an index
             built from another model version.
     """
-    import faiss
 
     folder = Path(folder)
     for name in (INDEX_FILE, ITEMS_FILE, META_FILE):
@@ -213,7 +227,7 @@ def load_index(
             f"not the served version {expected_model_version}"
         )
     items = json.loads((folder / ITEMS_FILE).read_text())
-    index = faiss.read_index(str(folder / INDEX_FILE))
+    index = _read_faiss(folder / INDEX_FILE)
     _set_search_params(index, meta.get("nprobe"), meta.get("ef_search"))
     if index.ntotal != len(items["sku_ids"]):
         raise IndexMismatchError(f"index {folder} has {index.ntotal} rows but {len(items['sku_ids'])} items")

@@ -143,6 +143,35 @@ def test_checksum_is_sha256_of_the_data_files(saved):
     assert save_index(built, folder.parent / "again") == checksum
 
 
+def test_streamed_checksum_is_the_sha256_of_the_whole_files_and_the_meta(saved, monkeypatch):
+    import hashlib
+
+    import components.index as index_lib
+
+    folder, checksum, _ = saved
+    meta = json.loads((folder / META_FILE).read_text())
+    whole = hashlib.sha256((folder / INDEX_FILE).read_bytes() + (folder / ITEMS_FILE).read_bytes())
+    whole.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    assert checksum == whole.hexdigest()
+    # Read in chunks smaller than the files: the same digest, so indexes saved before still verify.
+    monkeypatch.setattr(index_lib, "CHECKSUM_CHUNK", 7)
+    assert load_index(folder, expected_checksum=checksum).meta["checksum"] == checksum
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,SQ8", "HNSW16"])
+def test_a_loaded_index_maps_its_file_and_searches_as_built(catalogue, tmp_path, factory):
+    from pathlib import Path
+
+    embeddings, sku_ids, paths, queries = catalogue
+    built = build_index(embeddings, sku_ids, paths, factory, "never", {"model_version": "1"})
+    save_index(built, tmp_path / "index")
+    loaded = load_index(tmp_path / "index")
+    assert loaded.search(queries, 4) == built.search(queries, 4)
+    # Memory-mapped (workers share its pages): the file is among this process's mappings.
+    mapped = Path("/proc/self/maps").read_text()
+    assert str((tmp_path / "index" / INDEX_FILE).resolve()) in mapped
+
+
 def test_model_version_compares_as_string(saved):
     folder, _, _ = saved
     assert load_index(folder, expected_model_version=3).meta["model_version"] == "3"
