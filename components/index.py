@@ -4,10 +4,11 @@ Embeddings are L2-normalised, so inner product is cosine similarity. As FAISS ``
 does, the GPU is used only when ``faiss.get_num_gpus()`` reports one, and indexes are always
 saved as CPU indexes so a CPU host can load them.
 
-An index folder holds ``index.faiss``, ``items.json`` (row -> SKU and image path) and
-``index.json`` (the model name and version it was built from, the factory, the dimension and
-the SHA-256 checksum of the two data files). :func:`load_index` refuses a folder whose
-checksum or model version does not match what the caller expects.
+An index folder holds ``index.faiss``, ``items.arrow`` (row -> SKU and image path,
+:mod:`components.catalogue_map`) and ``index.json`` (the model name and version it was built
+from, the factory, the dimension and the SHA-256 checksum of the two data files).
+:func:`load_index` refuses a folder whose checksum or model version does not match what the
+caller expects.
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from components.catalogue_map import ITEMS_FILE, LEGACY_ITEMS_FILE, CatalogueMap, items_file
 from components.config import EvaluateParams, IndexParams
 
 LOGGER = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
-ITEMS_FILE = "items.json"
 META_FILE = "index.json"
 CHECKSUM_CHUNK = 8 << 20  # bytes hashed at a time
 
@@ -36,12 +38,14 @@ class IndexMismatchError(RuntimeError):
 
 @dataclass
 class CatalogueIndex:
-    """A FAISS index with the SKU and image path of each row."""
+    """A FAISS index with the SKU and image path of each row (:class:`CatalogueMap`)."""
 
     index: object
-    sku_ids: list[str]
-    image_paths: list[str]
+    items: CatalogueMap
     meta: dict
+
+    def __len__(self) -> int:
+        return len(self.items)
 
     @property
     def dim(self) -> int:
@@ -56,30 +60,28 @@ class CatalogueIndex:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.shape[1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[1]} does not match index dimension {self.dim}")
-        n_items = len(self.sku_ids)
+        n_items = len(self.items)
         # Ask for more neighbours than SKUs wanted, widening until top_k distinct SKUs appear.
         want = min(n_items, max(top_k * 4, top_k))
         while True:
             scores, rows = self.index.search(queries, want)
-            results = [
-                _distinct_skus(score_row, id_row, self.sku_ids, top_k) for score_row, id_row in zip(scores, rows)
-            ]
+            results = [_distinct_skus(score_row, id_row, self.items, top_k) for score_row, id_row in zip(scores, rows)]
             if want >= n_items or all(len(r) >= top_k for r in results):
                 return results
             want = min(n_items, want * 4)
 
 
-def _distinct_skus(scores, rows, sku_ids: list[str], top_k: int) -> list[tuple[str, float]]:
-    seen: dict[str, float] = {}
+def _distinct_skus(scores, rows, items: CatalogueMap, top_k: int) -> list[tuple[str, float]]:
+    seen: dict[int, float] = {}  # by SKU code: names are decoded for the answer only
     for score, row in zip(scores, rows):
         if row < 0:  # FAISS pads with -1 when fewer neighbours exist
             continue
-        sku = sku_ids[row]
-        if sku not in seen:
-            seen[sku] = float(score)
+        code = int(items.sku_codes[row])
+        if code not in seen:
+            seen[code] = float(score)
             if len(seen) == top_k:
                 break
-    return list(seen.items())
+    return [(items.sku_names[code].as_py(), score) for code, score in seen.items()]
 
 
 def _use_gpu(policy: str) -> bool:
@@ -153,14 +155,14 @@ def build_index(
         "ntotal": int(index.ntotal),
         **(meta or {}),
     }
-    return CatalogueIndex(index, list(map(str, sku_ids)), list(map(str, image_paths)), info)
+    return CatalogueIndex(index, CatalogueMap.from_lists(sku_ids, image_paths), info)
 
 
 def _checksum(folder: Path, meta: dict) -> str:
     # The facts in index.json (model version above all) are covered too, so editing them
     # is caught like a flipped byte in the index itself.
     digest = hashlib.sha256()
-    for name in (INDEX_FILE, ITEMS_FILE):
+    for name in (INDEX_FILE, items_file(folder)):
         # Streamed: an index of 10M vectors is gigabytes, which must not be held twice to hash it.
         with open(folder / name, "rb") as handle:
             while chunk := handle.read(CHECKSUM_CHUNK):
@@ -186,12 +188,26 @@ def save_index(catalogue: CatalogueIndex, out_dir: str | Path) -> str:
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(catalogue.index, str(folder / INDEX_FILE))
-    (folder / ITEMS_FILE).write_text(json.dumps({"sku_ids": catalogue.sku_ids, "image_paths": catalogue.image_paths}))
+    # Each file is written beside its place and renamed over it: a process that has the old file
+    # memory-mapped (a server loaded from this folder) keeps reading the old pages; writing into
+    # a mapped file would kill it with SIGBUS.
+    _write_replacing(folder / INDEX_FILE, lambda path: faiss.write_index(catalogue.index, str(path)))
+    _write_replacing(folder / ITEMS_FILE, catalogue.items.write)
+    (folder / LEGACY_ITEMS_FILE).unlink(missing_ok=True)  # an older save in the same folder
     checksum = _checksum(folder, catalogue.meta)
     catalogue.meta["checksum"] = checksum
-    (folder / META_FILE).write_text(json.dumps(catalogue.meta, indent=2))
+    _write_replacing(folder / META_FILE, lambda path: path.write_text(json.dumps(catalogue.meta, indent=2)))
     return checksum
+
+
+def _write_replacing(path: Path, write) -> None:
+    """``write(temporary path)``, then rename the result over ``path`` (atomic on one file system)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def load_index(
@@ -210,7 +226,7 @@ def load_index(
     """
 
     folder = Path(folder)
-    for name in (INDEX_FILE, ITEMS_FILE, META_FILE):
+    for name in (INDEX_FILE, items_file(folder), META_FILE):
         if not (folder / name).exists():
             raise IndexMismatchError(f"index folder {folder} lacks {name}")
     meta = json.loads((folder / META_FILE).read_text())
@@ -226,12 +242,12 @@ def load_index(
             f"index {folder} was built from model version {meta.get('model_version')}, "
             f"not the served version {expected_model_version}"
         )
-    items = json.loads((folder / ITEMS_FILE).read_text())
+    items = CatalogueMap.read(folder)
     index = _read_faiss(folder / INDEX_FILE)
     _set_search_params(index, meta.get("nprobe"), meta.get("ef_search"))
-    if index.ntotal != len(items["sku_ids"]):
-        raise IndexMismatchError(f"index {folder} has {index.ntotal} rows but {len(items['sku_ids'])} items")
-    return CatalogueIndex(index, items["sku_ids"], items["image_paths"], meta)
+    if index.ntotal != len(items):
+        raise IndexMismatchError(f"index {folder} has {index.ntotal} rows but {len(items)} items")
+    return CatalogueIndex(index, items, meta)
 
 
 def build_catalogue_index(

@@ -211,7 +211,7 @@ def index(
             {
                 "index_dir": str(out_dir),
                 "checksum": checksum,
-                "ntotal": len(catalogue.sku_ids),
+                "ntotal": len(catalogue),
                 "reject_below": catalogue.meta.get("reject_below"),
             }
         )

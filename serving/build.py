@@ -148,7 +148,7 @@ def package_model(resolved: ResolvedModel, serve: ServeParams | None = None, *, 
     facts = {
         **labels,
         "index_checksum": resolved.index_checksum,
-        "catalogue_size": len(served.catalogue.sku_ids),
+        "catalogue_size": len(served.catalogue),
         "embed_dim": int(served.catalogue.dim),
         "data_version": resolved.tags.get("data_version", ""),
         "metrics": resolved.tags.get("metrics", "{}"),
@@ -164,7 +164,7 @@ def package_model(resolved: ResolvedModel, serve: ServeParams | None = None, *, 
         copied = load_index(
             target / "index", expected_checksum=resolved.index_checksum, expected_model_version=resolved.version
         )
-        if len(copied.sku_ids) != len(served.catalogue.sku_ids):  # pragma: no cover - defensive
+        if len(copied) != len(served.catalogue):  # pragma: no cover - defensive
             raise IndexMismatchError("the copied index differs from the verified one")
         if serve.thumbnail_px:
             write_thumbnails(served.catalogue, target / THUMBNAILS, serve.thumbnail_px)
@@ -187,7 +187,7 @@ def write_thumbnails(catalogue, folder: Path, side: int) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     names: dict[str, str] = {}
     skipped = 0
-    for sku, path in zip(catalogue.sku_ids, catalogue.image_paths):
+    for sku, path in catalogue.items.rows():
         if sku in names:
             continue
         try:

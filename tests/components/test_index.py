@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from components.catalogue_map import LEGACY_ITEMS_FILE, CatalogueMap
 from components.index import (
     INDEX_FILE,
     ITEMS_FILE,
@@ -82,7 +83,7 @@ def test_build_records_facts(catalogue):
         "ntotal": 60,
         "model_version": "7",
     }
-    assert index.sku_ids == sku_ids and index.image_paths == paths
+    assert index.items.sku_ids() == sku_ids and [path for _, path in index.items.rows()] == paths
 
 
 def test_search_returns_distinct_skus_best_first(catalogue):
@@ -128,7 +129,7 @@ def test_round_trip_gives_the_same_search_results(saved, catalogue):
     queries = catalogue[3]
     assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_FILE, ITEMS_FILE, META_FILE])
     loaded = load_index(folder, expected_checksum=checksum, expected_model_version="3")
-    assert loaded.sku_ids == built.sku_ids and loaded.image_paths == built.image_paths
+    assert list(loaded.items.rows()) == list(built.items.rows())
     assert loaded.meta["checksum"] == checksum
     assert loaded.meta["model_version"] == "3"
     assert loaded.search(queries, 4) == built.search(queries, 4)
@@ -190,11 +191,45 @@ def test_flipped_byte_in_index_is_corrupt(saved):
 
 def test_edited_items_are_corrupt(saved):
     folder, _, _ = saved
-    items = json.loads((folder / ITEMS_FILE).read_text())
-    items["sku_ids"][0], items["sku_ids"][-1] = items["sku_ids"][-1], items["sku_ids"][0]
-    (folder / ITEMS_FILE).write_text(json.dumps(items))
+    rows = list(CatalogueMap.read(folder).rows())
+    rows[0], rows[-1] = rows[-1], rows[0]
+    CatalogueMap.from_lists([sku for sku, _ in rows], [path for _, path in rows]).write(folder / ITEMS_FILE)
     with pytest.raises(IndexMismatchError, match="corrupt"):
         load_index(folder)
+
+
+def test_the_map_is_columnar_and_memory_mapped(saved):
+    from pathlib import Path
+
+    folder, _, built = saved
+    items = CatalogueMap.read(folder)
+    assert (len(items), items.sku_count) == (60, 12)
+    assert items.sku(7) == built.items.sku(7) == "sku-01" and items.image_path(7) == "/catalogue/sku-01/2.jpg"
+    assert items.sku_codes.dtype == np.int32 and not items.sku_codes.flags.owndata  # a view of the mapped file
+    assert str((folder / ITEMS_FILE).resolve()) in Path("/proc/self/maps").read_text()
+
+
+def test_an_index_saved_with_the_older_json_map_still_loads_and_verifies(saved):
+    import hashlib
+
+    folder, _, built = saved
+    rows = list(built.items.rows())
+    (folder / ITEMS_FILE).unlink()
+    (folder / LEGACY_ITEMS_FILE).write_text(
+        json.dumps({"sku_ids": [sku for sku, _ in rows], "image_paths": [path for _, path in rows]})
+    )
+    # The checksum as saves before the columnar map computed it: over index.faiss and items.json.
+    meta = json.loads((folder / META_FILE).read_text())
+    digest = hashlib.sha256((folder / INDEX_FILE).read_bytes() + (folder / LEGACY_ITEMS_FILE).read_bytes())
+    digest.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    meta["checksum"] = digest.hexdigest()
+    (folder / META_FILE).write_text(json.dumps(meta))
+    loaded = load_index(folder, expected_checksum=meta["checksum"])
+    assert list(loaded.items.rows()) == rows
+    # Saved again, it is columnar, and the old file is gone.
+    save_index(loaded, folder)
+    assert (folder / ITEMS_FILE).exists() and not (folder / LEGACY_ITEMS_FILE).exists()
+    assert list(load_index(folder).items.rows()) == rows
 
 
 def test_expected_checksum_mismatch_is_refused(saved):
@@ -327,5 +362,8 @@ def test_hnsw_index_searches_with_ef_search_also_after_reloading(tmp_path):
     # An index saved before the setting existed (no ef_search in its meta) keeps what FAISS saved.
     plain = faiss.index_factory(DIM, "HNSW32", faiss.METRIC_INNER_PRODUCT)
     plain.add(vectors)
-    save_index(CatalogueIndex(plain, skus, skus, {"factory": "HNSW32", "nprobe": 16}), tmp_path / "legacy")
+    save_index(
+        CatalogueIndex(plain, CatalogueMap.from_lists(skus, skus), {"factory": "HNSW32", "nprobe": 16}),
+        tmp_path / "legacy",
+    )
     assert ef_search(load_index(tmp_path / "legacy")) == faiss.IndexHNSWFlat(DIM, 32).hnsw.efSearch

@@ -120,7 +120,7 @@ def test_first_run_registers_indexes_and_promotes(workspace):
     served = load_served_model(
         resolved.encoder_dir, resolved.index_dir, "skumatch-encoder", resolved.version, resolved.index_checksum
     )
-    assert len(served.catalogue.sku_ids) == 6
+    assert len(served.catalogue) == 6
     # The open-set threshold calibrated in evaluation travels in the index meta (checksummed).
     assert served.reject_below == pytest.approx(summary["metrics"]["open_set"]["threshold"])
     assert {"precision", "recall", "threshold"} <= set(summary["metrics"]["open_set"])

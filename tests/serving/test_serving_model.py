@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import sys
 from importlib import metadata
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 from serving_support import flip_byte
 
+from components.catalogue_map import ITEMS_FILE, CatalogueMap
 from components.config import ServeParams, UploadLimits
 from components.index import IndexMismatchError
 from components.matcher import load_served_model
@@ -52,9 +52,9 @@ def test_load_served_model_refuses_a_flipped_byte(served_files, tmp_path):
 
 def test_load_served_model_refuses_edited_items(served_files, tmp_path):
     encoder_dir, index_dir = _copy(served_files, tmp_path)
-    items = json.loads((index_dir / "items.json").read_text())
-    items["sku_ids"][0], items["sku_ids"][1] = items["sku_ids"][1], items["sku_ids"][0]
-    (index_dir / "items.json").write_text(json.dumps(items))
+    rows = list(CatalogueMap.read(index_dir).rows())
+    rows[0], rows[1] = rows[1], rows[0]
+    CatalogueMap.from_lists([sku for sku, _ in rows], [path for _, path in rows]).write(index_dir / ITEMS_FILE)
     with pytest.raises(IndexMismatchError, match="checksum"):
         load_served_model(encoder_dir, index_dir, "tiny", "7", served_files.checksum)
 
