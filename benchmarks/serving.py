@@ -152,7 +152,8 @@ def register(client, params: Params, rows, seed: int, folder: Path) -> str:
     import mlflow
 
     from components import registry
-    from components.index import build_catalogue_index, save_index
+    from components.index import save_index
+    from components.indexing import build_catalogue_index
     from components.model import build_encoder, save_encoder
 
     torch.manual_seed(seed)

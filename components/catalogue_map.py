@@ -67,6 +67,44 @@ class CatalogueMap:
         """Every row's SKU id as a list: for small catalogues and tests (10M rows is a lot of strings)."""
         return [sku for sku, _ in self.rows()]
 
+    def codes_of(self, sku_ids: list[str]) -> np.ndarray:
+        """The codes of these SKU ids (``-1`` for one the map does not hold)."""
+        import pyarrow.compute as pc
+
+        found = pc.index_in(pa.array([str(sku) for sku in sku_ids], pa.string()), value_set=self.sku_names)
+        return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def holds_paths(self, image_paths: list[str]) -> np.ndarray:
+        """Which of these image paths some row already holds (a boolean per path)."""
+        import pyarrow.compute as pc
+
+        wanted = pa.array([str(path) for path in image_paths], pa.large_string())
+        return pc.is_in(wanted, value_set=self.image_paths).to_numpy(zero_copy_only=False)
+
+    def extended(self, sku_ids: list[str], image_paths: list[str]) -> CatalogueMap:
+        """This map with rows appended; new SKUs join the SKU table after the known ones."""
+        if len(sku_ids) != len(image_paths):
+            raise ValueError("sku_ids and image_paths must have the same length")
+        known = self.codes_of(sku_ids)
+        new_names = list(dict.fromkeys(str(sku) for sku, code in zip(sku_ids, known) if code < 0))
+        names = pa.concat_arrays([self.sku_names.cast(pa.string()), pa.array(new_names, pa.string())])
+        position = {name: self.sku_count + i for i, name in enumerate(new_names)}
+        added = np.array(
+            [code if code >= 0 else position[str(sku)] for sku, code in zip(sku_ids, known)], dtype=np.int32
+        )
+        paths = pa.concat_arrays([self.image_paths, pa.array([str(p) for p in image_paths], pa.large_string())])
+        return CatalogueMap(np.concatenate([np.asarray(self.sku_codes, np.int32), added]), names, paths)
+
+    def taking(self, keep: np.ndarray) -> CatalogueMap:
+        """The rows where ``keep`` is true, in order; SKUs left without rows leave the SKU table."""
+        codes = np.asarray(self.sku_codes)[keep]
+        used, compact = np.unique(codes, return_inverse=True)
+        return CatalogueMap(
+            compact.astype(np.int32),
+            self.sku_names.take(pa.array(used, pa.int64())),
+            self.image_paths.filter(pa.array(keep)),
+        )
+
     def write(self, path: Path) -> Path:
         """Save as an Arrow IPC file (uncompressed, so it can be mapped), normally ``folder/items.arrow``."""
         column = pa.DictionaryArray.from_arrays(pa.array(self.sku_codes, pa.int32()), self.sku_names)

@@ -251,10 +251,26 @@ class EvaluateParams(_Section):
 
 
 class IndexParams(_Section):
-    """The FAISS catalogue index."""
+    """The catalogue index: which one, how hard it searches, and where it lives."""
 
-    # A faiss.index_factory string; inner product on L2-normalised embeddings = cosine.
-    factory: str = "Flat"
+    # "auto" picks from the catalogue size, the embedding size and memory_budget_mb
+    # (components/index_policy.py); or a faiss.index_factory string (inner product = cosine).
+    factory: str = "auto"
+    # Resident memory the index and its SKU map may take on a serving host.
+    memory_budget_mb: int = Field(default=1536, ge=1)
+    # Catalogues up to this many images are searched exactly (Flat): about 8 ms a query at 100k.
+    exact_max_vectors: int = Field(default=100_000, ge=1)
+    # Search settings are tuned to the least work that reaches this recall@10 of SKUs against
+    # exact search, on held-out catalogue vectors; the recall reached is kept with the index.
+    tune: bool = True
+    target_recall: float = Field(default=0.97, gt=0, le=1)
+    tune_sample: int = Field(default=1000, ge=10)
+    # Tuning queries are held-out catalogue vectors turned to this cosine with themselves: a
+    # shelf photo is farther from its catalogue image than catalogue images are from each other.
+    tune_query_cosine: float = Field(default=0.7, gt=0, lt=1)
+    # Compressed codes (PQ) re-score this many times the neighbours a search needs with the
+    # exact float16 vectors kept beside the index.
+    rerank_factor: int = Field(default=4, ge=1)
     # IVF lists visited per search (IVF factories only); FAISS's default of 1 loses recall.
     nprobe: int = Field(default=16, ge=1)
     # Candidates an HNSW search explores (HNSW factories only); FAISS's default of 16 loses recall.

@@ -5,8 +5,11 @@ does, the GPU is used only when ``faiss.get_num_gpus()`` reports one, and indexe
 saved as CPU indexes so a CPU host can load them.
 
 An index folder holds ``index.faiss``, ``items.arrow`` (row -> SKU and image path,
-:mod:`components.catalogue_map`) and ``index.json`` (the model name and version it was built
-from, the factory, the dimension and the SHA-256 checksum of the two data files).
+:mod:`components.catalogue_map`), ``vectors.npy`` (the exact embeddings as float16, read
+memory-mapped: re-ranking, recall measurement, adding and removing products) and ``index.json``
+(the model name and version it was built from, the factory, the search settings, the measured
+recall and the SHA-256 checksum of the data files). Which factory and settings a catalogue gets
+is :mod:`components.index_policy`'s choice.
 :func:`load_index` refuses a folder whose checksum or model version does not match what the
 caller expects.
 """
@@ -23,13 +26,17 @@ from pathlib import Path
 import numpy as np
 
 from components.catalogue_map import ITEMS_FILE, LEGACY_ITEMS_FILE, CatalogueMap, items_file
-from components.config import EvaluateParams, IndexParams
 
 LOGGER = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
+VECTORS_FILE = "vectors.npy"
 CHECKSUM_CHUNK = 8 << 20  # bytes hashed at a time
+ROWS_PER_CHUNK = 100_000  # rows converted to float32 and added at a time: a 10M catalogue streams
+TRAIN_ROWS_PER_LIST = 39  # FAISS's k-means warns below 39 training points per centroid
+MIN_TRAIN_ROWS = 65_536  # enough for PQ and SQ codebooks on small IVF indexes
+RERANK_QUERY_CHUNK = 256  # queries re-ranked at a time: bounds the gathered candidate block
 
 
 class IndexMismatchError(RuntimeError):
@@ -38,11 +45,18 @@ class IndexMismatchError(RuntimeError):
 
 @dataclass
 class CatalogueIndex:
-    """A FAISS index with the SKU and image path of each row (:class:`CatalogueMap`)."""
+    """A FAISS index with the SKU and image path of each row (:class:`CatalogueMap`).
+
+    ``vectors`` are the rows' exact embeddings (float16, memory-mapped once loaded); an index
+    with ``rerank_factor`` in its meta re-scores that many times the neighbours it needs with
+    them, so compressed codes do not decide near-ties alone. Indexes saved before vectors were
+    kept have none and search on their codes.
+    """
 
     index: object
     items: CatalogueMap
     meta: dict
+    vectors: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -57,18 +71,60 @@ class CatalogueIndex:
         A SKU's score is that of its best catalogue image; several images of one SKU never
         take more than one of the ``top_k`` places.
         """
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if queries.shape[1] != self.dim:
-            raise ValueError(f"query dimension {queries.shape[1]} does not match index dimension {self.dim}")
+        queries = self._queries(queries)
         n_items = len(self.items)
         # Ask for more neighbours than SKUs wanted, widening until top_k distinct SKUs appear.
         want = min(n_items, max(top_k * 4, top_k))
         while True:
-            scores, rows = self.index.search(queries, want)
+            scores, rows = self.search_rows(queries, want)
             results = [_distinct_skus(score_row, id_row, self.items, top_k) for score_row, id_row in zip(scores, rows)]
             if want >= n_items or all(len(r) >= top_k for r in results):
                 return results
             want = min(n_items, want * 4)
+
+    def search_rows(self, queries: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``want`` nearest rows per query and their cosine scores, as ``faiss.Index.search``
+        returns them (``-1`` rows pad a short answer); re-ranked with the exact vectors when the
+        index's meta asks for it."""
+        queries = self._queries(queries)
+        factor = int(self.meta.get("rerank_factor") or 1)
+        if factor <= 1 or self.vectors is None:
+            return self.index.search(queries, want)
+        _, candidates = self.index.search(queries, min(len(self), want * factor))
+        return _rerank(queries, candidates, self.vectors, want)
+
+    def stored_vector(self, row: int) -> np.ndarray | None:
+        """Row ``row``'s embedding as stored (``None`` where neither the vectors nor the index keep it)."""
+        if self.vectors is not None:
+            return np.asarray(self.vectors[row], dtype=np.float32)
+        try:
+            return self.index.reconstruct(int(row))
+        except RuntimeError:  # IVF without a direct map, PQ...: the codes cannot give it back
+            return None
+
+    def _queries(self, queries: np.ndarray) -> np.ndarray:
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"query dimension {queries.shape[1]} does not match index dimension {self.dim}")
+        return queries
+
+
+def _rerank(queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray, want: int):
+    """Exact cosine of each candidate row, best ``want`` first (``-1`` candidates stay last)."""
+    scores = np.full((len(queries), want), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), want), -1, dtype=np.int64)
+    for start in range(0, len(queries), RERANK_QUERY_CHUNK):
+        block = candidates[start : start + RERANK_QUERY_CHUNK]
+        gathered = np.asarray(vectors[np.maximum(block, 0)], dtype=np.float32)  # (queries, candidates, d)
+        exact = np.einsum("qcd,qd->qc", gathered, queries[start : start + RERANK_QUERY_CHUNK])
+        exact[block < 0] = -np.inf
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :want]
+        taken = min(want, block.shape[1])
+        scores[start : start + len(block), :taken] = np.take_along_axis(exact, order, axis=1)
+        rows[start : start + len(block), :taken] = np.where(
+            np.isfinite(scores[start : start + len(block), :taken]), np.take_along_axis(block, order, axis=1), -1
+        )
+    return scores, rows
 
 
 def _distinct_skus(scores, rows, items: CatalogueMap, top_k: int) -> list[tuple[str, float]]:
@@ -90,85 +146,129 @@ def _use_gpu(policy: str) -> bool:
     return policy == "auto" and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
-def _set_search_params(index, nprobe: int | None, ef_search: int | None) -> None:
+def set_search_params(index, nprobe: int | None, ef_search: int | None) -> None:
     """How much of the index a search visits: IVF lists (``nprobe``; FAISS's default of 1 misses
     most neighbours) or HNSW candidates (``ef_search``; FAISS's default of 16 misses many).
     ``None`` leaves FAISS's default, as for indexes saved before the setting existed."""
     import faiss
 
-    if nprobe:
-        try:
-            faiss.extract_index_ivf(index).nprobe = int(nprobe)
-        except RuntimeError:  # not an IVF index: nothing to set
-            pass
+    ivf = ivf_layer(index)
+    if nprobe and ivf is not None:
+        ivf.nprobe = int(nprobe)
+        coarse = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)
+        if coarse is not None:  # an HNSW coarse quantizer must look wider than the lists it returns
+            coarse.efSearch = max(2 * int(nprobe), 64)
     graph = getattr(faiss.downcast_index(index), "hnsw", None)
     if ef_search and graph is not None:
         graph.efSearch = int(ef_search)
 
 
+def ivf_layer(index):
+    """The IVF layer of an index (``None`` for Flat, HNSW, PQ...)."""
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
 def build_index(
     embeddings: np.ndarray,
-    sku_ids: list[str],
-    image_paths: list[str],
+    sku_ids: list[str] | CatalogueMap,
+    image_paths: list[str] | None = None,
     factory: str = "Flat",
     use_gpu: str = "auto",
     meta: dict | None = None,
     nprobe: int = 16,
     ef_search: int = 128,
+    rerank_factor: int = 1,
+    seed: int = 0,
 ) -> CatalogueIndex:
-    """Build an inner-product index over catalogue embeddings.
+    """Build an inner-product index over catalogue embeddings, streaming them in chunks.
 
     Args:
-        embeddings: ``(n, d)`` L2-normalised rows.
-        factory: a ``faiss.index_factory`` string (``Flat``, ``IVF1024,Flat``, ``HNSW32`` ...).
+        embeddings: ``(n, d)`` L2-normalised rows; a float16 ``np.memmap`` streams from disk.
+        sku_ids: each row's SKU, or a whole :class:`CatalogueMap` (then ``image_paths`` is unused).
+        factory: a ``faiss.index_factory`` string (``Flat``, ``IVF1024,SQ8``, ``IVF16384_HNSW32,PQ64``).
         nprobe: IVF lists visited per search (ignored by other index types); kept in the meta.
         ef_search: HNSW candidates explored per search (ignored by other index types); kept in the meta.
+        rerank_factor: above 1, searches re-score that many times the neighbours they need
+            with the exact vectors (for compressed codes); kept in the meta.
         use_gpu: ``auto`` builds on the GPU when FAISS sees one; ``never`` stays on the CPU.
         meta: facts to keep with the index (model name and version).
+        seed: picks the training sample of an IVF or quantised index.
 
     Returns:
-        A :class:`CatalogueIndex` holding a CPU index.
+        A :class:`CatalogueIndex` holding a CPU index and the rows as float16 vectors.
     """
     import faiss
 
-    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if vectors.ndim != 2 or len(vectors) == 0:
-        raise ValueError(f"expected a non-empty (n, d) embedding matrix, got shape {vectors.shape}")
-    if not (len(vectors) == len(sku_ids) == len(image_paths)):
-        raise ValueError("embeddings, sku_ids and image_paths must have the same length")
-    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if embeddings.ndim != 2 or len(embeddings) == 0:
+        raise ValueError(f"expected a non-empty (n, d) embedding matrix, got shape {embeddings.shape}")
+    items = sku_ids if isinstance(sku_ids, CatalogueMap) else None
+    if items is None:
+        if image_paths is None or not (len(embeddings) == len(sku_ids) == len(image_paths)):
+            raise ValueError("embeddings, sku_ids and image_paths must have the same length")
+        items = CatalogueMap.from_lists(sku_ids, image_paths)
+    elif len(items) != len(embeddings):
+        raise ValueError("embeddings and the catalogue map must have the same length")
+    n, dim = embeddings.shape
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    target = index
     if _use_gpu(use_gpu):
-        LOGGER.info("building the index on %d GPU(s)", faiss.get_num_gpus())
-        gpu_index = faiss.index_cpu_to_all_gpus(index)
-        gpu_index.train(vectors)
-        gpu_index.add(vectors)
-        index = faiss.index_gpu_to_cpu(gpu_index)
-    else:
-        index.train(vectors)
-        index.add(vectors)
-    _set_search_params(index, nprobe, ef_search)
+        try:
+            target = faiss.index_cpu_to_all_gpus(index)
+            LOGGER.info("building the index on %d GPU(s)", faiss.get_num_gpus())
+        except RuntimeError as error:  # e.g. an HNSW coarse quantizer has no GPU version
+            LOGGER.warning("building %s on the CPU: %s", factory, error)
+    if not index.is_trained:
+        target.train(_training_sample(embeddings, index, seed))
+    for start in range(0, n, ROWS_PER_CHUNK):
+        target.add(np.ascontiguousarray(embeddings[start : start + ROWS_PER_CHUNK], dtype=np.float32))
+    if target is not index:
+        index = faiss.index_gpu_to_cpu(target)
+    set_search_params(index, nprobe, ef_search)
     info = {
         "factory": factory,
         "nprobe": nprobe,
         "ef_search": ef_search,
-        "dim": int(vectors.shape[1]),
+        "rerank_factor": int(rerank_factor),
+        "dim": int(dim),
         "ntotal": int(index.ntotal),
         **(meta or {}),
     }
-    return CatalogueIndex(index, CatalogueMap.from_lists(sku_ids, image_paths), info)
+    vectors = embeddings if embeddings.dtype == np.float16 else embeddings.astype(np.float16)
+    return CatalogueIndex(index, items, info, vectors)
+
+
+def _training_sample(embeddings: np.ndarray, index, seed: int) -> np.ndarray:
+    """A random sample of rows, large enough for the index's k-means and codebooks, as float32."""
+    ivf = ivf_layer(index)
+    wanted = max(MIN_TRAIN_ROWS, TRAIN_ROWS_PER_LIST * (ivf.nlist if ivf is not None else 0))
+    if wanted >= len(embeddings):
+        return np.ascontiguousarray(embeddings, dtype=np.float32)
+    rows = np.sort(np.random.default_rng(seed).choice(len(embeddings), wanted, replace=False))
+    return np.ascontiguousarray(embeddings[rows], dtype=np.float32)
 
 
 def _checksum(folder: Path, meta: dict) -> str:
     # The facts in index.json (model version above all) are covered too, so editing them
     # is caught like a flipped byte in the index itself.
     digest = hashlib.sha256()
-    for name in (INDEX_FILE, items_file(folder)):
+    for name in _data_files(folder):
         # Streamed: an index of 10M vectors is gigabytes, which must not be held twice to hash it.
         with open(folder / name, "rb") as handle:
             while chunk := handle.read(CHECKSUM_CHUNK):
                 digest.update(chunk)
     digest.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def _data_files(folder: Path) -> list[str]:
+    # vectors.npy is covered where it exists; folders saved before it keep their digest.
+    names = [INDEX_FILE, items_file(folder)]
+    return names + [VECTORS_FILE] if (folder / VECTORS_FILE).exists() else names
 
 
 def _read_faiss(path: Path):
@@ -193,11 +293,24 @@ def save_index(catalogue: CatalogueIndex, out_dir: str | Path) -> str:
     # a mapped file would kill it with SIGBUS.
     _write_replacing(folder / INDEX_FILE, lambda path: faiss.write_index(catalogue.index, str(path)))
     _write_replacing(folder / ITEMS_FILE, catalogue.items.write)
+    if catalogue.vectors is not None:
+        _write_replacing(folder / VECTORS_FILE, lambda path: _write_vectors(catalogue.vectors, path))
+    else:
+        (folder / VECTORS_FILE).unlink(missing_ok=True)
     (folder / LEGACY_ITEMS_FILE).unlink(missing_ok=True)  # an older save in the same folder
     checksum = _checksum(folder, catalogue.meta)
     catalogue.meta["checksum"] = checksum
     _write_replacing(folder / META_FILE, lambda path: path.write_text(json.dumps(catalogue.meta, indent=2)))
     return checksum
+
+
+def _write_vectors(vectors: np.ndarray, path: Path) -> None:
+    # Chunked through a memory-mapped .npy: 10M rows never sit in memory twice.
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=vectors.shape)
+    for start in range(0, len(vectors), ROWS_PER_CHUNK):
+        out[start : start + ROWS_PER_CHUNK] = vectors[start : start + ROWS_PER_CHUNK]
+    out.flush()
+    del out
 
 
 def _write_replacing(path: Path, write) -> None:
@@ -211,11 +324,16 @@ def _write_replacing(path: Path, write) -> None:
 
 
 def load_index(
-    folder: str | Path, expected_checksum: str | None = None, expected_model_version: str | None = None
+    folder: str | Path,
+    expected_checksum: str | None = None,
+    expected_model_version: str | None = None,
+    writable: bool = False,
 ) -> CatalogueIndex:
     """Load an index folder, verifying it before anything uses it.
 
     Args:
+        writable: read the FAISS index into memory, so rows can be added to it; otherwise it is
+            memory-mapped where FAISS allows (shared by every process serving the file).
         expected_checksum: the checksum recorded on the model version; must match the files.
         expected_model_version: the model version the caller serves; the index must be built
             from it.
@@ -242,87 +360,101 @@ def load_index(
             f"index {folder} was built from model version {meta.get('model_version')}, "
             f"not the served version {expected_model_version}"
         )
+    import faiss
+
     items = CatalogueMap.read(folder)
-    index = _read_faiss(folder / INDEX_FILE)
-    _set_search_params(index, meta.get("nprobe"), meta.get("ef_search"))
-    if index.ntotal != len(items):
-        raise IndexMismatchError(f"index {folder} has {index.ntotal} rows but {len(items)} items")
-    return CatalogueIndex(index, items, meta)
+    index = faiss.read_index(str(folder / INDEX_FILE)) if writable else _read_faiss(folder / INDEX_FILE)
+    set_search_params(index, meta.get("nprobe"), meta.get("ef_search"))
+    vectors = np.load(folder / VECTORS_FILE, mmap_mode="r") if (folder / VECTORS_FILE).exists() else None
+    if index.ntotal != len(items) or (vectors is not None and vectors.shape != (len(items), index.d)):
+        raise IndexMismatchError(
+            f"index {folder} has {index.ntotal} rows, {len(items)} items and vectors of shape "
+            f"{None if vectors is None else vectors.shape}"
+        )
+    return CatalogueIndex(index, items, meta, vectors)
 
 
-def build_catalogue_index(
-    encoder,
-    preprocess,
-    catalogue_rows,
-    index_params: IndexParams | None = None,
-    batch_size: int | None = None,
-    meta: dict | None = None,
-) -> CatalogueIndex:
-    """Embed the catalogue images with ``encoder`` and index them.
+def with_rows(catalogue: CatalogueIndex, embeddings: np.ndarray, sku_ids: list[str], image_paths: list[str]):
+    """A new :class:`CatalogueIndex` with rows appended: new SKUs, or new images of known ones.
 
-    Args:
-        catalogue_rows: manifest rows (``image_path``, ``sku_id``) of the catalogue.
-        index_params: the index section of the params (factory, search settings, GPU use);
-            ``None`` = its defaults.
-        batch_size: images embedded per forward pass; ``None`` = ``evaluate.batch_size``'s
-            default, so an index and an evaluation embed alike unless told otherwise.
-        meta: facts kept in ``index.json``; pass ``model_name`` and ``model_version`` so the
-            service can check the index belongs to the model it serves.
+    The rows already indexed keep their codes, vectors and row numbers; only the new rows are
+    encoded (with the index's trained quantizer, never retrained). ``catalogue`` must be loaded
+    ``writable`` and is consumed: its FAISS index is the new one's.
+
+    Raises:
+        ValueError: no rows, a dimension that is not the index's, or an image path already indexed.
     """
-    from components.model import embed_images
-
-    index_params = index_params or IndexParams()
-    paths = list(catalogue_rows["image_path"])
-    if not paths:
-        raise ValueError("the catalogue is empty: no rows with role 'catalogue' to index")
-    vectors = embed_images(encoder, preprocess, paths, batch_size or EvaluateParams().batch_size)
-    return build_index(
-        vectors,
-        list(catalogue_rows["sku_id"]),
-        paths,
-        index_params.factory,
-        index_params.use_gpu,
-        meta,
-        index_params.nprobe,
-        index_params.ef_search,
-    )
+    vectors = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
+    if len(vectors) == 0 or vectors.shape[1] != catalogue.dim:
+        raise ValueError(f"expected (n, {catalogue.dim}) embeddings to add, got shape {vectors.shape}")
+    if not (len(vectors) == len(sku_ids) == len(image_paths)):
+        raise ValueError("embeddings, sku_ids and image_paths must have the same length")
+    if catalogue.vectors is None:
+        raise ValueError("this index keeps no exact vectors (saved before they were kept): rebuild it first")
+    refuse_indexed_paths(catalogue, image_paths)
+    for start in range(0, len(vectors), ROWS_PER_CHUNK):
+        catalogue.index.add(vectors[start : start + ROWS_PER_CHUNK])
+    meta = {**catalogue.meta, "ntotal": int(catalogue.index.ntotal)}
+    stored = np.concatenate([catalogue.vectors, vectors.astype(np.float16)])
+    return CatalogueIndex(catalogue.index, catalogue.items.extended(sku_ids, image_paths), meta, stored)
 
 
-def build_model_index(
-    encoder_dir: str | Path,
-    manifest,
-    out_dir: str | Path,
-    index_params: IndexParams,
-    batch_size: int,
-    model_name: str,
-    model_version: str,
-    reject_below: float | None,
-) -> tuple[str, CatalogueIndex]:
-    """Build and save the catalogue index of a saved encoder: the one path every pipeline takes.
+def refuse_indexed_paths(catalogue: CatalogueIndex, image_paths: list[str]) -> None:
+    """Raise ValueError if any of these images is indexed already (an add must not double a row)."""
+    held = catalogue.items.holds_paths(image_paths)
+    if held.any():
+        first = image_paths[int(np.argmax(held))]
+        raise ValueError(f"{int(held.sum())} of the images are indexed already (first: {first}); remove them first")
 
-    The flow's ``build-index`` task, ``skumatch index`` and the DVC ``index`` stage all call this,
-    so every index carries the same meta: the model's name and version, the calibrated open-set
-    threshold ``reject_below`` (the service's "no confident match"; ``None`` when evaluation
-    calibrated none) and the training run's fingerprint.
 
-    Args:
-        manifest: the dataset manifest; its catalogue rows are indexed.
-        model_version: the registered version, or ``local`` for an index outside the registry.
+def without_skus(catalogue: CatalogueIndex, sku_ids: list[str]) -> tuple[CatalogueIndex, int]:
+    """A new :class:`CatalogueIndex` without any row of these SKUs, and the rows removed.
 
-    Returns:
-        The index's checksum and the index itself.
+    The remaining rows keep their order and codes and are renumbered from 0, as the map is.
+    ``catalogue`` must be loaded ``writable`` and is consumed.
+
+    Raises:
+        ValueError: an SKU the index does not hold, or removing every row.
     """
-    from components.data import select
-    from components.model import load_encoder
+    import faiss
 
-    encoder, preprocess, description = load_encoder(encoder_dir)
-    meta = {
-        "model_name": model_name,
-        "model_version": str(model_version),
-        "reject_below": reject_below,
-        "run_fingerprint": description.get("run_fingerprint"),
-    }
-    catalogue = build_catalogue_index(
-        encoder, preprocess, select(manifest, role="catalogue"), index_params, batch_size, meta=meta
-    )
-    return save_index(catalogue, out_dir), catalogue
+    codes = catalogue.items.codes_of(sku_ids)
+    if (codes < 0).any():
+        unknown = [sku for sku, code in zip(sku_ids, codes) if code < 0]
+        raise ValueError(f"not in the index: {', '.join(map(str, unknown[:10]))}")
+    drop = np.isin(np.asarray(catalogue.items.sku_codes), codes)
+    if drop.all():
+        raise ValueError("that would remove every row of the index")
+    removed = np.flatnonzero(drop).astype(np.int64)
+    index = catalogue.index
+    ivf = ivf_layer(index)
+    if ivf is not None:
+        index.remove_ids(faiss.IDSelectorBatch(removed))
+        _renumber_ivf(ivf, removed)
+    elif isinstance(faiss.downcast_index(index), faiss.IndexFlatCodes):  # Flat, SQ, PQ: compacted in order
+        index.remove_ids(faiss.IDSelectorBatch(removed))
+    else:  # HNSW cannot remove: rebuild the graph from the kept exact vectors
+        index = faiss.clone_index(index)
+        index.reset()
+        kept = np.flatnonzero(~drop)
+        for start in range(0, len(kept), ROWS_PER_CHUNK):
+            index.add(np.ascontiguousarray(catalogue.vectors[kept[start : start + ROWS_PER_CHUNK]], np.float32))
+        set_search_params(index, catalogue.meta.get("nprobe"), catalogue.meta.get("ef_search"))
+    meta = {**catalogue.meta, "ntotal": int(index.ntotal)}
+    vectors = None if catalogue.vectors is None else np.asarray(catalogue.vectors)[~drop]
+    return CatalogueIndex(index, catalogue.items.taking(~drop), meta, vectors), len(removed)
+
+
+def _renumber_ivf(ivf, removed: np.ndarray) -> None:
+    # IVF lists keep each row's id after a removal; ids must stay row numbers of the compacted map.
+    import faiss
+
+    lists = ivf.invlists
+    for list_no in range(ivf.nlist):
+        size = lists.list_size(list_no)
+        if size == 0:
+            continue
+        ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy()
+        renumbered = ids - np.searchsorted(removed, ids)
+        codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * lists.code_size).copy()
+        lists.update_entries(list_no, 0, size, faiss.swig_ptr(renumbered), faiss.swig_ptr(codes))

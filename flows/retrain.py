@@ -29,9 +29,8 @@ from prefect.cache_policies import NO_CACHE
 
 from components import data as data_lib
 from components import evaluate as evaluate_lib
-from components import index as index_lib
+from components import indexing, registry
 from components import lineage as lineage_lib
-from components import registry
 from components import validation as validation_lib
 from components.config import Params, flatten_params, load_params
 
@@ -208,7 +207,7 @@ def build_index(
     ``reject_below`` (the calibrated open-set threshold) travels in the index's checksummed
     meta, so the service answers "no confident match" with the threshold of its own model.
     """
-    checksum, _ = index_lib.build_model_index(
+    checksum, _ = indexing.build_model_index(
         encoder_dir,
         manifest,
         out_dir,

@@ -56,9 +56,8 @@ def self_test(served) -> None:
     hits = served.match_vectors(vectors, 1)
     if len(hits) != 1 or len(hits[0]) != 1 or not np.isfinite(hits[0][0]["score"]):
         raise SelfTestError(f"a test match returned {hits}")
-    try:
-        stored = served.catalogue.index.reconstruct(0)
-    except RuntimeError:  # IVF without a direct map, PQ...: nothing to compare against
+    stored = served.catalogue.stored_vector(0)
+    if stored is None:  # an index saved without its vectors, on codes that cannot give one back
         return
     found = served.catalogue.search(np.asarray(stored, dtype=np.float32)[None], 1)[0]
     expected = float(np.dot(stored, stored))

@@ -12,6 +12,7 @@ from components.index import (
     INDEX_FILE,
     ITEMS_FILE,
     META_FILE,
+    VECTORS_FILE,
     CatalogueIndex,
     IndexMismatchError,
     build_index,
@@ -79,10 +80,13 @@ def test_build_records_facts(catalogue):
         "factory": "Flat",
         "nprobe": 16,
         "ef_search": 128,
+        "rerank_factor": 1,
         "dim": DIM,
         "ntotal": 60,
         "model_version": "7",
     }
+    # The exact vectors are kept as float16, for re-ranking, recall and changes.
+    assert index.vectors.dtype == np.float16 and np.allclose(index.vectors, embeddings, atol=1e-3)
     assert index.items.sku_ids() == sku_ids and [path for _, path in index.items.rows()] == paths
 
 
@@ -127,7 +131,7 @@ def test_search_widens_until_enough_distinct_skus():
 def test_round_trip_gives_the_same_search_results(saved, catalogue):
     folder, checksum, built = saved
     queries = catalogue[3]
-    assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_FILE, ITEMS_FILE, META_FILE])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_FILE, ITEMS_FILE, VECTORS_FILE, META_FILE])
     loaded = load_index(folder, expected_checksum=checksum, expected_model_version="3")
     assert list(loaded.items.rows()) == list(built.items.rows())
     assert loaded.meta["checksum"] == checksum
@@ -151,7 +155,7 @@ def test_streamed_checksum_is_the_sha256_of_the_whole_files_and_the_meta(saved, 
 
     folder, checksum, _ = saved
     meta = json.loads((folder / META_FILE).read_text())
-    whole = hashlib.sha256((folder / INDEX_FILE).read_bytes() + (folder / ITEMS_FILE).read_bytes())
+    whole = hashlib.sha256(b"".join((folder / name).read_bytes() for name in (INDEX_FILE, ITEMS_FILE, VECTORS_FILE)))
     whole.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     assert checksum == whole.hexdigest()
     # Read in chunks smaller than the files: the same digest, so indexes saved before still verify.
@@ -215,6 +219,7 @@ def test_an_index_saved_with_the_older_json_map_still_loads_and_verifies(saved):
     folder, _, built = saved
     rows = list(built.items.rows())
     (folder / ITEMS_FILE).unlink()
+    (folder / VECTORS_FILE).unlink()  # kept since; older folders have none
     (folder / LEGACY_ITEMS_FILE).write_text(
         json.dumps({"sku_ids": [sku for sku, _ in rows], "image_paths": [path for _, path in rows]})
     )

@@ -55,7 +55,8 @@ def served_files(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path, 
     import pandas as pd
 
     from components.config import IndexParams, ModelParams
-    from components.index import build_catalogue_index, save_index
+    from components.index import save_index
+    from components.indexing import build_catalogue_index
     from components.model import build_encoder, save_encoder
 
     root = tmp_path_factory.mktemp("served-files")

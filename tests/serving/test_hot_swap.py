@@ -171,7 +171,8 @@ def test_a_new_index_for_the_served_version_is_swapped_in(swap_server, packaged,
 
     from components import registry
     from components.config import IndexParams
-    from components.index import build_catalogue_index, save_index
+    from components.index import save_index
+    from components.indexing import build_catalogue_index
     from components.model import load_encoder
 
     champion = packaged.champion

@@ -1,0 +1,228 @@
+"""Making catalogue index versions: the one path from embeddings to a saved, tuned, verified index.
+
+Every index is an *index version* of one model version: the retrain flow's build is version 1,
+and each ``skumatch index add`` / ``remove`` or ``rebuild_index`` run makes the next one, with
+its parent version, the SHA-256 of the manifest rows it embedded, the recall it measured and its
+own checksum in ``index.json``. Adding embeds only the new images with the model's encoder;
+nothing is retrained and no other product's vector is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from components.catalogue_map import CatalogueMap
+from components.config import EvaluateParams, IndexParams
+from components.index import (
+    CatalogueIndex,
+    build_index,
+    load_index,
+    refuse_indexed_paths,
+    save_index,
+    with_rows,
+    without_skus,
+)
+from components.index_policy import measure_recall, plan_index, tune_search
+
+EXACT_RECALL = {"recall_at_1": 1.0, "recall_at_10": 1.0}
+
+
+def manifest_digest(rows) -> str:
+    """SHA-256 of manifest rows' ``sku_id`` and ``image_path``, in order: which images a version embedded."""
+    digest = hashlib.sha256()
+    for sku, path in zip(rows["sku_id"], rows["image_path"]):
+        digest.update(f"{sku}\t{path}\n".encode())
+    return digest.hexdigest()
+
+
+def index_embeddings(
+    embeddings: np.ndarray, items: CatalogueMap, params: IndexParams, meta: dict | None = None
+) -> CatalogueIndex:
+    """Index embeddings as ``params`` say: the ``auto`` plan or a named factory, then tuned.
+
+    Exact search records recall 1 without measuring it; any other index is tuned to
+    ``index.target_recall`` (or, with ``index.tune`` off, measured at its fixed settings).
+    """
+    compressed = any(codes in params.factory for codes in ("PQ", "SQ"))
+    factory, rerank, reason = params.factory, params.rerank_factor if compressed else 1, "index.factory"
+    if factory == "auto":
+        plan = plan_index(len(embeddings), embeddings.shape[1], params)
+        factory, rerank, reason = plan.factory, plan.rerank_factor, plan.reason
+    info = {**(meta or {}), "factory_reason": reason}
+    catalogue = build_index(
+        embeddings, items, None, factory, params.use_gpu, info, params.nprobe, params.ef_search, rerank
+    )
+    if factory == "Flat":
+        catalogue.meta.update(EXACT_RECALL)
+    elif params.tune:
+        tune_search(catalogue, params.target_recall, params.tune_sample, params.tune_query_cosine)
+    else:
+        catalogue.meta.update(measure_recall(catalogue, params.tune_sample, params.tune_query_cosine))
+    return catalogue
+
+
+def build_catalogue_index(
+    encoder,
+    preprocess,
+    catalogue_rows,
+    index_params: IndexParams | None = None,
+    batch_size: int | None = None,
+    meta: dict | None = None,
+) -> CatalogueIndex:
+    """Embed the catalogue images with ``encoder`` and index them.
+
+    Args:
+        catalogue_rows: manifest rows (``image_path``, ``sku_id``) of the catalogue.
+        index_params: the index section of the params (factory, budget, tuning, GPU use);
+            ``None`` = its defaults.
+        batch_size: images embedded per forward pass; ``None`` = ``evaluate.batch_size``'s
+            default, so an index and an evaluation embed alike unless told otherwise.
+        meta: facts kept in ``index.json``; pass ``model_name`` and ``model_version`` so the
+            service can check the index belongs to the model it serves.
+    """
+    from components.model import embed_images
+
+    paths = list(catalogue_rows["image_path"])
+    if not paths:
+        raise ValueError("the catalogue is empty: no rows with role 'catalogue' to index")
+    vectors = embed_images(encoder, preprocess, paths, batch_size or EvaluateParams().batch_size)
+    items = CatalogueMap.from_lists(list(catalogue_rows["sku_id"]), paths)
+    info = {"manifest_sha256": manifest_digest(catalogue_rows), **(meta or {})}
+    return index_embeddings(vectors, items, index_params or IndexParams(), info)
+
+
+def build_model_index(
+    encoder_dir: str | Path,
+    manifest,
+    out_dir: str | Path,
+    index_params: IndexParams,
+    batch_size: int,
+    model_name: str,
+    model_version: str,
+    reject_below: float | None,
+    parent: dict | None = None,
+) -> tuple[str, CatalogueIndex]:
+    """Build and save the catalogue index of a saved encoder: the one path every pipeline takes.
+
+    The flow's ``build-index`` task, ``rebuild_index``, ``skumatch index build`` and the DVC
+    ``index`` stage all call this, so every index carries the same meta: the model's name and
+    version, the calibrated open-set threshold ``reject_below`` (the service's "no confident
+    match"; ``None`` when evaluation calibrated none), the training run's fingerprint, and its
+    index version.
+
+    Args:
+        manifest: the dataset manifest; its catalogue rows are indexed.
+        model_version: the registered version, or ``local`` for an index outside the registry.
+        parent: the meta of the index version this one replaces (a rebuild); ``None`` = version 1.
+
+    Returns:
+        The index's checksum and the index itself.
+    """
+    from components.data import select
+    from components.model import load_encoder
+
+    encoder, preprocess, description = load_encoder(encoder_dir)
+    meta = {
+        "model_name": model_name,
+        "model_version": str(model_version),
+        "reject_below": reject_below,
+        "run_fingerprint": description.get("run_fingerprint"),
+        **_lineage(parent, "build" if parent is None else "rebuild"),
+    }
+    catalogue = build_catalogue_index(
+        encoder, preprocess, select(manifest, role="catalogue"), index_params, batch_size, meta=meta
+    )
+    return save_index(catalogue, out_dir), catalogue
+
+
+def _lineage(parent: dict | None, change: str) -> dict:
+    if parent is None:
+        return {"index_version": 1, "parent_index_version": None, "change": change}
+    return {
+        "index_version": int(parent.get("index_version") or 1) + 1,
+        "parent_index_version": int(parent.get("index_version") or 1),
+        "parent_checksum": parent.get("checksum"),
+        "change": change,
+    }
+
+
+def add_to_index(
+    encoder_dir: str | Path,
+    index_dir: str | Path,
+    new_rows,
+    out_dir: str | Path,
+    index_params: IndexParams,
+    batch_size: int,
+    expected_checksum: str | None,
+    expected_model_version: str | None,
+) -> tuple[str, CatalogueIndex]:
+    """The next index version: ``index_dir``'s index with ``new_rows`` embedded and added.
+
+    Args:
+        new_rows: manifest rows (``image_path``, ``sku_id``): new SKUs, or new images of known ones.
+        expected_checksum, expected_model_version: what the registry records for the current
+            index; a folder that does not match is refused before anything is embedded.
+
+    Raises:
+        IndexMismatchError: the current index does not verify.
+        ValueError: no rows, or an image already indexed.
+    """
+    from components.model import embed_images, load_encoder
+
+    current = load_index(index_dir, expected_checksum, expected_model_version, writable=True)
+    paths = list(new_rows["image_path"])
+    if not paths:
+        raise ValueError("the manifest holds no catalogue rows to add")
+    refuse_indexed_paths(current, paths)  # before any embedding work
+    encoder, preprocess, _ = load_encoder(encoder_dir)
+    return add_vectors(current, embed_images(encoder, preprocess, paths, batch_size), new_rows, out_dir, index_params)
+
+
+def add_vectors(
+    current: CatalogueIndex, vectors: np.ndarray, new_rows, out_dir: str | Path, index_params: IndexParams
+) -> tuple[str, CatalogueIndex]:
+    """The index half of :func:`add_to_index`: append embedded rows, re-measure recall, save the next version.
+
+    ``current`` must be loaded ``writable`` and is consumed.
+    """
+    paths, skus = list(new_rows["image_path"]), [str(sku) for sku in new_rows["sku_id"]]
+    updated = with_rows(current, vectors, skus, paths)
+    updated.meta.update(_lineage(current.meta, "add"), manifest_sha256=manifest_digest(new_rows), rows_added=len(paths))
+    updated.meta.update(_remeasured(updated, index_params))
+    return save_index(updated, out_dir), updated
+
+
+def remove_from_index(
+    index_dir: str | Path,
+    sku_ids: list[str],
+    out_dir: str | Path,
+    index_params: IndexParams,
+    expected_checksum: str | None,
+    expected_model_version: str | None,
+) -> tuple[str, CatalogueIndex]:
+    """The next index version: ``index_dir``'s index without any image of ``sku_ids``.
+
+    Raises:
+        IndexMismatchError: the current index does not verify.
+        ValueError: an SKU the index does not hold, or no SKU left.
+    """
+    current = load_index(index_dir, expected_checksum, expected_model_version, writable=True)
+    updated, removed = without_skus(current, list(dict.fromkeys(sku_ids)))
+    updated.meta.update(
+        _lineage(current.meta, "remove"),
+        manifest_sha256=None,
+        skus_removed=sorted(set(sku_ids)),
+        rows_removed=removed,
+    )
+    updated.meta.update(_remeasured(updated, index_params))
+    return save_index(updated, out_dir), updated
+
+
+def _remeasured(catalogue: CatalogueIndex, params: IndexParams) -> dict:
+    # A changed catalogue keeps its search settings; its recall is measured again, not assumed.
+    if catalogue.meta.get("factory") == "Flat":
+        return EXACT_RECALL
+    return measure_recall(catalogue, params.tune_sample, params.tune_query_cosine)
