@@ -7,7 +7,10 @@ anywhere else (an MLflow server, Postgres...).
 
 A registered version carries: the encoder folder (safetensors + ``encoder.json`` with the
 resolved params) as its source, tags with the data version and evaluation metrics, and,
-once built, the FAISS index as an artifact of the same run with its checksum in a tag.
+once built, the FAISS index as an artifact of the same run with its checksum in a tag. Later
+index versions of the same model version (products added or removed, a rebuild) are MLflow runs
+of their own (``index v3.2``), holding the index folder, its lineage tags and its recall; the
+model version's ``index_*`` tags point at the current one, which is what serving loads.
 ``@challenger`` marks the last version that passed the gate, ``@champion`` the served one.
 Every move of ``@champion`` is recorded on the registered model, one tag each
 (``champion_history.000001``...): who, when, why, from which version to which. Rollback replays
@@ -146,12 +149,82 @@ def register_version(
     return version
 
 
+INDEX_RECORDED = ("recall_at_1", "recall_at_10", "ntotal")
+
+
 def attach_index(client, model_name: str, version: str, index_dir: str | Path, checksum: str) -> None:
     """Store an index folder with the run of ``version`` and record its checksum on the version."""
     model_version = client.get_model_version(model_name, version)
     client.log_artifacts(model_version.run_id, str(index_dir), INDEX_ARTIFACT)
+    meta = _index_meta(index_dir)
+    _log_index_metrics(client, model_version.run_id, meta)
+    _point_at_index(client, model_name, version, checksum, model_version.run_id, meta)
+
+
+def record_index_version(
+    client, experiment: str, model_name: str, version: str, index_dir: str | Path, checksum: str
+) -> str:
+    """Record a new index version of model ``version`` as an MLflow run, and make it the version's index.
+
+    The run (``index v<model>.<index>``) holds the folder as its ``index`` artifact, the index's
+    lineage as tags (model version, index version, parent, manifest SHA-256, change), its
+    factory and search settings as params, and its recall and size as metrics. Serving picks it
+    up through its hot swap, since the version's ``index_checksum`` changes.
+
+    Returns:
+        The run id.
+    """
+    meta = _index_meta(index_dir)
+    if str(meta.get("model_version")) != str(version):
+        raise RegistryError(
+            f"index {index_dir} was built from model version {meta.get('model_version')}, not {version}"
+        )
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    tags = {
+        "skumatch.kind": "index",
+        "skumatch.model_name": model_name,
+        "skumatch.model_version": str(version),
+        "skumatch.index_version": str(meta.get("index_version")),
+        "skumatch.parent_index_version": str(meta.get("parent_index_version")),
+        "skumatch.manifest_sha256": str(meta.get("manifest_sha256")),
+        "skumatch.change": str(meta.get("change")),
+        "index_checksum": checksum,
+    }
+    run = client.create_run(experiment_id, run_name=f"index v{version}.{meta.get('index_version')}", tags=tags)
+    run_id = run.info.run_id
+    from mlflow.entities import Param
+
+    settings = ("factory", "nprobe", "ef_search", "rerank_factor", "factory_reason")
+    client.log_batch(run_id, params=[Param(key, str(meta.get(key))[:6000]) for key in settings])
+    _log_index_metrics(client, run_id, meta)
+    client.log_artifacts(run_id, str(index_dir), INDEX_ARTIFACT)
+    client.set_terminated(run_id)
+    _point_at_index(client, model_name, version, checksum, run_id, meta)
+    LOGGER.info("index version %s of model version %s recorded in run %s", meta.get("index_version"), version, run_id)
+    return run_id
+
+
+def _index_meta(index_dir: str | Path) -> dict:
+    from components.index import META_FILE
+
+    return json.loads((Path(index_dir) / META_FILE).read_text())
+
+
+def _log_index_metrics(client, run_id: str, meta: dict) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"index_{key}", float(meta[key]), now, 0) for key in INDEX_RECORDED if meta.get(key) is not None]
+    client.log_batch(run_id, metrics=metrics)
+
+
+def _point_at_index(client, model_name: str, version: str, checksum: str, run_id: str, meta: dict) -> None:
     client.set_model_version_tag(model_name, version, "index_checksum", checksum)
     client.set_model_version_tag(model_name, version, "index_artifact", INDEX_ARTIFACT)
+    client.set_model_version_tag(model_name, version, "index_run_id", run_id)
+    client.set_model_version_tag(model_name, version, "index_version", str(meta.get("index_version") or 1))
 
 
 def resolve_version(client, model_name: str, ref: str) -> Any:
@@ -373,9 +446,11 @@ def download_version(
     if with_index:
         if checksum is None:
             raise RegistryError(f"version {version.version} of {model_name!r} has no index")
+        # The current index version's run; versions indexed before index runs existed: the version's own.
+        index_run = version.tags.get("index_run_id", version.run_id)
         index_dir = Path(
             client.download_artifacts(
-                version.run_id, version.tags.get("index_artifact", INDEX_ARTIFACT), str(target / "index_dl")
+                index_run, version.tags.get("index_artifact", INDEX_ARTIFACT), str(target / "index_dl")
             )
         )
     return ResolvedModel(model_name, str(version.version), encoder_dir, index_dir, checksum, dict(version.tags))

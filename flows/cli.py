@@ -30,6 +30,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Bring datasets under DVC.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+index_app = typer.Typer(
+    help="Build a local index, or change a registered version's catalogue without training.", no_args_is_help=True
+)
+app.add_typer(index_app, name="index")
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override, e.g. train.schedule.epochs=3")]
@@ -167,8 +171,8 @@ def evaluate(
     typer.echo(json.dumps(metrics, indent=2))
 
 
-@app.command()
-def index(
+@index_app.command("build")
+def index_build(
     model_dir: Annotated[Path, typer.Option(help="a saved encoder folder")] = Path("models/encoder"),
     out: Annotated[Optional[Path], typer.Option(help="index folder (default index.output_dir)")] = None,
     metrics: Annotated[
@@ -182,10 +186,10 @@ def index(
     overrides: SetOption = None,
     data: DataOption = None,
 ) -> None:
-    """Build the FAISS catalogue index from a saved encoder (DVC stage ``index``)."""
+    """Build the catalogue index of a saved encoder, outside the registry (DVC stage ``index``)."""
     from components.data import load_manifest
     from components.evaluate import open_set_threshold
-    from components.index import build_model_index
+    from components.indexing import build_model_index
 
     cfg = _params(params, overrides, data)
     metrics_file = metrics or Path(cfg.evaluate.metrics_path)
@@ -216,6 +220,60 @@ def index(
             }
         )
     )
+
+
+ModelOption = Annotated[str, typer.Option("--model", help="registered version number or alias")]
+
+
+def _index_change(run) -> None:
+    """Run an index flow and print its summary; a refusal is an error message, not a traceback."""
+    from components.data import DatasetError
+    from components.index import IndexMismatchError
+    from components.registry import RegistryError
+
+    try:
+        typer.echo(json.dumps(run()))
+    except (ValueError, IndexMismatchError, RegistryError, DatasetError) as err:
+        _fail(str(err))
+
+
+@index_app.command("add")
+def index_add(
+    manifest: Annotated[Path, typer.Argument(help="a manifest (CSV/Parquet) whose catalogue rows are added")],
+    model: ModelOption = "champion",
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Embed new products (or new images of known ones) into the next index version of ``--model``."""
+    from flows.index_flows import add_products
+
+    _index_change(lambda: add_products(str(manifest), model, str(params), list(overrides or [])))
+
+
+@index_app.command("remove")
+def index_remove(
+    skus: Annotated[list[str], typer.Argument(help="SKU ids whose every catalogue image is removed")],
+    model: ModelOption = "champion",
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+) -> None:
+    """Remove products from the catalogue, into the next index version of ``--model``."""
+    from flows.index_flows import remove_products
+
+    _index_change(lambda: remove_products(list(skus), model, str(params), list(overrides or [])))
+
+
+@index_app.command("rebuild")
+def index_rebuild(
+    model: ModelOption = "champion",
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    data: DataOption = None,
+) -> None:
+    """Re-embed the whole current catalogue with ``--model``'s encoder into its next index version (no training)."""
+    from flows.index_flows import rebuild_index
+
+    _index_change(lambda: rebuild_index(model, data, str(params), list(overrides or [])))
 
 
 def _move_champion(params: Path, overrides: list[str] | None, move) -> None:

@@ -85,7 +85,7 @@ def test_index_without_evaluation_metrics_is_refused_naming_the_command_to_run(t
     # file the command stops instead of building an index that never says "no confident match".
     monkeypatch.chdir(tmp_path)
     missing = tmp_path / "reports" / "metrics.json"
-    result = CliRunner().invoke(app, ["index", "--model-dir", "models/encoder", "--metrics", str(missing)])
+    result = CliRunner().invoke(app, ["index", "build", "--model-dir", "models/encoder", "--metrics", str(missing)])
     assert result.exit_code == 1
     assert f"no evaluation metrics at {missing}" in result.output
     assert "skumatch evaluate models/encoder --metrics-out" in result.output
