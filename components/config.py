@@ -277,6 +277,18 @@ class IndexParams(_Section):
     ef_search: int = Field(default=128, ge=1)
     use_gpu: Literal["auto", "never"] = "auto"
     output_dir: str = "models/index"
+    # Where the service searches: the FAISS files packed with the model, or a Milvus collection
+    # filled from them for catalogues beyond one host (milvus_uri: a cluster's http://host:19530,
+    # or a Milvus Lite file; the token comes from MILVUS_TOKEN, never from this file).
+    backend: Literal["faiss", "milvus"] = "faiss"
+    milvus_uri: str = ""
+    milvus_index_type: str = "HNSW"
+
+    @model_validator(mode="after")
+    def _milvus_needs_a_uri(self) -> IndexParams:
+        if self.backend == "milvus" and not self.milvus_uri:
+            raise ValueError("index.backend milvus needs index.milvus_uri")
+        return self
 
 
 class RegistryParams(_Section):

@@ -10,6 +10,8 @@ nothing is retrained and no other product's vector is touched.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,73 @@ from components.index import (
 from components.index_policy import measure_recall, plan_index, tune_search
 
 EXACT_RECALL = {"recall_at_1": 1.0, "recall_at_10": 1.0}
+MILVUS_URI_ENV, MILVUS_TOKEN_ENV = "SKUMATCH_MILVUS_URI", "MILVUS_TOKEN"
+
+
+def save_version(catalogue: CatalogueIndex, out_dir: str | Path, params: IndexParams) -> str:
+    """Save an index version, and with ``index.backend: milvus`` publish it to its own collection.
+
+    The collection's name and URI go into the meta before the save, so the checksum covers where
+    the service will search; the collection then carries that checksum and the model version.
+    """
+    if params.backend == "milvus":
+        catalogue.meta.update(
+            backend="milvus",
+            milvus_uri=params.milvus_uri,
+            milvus_collection=_collection_name(catalogue.meta),
+            milvus_index_type=params.milvus_index_type,
+        )
+    else:
+        for key in ("backend", "milvus_uri", "milvus_collection", "milvus_index_type"):
+            catalogue.meta.pop(key, None)
+    checksum = save_index(catalogue, out_dir)
+    if params.backend == "milvus":
+        from components.milvus_index import publish_to_milvus
+
+        published = publish_to_milvus(
+            params.milvus_uri,
+            catalogue.meta["milvus_collection"],
+            catalogue.vectors,
+            catalogue.items,
+            catalogue.meta,
+            token=os.environ.get(MILVUS_TOKEN_ENV, ""),
+            index_type=params.milvus_index_type,
+        )
+        published.close()
+    return checksum
+
+
+def _collection_name(meta: dict) -> str:
+    # Milvus names take letters, digits and underscores; one collection per index version, so a
+    # service still on the previous version keeps its rows until it swaps.
+    raw = f"skumatch_{meta.get('model_name')}_v{meta.get('model_version')}_i{meta.get('index_version', 1)}"
+    return re.sub(r"[^0-9A-Za-z_]", "_", raw)
+
+
+def open_catalogue(folder: str | Path, expected_checksum: str | None, expected_model_version: str | None):
+    """The index a service searches: the verified folder itself, or the Milvus collection its meta names.
+
+    The folder is always verified first (checksum, model version); a Milvus collection must then
+    carry the same checksum and model version. ``SKUMATCH_MILVUS_URI`` points a host at another
+    address of the same cluster than the one the index was built with.
+
+    Raises:
+        IndexMismatchError: the folder or the collection does not match.
+    """
+    catalogue = load_index(folder, expected_checksum, expected_model_version)
+    if catalogue.meta.get("backend") != "milvus":
+        return catalogue
+    from components.milvus_index import open_milvus_index
+
+    milvus = open_milvus_index(
+        os.environ.get(MILVUS_URI_ENV) or catalogue.meta["milvus_uri"],
+        catalogue.meta["milvus_collection"],
+        expected_checksum=catalogue.meta["checksum"],
+        expected_model_version=expected_model_version,
+        token=os.environ.get(MILVUS_TOKEN_ENV, ""),
+    )
+    milvus.items, milvus.vectors = catalogue.items, catalogue.vectors
+    return milvus
 
 
 def manifest_digest(rows) -> str:
@@ -135,7 +204,7 @@ def build_model_index(
     catalogue = build_catalogue_index(
         encoder, preprocess, select(manifest, role="catalogue"), index_params, batch_size, meta=meta
     )
-    return save_index(catalogue, out_dir), catalogue
+    return save_version(catalogue, out_dir, index_params), catalogue
 
 
 def _lineage(parent: dict | None, change: str) -> dict:
@@ -192,7 +261,7 @@ def add_vectors(
     updated = with_rows(current, vectors, skus, paths)
     updated.meta.update(_lineage(current.meta, "add"), manifest_sha256=manifest_digest(new_rows), rows_added=len(paths))
     updated.meta.update(_remeasured(updated, index_params))
-    return save_index(updated, out_dir), updated
+    return save_version(updated, out_dir, index_params), updated
 
 
 def remove_from_index(
@@ -218,7 +287,7 @@ def remove_from_index(
         rows_removed=removed,
     )
     updated.meta.update(_remeasured(updated, index_params))
-    return save_index(updated, out_dir), updated
+    return save_version(updated, out_dir, index_params), updated
 
 
 def _remeasured(catalogue: CatalogueIndex, params: IndexParams) -> dict:

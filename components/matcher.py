@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from components.config import ServeParams
-from components.index import CatalogueIndex, IndexMismatchError, load_index
+from components.index import CatalogueIndex, IndexMismatchError
+from components.indexing import open_catalogue
 from components.model import embed_rows, load_encoder, pool_query_rows, query_rows, resolve_device
 
 DEFAULT_BATCH_SIZE = ServeParams.model_fields["batch_size"].default
@@ -124,7 +125,7 @@ def load_served_model(
         IndexMismatchError: the index is corrupt, or not the one recorded for ``version``.
         FileNotFoundError: the encoder folder is incomplete.
     """
-    catalogue = load_index(index_dir, expected_checksum=index_checksum, expected_model_version=version)
+    catalogue = open_catalogue(index_dir, expected_checksum=index_checksum, expected_model_version=version)
     encoder, preprocess, _ = load_encoder(encoder_dir, resolve_device(device))
     if catalogue.dim != encoder.embed_dim:
         raise IndexMismatchError(f"index dimension {catalogue.dim} != encoder embedding size {encoder.embed_dim}")

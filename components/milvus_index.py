@@ -66,6 +66,13 @@ class MilvusCatalogueIndex:
 
     def __init__(self, client, collection: str, meta: dict) -> None:
         self.client, self.collection, self.meta = client, collection, meta
+        # The verified index folder's map and vectors, where the service opened the collection from one.
+        self.items: CatalogueMap | None = None
+        self.vectors: np.ndarray | None = None
+
+    def stored_vector(self, row: int) -> np.ndarray | None:
+        """Row ``row``'s embedding as the index folder stores it (``None`` without the folder's vectors)."""
+        return None if self.vectors is None else np.asarray(self.vectors[row], dtype=np.float32)
 
     def __len__(self) -> int:
         return _count(self.client, self.collection)

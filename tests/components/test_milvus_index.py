@@ -154,3 +154,39 @@ def test_publish_replaces_a_collection(published, catalogue):
         assert len(again) == half and again.meta["checksum"]  # computed from the rows when not given
         with open_milvus_index(uri, "catalogue", again.meta["checksum"], expected_model_version="8") as opened:
             assert len(opened) == half
+
+
+def test_index_backend_milvus_publishes_each_version_and_the_service_opens_it_verified(tmp_path, catalogue):
+    from components.config import IndexParams
+    from components.index import load_index
+    from components.indexing import index_embeddings, open_catalogue, save_version
+
+    vectors, sku_ids, paths, queries = catalogue
+    params = IndexParams(backend="milvus", milvus_uri=str(tmp_path / "m" / "catalogue.db"), milvus_index_type="FLAT")
+    meta = {"model_name": "clip-test", "model_version": "7", "index_version": 1}
+    built = index_embeddings(vectors, CatalogueMap.from_lists(sku_ids, paths), params, meta)
+    checksum = save_version(built, tmp_path / "index", params)
+    # The folder names its collection under its checksum; the service searches Milvus, as FAISS would.
+    assert load_index(tmp_path / "index").meta["milvus_collection"] == "skumatch_clip_test_v7_i1"
+    served = open_catalogue(tmp_path / "index", checksum, "7")
+    try:
+        assert served.meta["checksum"] == checksum and served.items.sku_count == N_SKUS
+        # Published from the version's float16 vectors: the answers of FAISS over the same values.
+        stored = vectors.astype(np.float16).astype(np.float32)
+        assert_same_answers(served.search(queries, TOP_K), faiss_answers(stored, sku_ids, paths, queries))
+        np.testing.assert_allclose(served.stored_vector(3), vectors[3], atol=1e-3)
+    finally:
+        served.close()
+    with pytest.raises(IndexMismatchError, match="model version"):
+        open_catalogue(tmp_path / "index", checksum, "8")
+    # A collection published over with other rows carries another checksum: the folder's is refused.
+    publish_to_milvus(
+        params.milvus_uri,
+        "skumatch_clip_test_v7_i1",
+        vectors[:10],
+        CatalogueMap.from_lists(sku_ids[:10], paths[:10]),
+        {**meta, "checksum": "other"},
+        index_type="FLAT",
+    ).close()
+    with pytest.raises(IndexMismatchError, match="checksum other"):
+        open_catalogue(tmp_path / "index", checksum, "7")

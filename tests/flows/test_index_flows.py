@@ -67,7 +67,8 @@ def champion(tmp_path, monkeypatch, tiny_model_overrides, synthetic_dataset) -> 
     encoder_dir = save_encoder(encoder, preprocess, params.model, tmp_path / "encoder")
     run = client.create_run(client.get_experiment_by_name(params.registry.experiment).experiment_id)
     metrics = {"catalogue": {"top1": 1.0, "top3": 1.0}}
-    version = str(registry.register_version(client, params.registry, run.info.run_id, encoder_dir, metrics, "v").version)
+    registered = registry.register_version(client, params.registry, run.info.run_id, encoder_dir, metrics, "v")
+    version = str(registered.version)
     manifest = load_manifest(synthetic_dataset)
     checksum, _ = build_model_index(
         encoder_dir, manifest, tmp_path / "index", params.index, 4, params.registry.model_name, version, 0.5
