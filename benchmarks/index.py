@@ -188,7 +188,7 @@ def measure(folder: str, catalogue_dir: str, backend: str, limit: int = 0) -> di
     real = [
         [sku for sku, _ in hits] for hits in catalogue.search(np.load(Path(catalogue_dir) / "real_queries.npy"), TOP_K)
     ]
-    recall = {**_recall(answers, exact), **_recall(real, answers_of["real"], "real_")}
+    recall = {**_recall(answers, exact), **_recall(real, answers_of["real"][: limit or None], "real_")}
     return {
         "load_s": load_s,
         "p50_ms": float(np.percentile(times, 50) * 1e3),
@@ -331,7 +331,16 @@ def run_size(size: int, args, real: dict, params, scratch: Path) -> dict:
             [sys.executable, "-m", "benchmarks.index", "--publish-milvus", str(folder), str(scratch), str(nlist)],
         )
         location = built.pop("location")
-        child = [sys.executable, "-m", "benchmarks.index", "--measure", location, str(folder), "milvus", "0"]
+        child = [
+            sys.executable,
+            "-m",
+            "benchmarks.index",
+            "--measure",
+            location,
+            str(folder),
+            "milvus",
+            str(args.milvus_queries),
+        ]
         results["ways"]["Milvus Lite"] = {**built, **measure_in_child("Milvus Lite", child)}
     return results
 
@@ -473,7 +482,8 @@ def report(results: dict, args, command: str) -> str:
             f"{IMAGES_PER_SKU} catalogue images per SKU, queries at cosine about 0.78 to their SKU; "
             "the 81 Grocery Store catalogue images and "
             "val photos (pretrained EfficientNet-Lite0, untrained projection) mixed in",
-            f"{args.queries} queries per size; the exact way times its first {args.exact_queries}",
+            f"{args.queries} queries per size; the exact way times its first {args.exact_queries}, Milvus Lite "
+            f"its first {args.milvus_queries} (and as many Grocery photos)",
         ],
         "every recall is against exact search of the same vectors in this run, on the ten distinct SKUs "
         "`CatalogueIndex.search` answers (the service's path). Resident bytes are the fresh process's RSS after "
@@ -505,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", nargs="*", default=["IVF{nlist},Flat", "IVF{nlist},SQ8", "IVF{nlist},PQ64"])
     parser.add_argument("--candidates-at", type=int, nargs="*", default=[1_000_000])
     parser.add_argument("--milvus-at", type=int, nargs="*", default=[1_000_000])
+    parser.add_argument("--milvus-queries", type=int, default=100)
     parser.add_argument("--add", type=int, default=1000)
     parser.add_argument("--add-at", type=int, nargs="*", default=[1_000_000])
     parser.add_argument("--data-root", default="../shared/datasets/grocery-store")
@@ -520,7 +531,17 @@ def main(argv: list[str] | None = None) -> None:
     command = command_line(
         "benchmarks.index",
         args,
-        ("sizes", "queries", "exact_queries", "candidates", "candidates_at", "milvus_at", "add", "add_at"),
+        (
+            "sizes",
+            "queries",
+            "exact_queries",
+            "candidates",
+            "candidates_at",
+            "milvus_at",
+            "milvus_queries",
+            "add",
+            "add_at",
+        ),
         parser,
     )
     try:

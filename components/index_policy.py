@@ -55,8 +55,10 @@ class IndexPlan:
 
 
 def ivf_lists(n_vectors: int) -> int:
-    """Inverted lists for ``n_vectors``: the power of two nearest 4·√N (FAISS's and autofaiss's rule)."""
-    return int(2 ** round(math.log2(max(1.0, 4 * math.sqrt(n_vectors)))))
+    """Inverted lists for ``n_vectors``: the power of two nearest 4·√N (FAISS's and autofaiss's rule),
+    fewer where k-means would have under 39 rows per list (small catalogues)."""
+    rule = int(2 ** round(math.log2(max(1.0, 4 * math.sqrt(n_vectors)))))
+    return min(rule, 2 ** int(math.log2(max(1, n_vectors // 39))))
 
 
 def plan_index(n_vectors: int, dim: int, params: IndexParams) -> IndexPlan:
@@ -70,8 +72,7 @@ def plan_index(n_vectors: int, dim: int, params: IndexParams) -> IndexPlan:
     if n_vectors <= params.exact_max_vectors:
         size = n_vectors * 4 * dim + map_bytes
         return IndexPlan("Flat", 1, size, f"{n_vectors:,} vectors: exact search up to {params.exact_max_vectors:,}")
-    # k-means needs 39 rows per list: small catalogues get fewer lists, still a power of two
-    nlist = min(ivf_lists(n_vectors), 2 ** int(math.log2(max(1, n_vectors // 39))))
+    nlist = ivf_lists(n_vectors)
     coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
     fixed = nlist * dim * 4 + (nlist * 32 * 2 * 4 if nlist >= HNSW_QUANTIZER_FROM else 0)
     for codes, code_bytes, rerank in _codes(dim, n_vectors, params.rerank_factor):
