@@ -114,3 +114,14 @@ def test_rows_added_and_removed_keep_every_other_row_as_it_was(near_ties, factor
         assert removed.search(np.asarray(removed.vectors[row], np.float32), 1)[0][0][0] == removed.items.sku(row)
     with pytest.raises(ValueError, match="not in the index: sku-0"):
         without_skus(removed, ["sku-0"])
+
+
+def test_refused_changes_and_settings_say_why(near_ties):
+    vectors, items = near_ties
+    built = build_index(vectors[:4], CatalogueMap.from_lists(["a", "a", "b", "b"], list("wxyz")), use_gpu="never")
+    with pytest.raises(ValueError, match="remove every row"):
+        without_skus(built, ["a", "b"])
+    with pytest.raises(ValueError, match="expected \\(n, 32\\) embeddings"):
+        with_rows(built, np.zeros((1, 8), np.float32), ["c"], ["v"])
+    with pytest.raises(ValueError, match="index.backend milvus needs index.milvus_uri"):
+        IndexParams(backend="milvus")
