@@ -152,9 +152,16 @@ def test_lanes_share_one_photos_view_rows_and_keep_their_own_torch_threads(two_m
     photo = _images(served_files)[:1]
     lanes = TorchLanes(2, threads=1)
     passes: list[tuple[str, int]] = []
+    second_lane_started = threading.Event()
 
     def record(_module, _inputs):
-        passes.append((threading.current_thread().name, torch.get_num_threads()))
+        name = threading.current_thread().name
+        passes.append((name, torch.get_num_threads()))
+        if len({lane for lane, _ in passes}) > 1:
+            second_lane_started.set()
+        # The first lane holds its rows until the other lane has taken the second part: rows
+        # handed to the lanes together run side by side, whichever thread the pool wakes first.
+        second_lane_started.wait(timeout=30)
 
     hook = served.encoder.backbone.register_forward_pre_hook(record)
     try:
