@@ -36,6 +36,7 @@ CHECKSUM_CHUNK = 8 << 20  # bytes hashed at a time
 ROWS_PER_CHUNK = 100_000  # rows converted to float32 and added at a time: a 10M catalogue streams
 TRAIN_ROWS_PER_LIST = 39  # FAISS's k-means warns below 39 training points per centroid
 MIN_TRAIN_ROWS = 65_536  # enough for PQ and SQ codebooks on small IVF indexes
+CODEBOOK_TRAIN_ROWS = 262_144  # PQ codebooks of 256 centroids train on 65,536 points; SQ on all given
 RERANK_QUERY_CHUNK = 256  # queries re-ranked at a time: bounds the gathered candidate block
 
 
@@ -223,7 +224,14 @@ def build_index(
         except RuntimeError as error:  # e.g. an HNSW coarse quantizer has no GPU version
             LOGGER.warning("building %s on the CPU: %s", factory, error)
     if not index.is_trained:
-        target.train(_training_sample(embeddings, index, seed))
+        sample = _training_sample(embeddings, index, seed)
+        if _has_graph_quantizer(index):
+            _train_two_level(index, sample, seed, on_gpu=target is not index)
+        else:
+            target.train(sample)
+    # Rows are assigned to lists by the coarse quantizer: an HNSW one needs its search depth set
+    # before adding, not only before searching (FAISS's default of 16 misplaces rows).
+    set_search_params(index, nprobe, ef_search)
     for start in range(0, n, ROWS_PER_CHUNK):
         target.add(np.ascontiguousarray(embeddings[start : start + ROWS_PER_CHUNK], dtype=np.float32))
     if target is not index:
@@ -250,6 +258,33 @@ def _training_sample(embeddings: np.ndarray, index, seed: int) -> np.ndarray:
         return np.ascontiguousarray(embeddings, dtype=np.float32)
     rows = np.sort(np.random.default_rng(seed).choice(len(embeddings), wanted, replace=False))
     return np.ascontiguousarray(embeddings[rows], dtype=np.float32)
+
+
+def _has_graph_quantizer(index) -> bool:
+    import faiss
+
+    # Only an IVF index at the top: under a transform (OPQ) the centroids would live in its space.
+    top = faiss.downcast_index(index)
+    return isinstance(top, faiss.IndexIVF) and isinstance(faiss.downcast_index(top.quantizer), faiss.IndexHNSW)
+
+
+def _train_two_level(index, sample: np.ndarray, seed: int, on_gpu: bool) -> None:
+    """Train an IVF index with an HNSW coarse quantizer by FAISS's two-level k-means.
+
+    Flat k-means costs rows x lists x dim per iteration: at 65,536 lists that is hours on two
+    cores. ``faiss.contrib.clustering.two_level_clustering`` clusters into √lists groups and each
+    group into its share of the lists (its ``train_ivf_index_with_2level`` takes L2 indexes only;
+    here the centroids are spherical, for inner product). The codes then train on a sample
+    of residuals, as large as their codebooks need.
+    """
+    from faiss.contrib.clustering import two_level_clustering
+
+    ivf = ivf_layer(index)
+    groups = int(np.sqrt(ivf.nlist))
+    centroids, _ = two_level_clustering(sample, groups, ivf.nlist, spherical=True, seed=seed, gpu=on_gpu)
+    # A quantizer already holding nlist centroids is kept by IndexIVF.train, which trains the codes.
+    ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    index.train(sample[:CODEBOOK_TRAIN_ROWS])
 
 
 def _checksum(folder: Path, meta: dict) -> str:

@@ -55,9 +55,15 @@ class IndexPlan:
 
 
 def ivf_lists(n_vectors: int) -> int:
-    """Inverted lists for ``n_vectors``: the power of two nearest 4·√N (FAISS's and autofaiss's rule),
-    fewer where k-means would have under 39 rows per list (small catalogues)."""
-    rule = int(2 ** round(math.log2(max(1.0, 4 * math.sqrt(n_vectors)))))
+    """Inverted lists for ``n_vectors``: the power of two nearest 4·√N below ten million vectors
+    (FAISS's rule), autofaiss's 65,536 from ten million and 2^17 from 300 million, and fewer
+    where k-means would have under 39 rows per list (small catalogues)."""
+    if n_vectors >= 300_000_000:
+        rule = 2**17
+    elif n_vectors >= 10_000_000:
+        rule = 65_536
+    else:
+        rule = int(2 ** round(math.log2(max(1.0, 4 * math.sqrt(n_vectors)))))
     return min(rule, 2 ** int(math.log2(max(1, n_vectors // 39))))
 
 

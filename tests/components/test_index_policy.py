@@ -27,6 +27,26 @@ def near_ties():
     return vectors, CatalogueMap.from_lists(names, [f"img/{i}.jpg" for i in range(4000)])
 
 
+def test_list_counts_follow_four_root_n_then_autofaiss_bands_from_ten_million():
+    assert ivf_lists(1_000_000) == 4096 and ivf_lists(9_999_999) == 16_384
+    assert ivf_lists(10_000_000) == 65_536 and ivf_lists(299_999_999) == 65_536 and ivf_lists(300_000_000) == 2**17
+    assert ivf_lists(10_000) == 256  # 4·√N (512) would leave k-means under 39 rows a list
+
+
+def test_a_graph_quantized_index_trains_by_two_level_k_means_and_finds_what_exact_search_finds(near_ties):
+    import faiss
+
+    vectors, items = near_ties
+    catalogue = build_index(vectors, items, factory="IVF64_HNSW32,SQ8", use_gpu="never", rerank_factor=4, seed=1)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(catalogue.index).quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSWFlat) and quantizer.ntotal == 64
+    lists = faiss.extract_index_ivf(catalogue.index).invlists
+    sizes = np.array([lists.list_size(i) for i in range(64)])
+    assert sizes.sum() == len(vectors) and sizes.max() < 4 * len(vectors) / 64  # rows spread over the lists
+    reached = tune_search(catalogue, 0.95, 300)
+    assert reached["recall_at_10"] >= 0.95 and reached["nprobe"] < 64
+
+
 def test_auto_keeps_exact_search_for_small_catalogues_and_compresses_to_fit_the_budget():
     params = IndexParams()
     assert plan_index(10_000, 256, params).factory == "Flat"
@@ -36,10 +56,10 @@ def test_auto_keeps_exact_search_for_small_catalogues_and_compresses_to_fit_the_
     below = plan_index(999_999, 256, params)
     assert below.factory == "IVF4096,Flat" and below.rerank_factor == 1
     ten_million = plan_index(10_000_000, 256, params)
-    assert ten_million.factory == "IVF16384_HNSW32,PQ64" and ten_million.rerank_factor == 4
+    assert ten_million.factory == "IVF65536_HNSW32,PQ64" and ten_million.rerank_factor == 4
     assert ten_million.resident_bytes <= 0.75 * params.memory_budget_mb * 2**20
     # A larger budget buys larger codes; one too small for any code is refused with what to do.
-    assert plan_index(10_000_000, 256, IndexParams(memory_budget_mb=8192)).factory == "IVF16384_HNSW32,SQ8"
+    assert plan_index(10_000_000, 256, IndexParams(memory_budget_mb=8192)).factory == "IVF65536_HNSW32,SQ8"
     with pytest.raises(ValueError, match="memory_budget_mb"):
         plan_index(10_000_000, 256, IndexParams(memory_budget_mb=64))
 
