@@ -4,7 +4,7 @@
                                [--candidates "IVF{nlist},Flat" "IVF{nlist},SQ8" ...] [--milvus-at 1000000]
 
 For each size the catalogue is written to disk as float16 in chunks (a 10M catalogue never sits
-in memory as float32) and indexed through ``components.indexing.index_embeddings``, the path the
+in memory as float32) and indexed through ``components.index.indexing.index_embeddings``, the path the
 flows take: ``index.factory: auto`` (the plan for that size), each named candidate, and at
 ``--milvus-at`` the same vectors published to Milvus Lite. Every index is saved, then loaded and
 searched in a fresh process, so its memory is its own:
@@ -122,7 +122,7 @@ def catalogue_map(folder: Path, n_skus: int, real_names: list[str]):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from components.catalogue_map import CatalogueMap
+    from components.index.catalogue_map import CatalogueMap
 
     numbers = pc.cast(pa.array(np.arange(len(real_names), n_skus)), pa.string())
     names = pa.concat_arrays([pa.array(real_names, pa.string()), pc.binary_join_element_wise("sku-", numbers, "")])
@@ -166,7 +166,7 @@ def measure(folder: str, catalogue_dir: str, backend: str, limit: int = 0) -> di
     bare = _rss()
     started = time.perf_counter()
     if backend == "milvus":
-        from components.milvus_index import open_milvus_index
+        from components.index.milvus import open_milvus_index
 
         uri, collection = folder.split("#")
         catalogue = open_milvus_index(uri, collection)
@@ -213,7 +213,7 @@ def _recall(answers: list[list[str]], exact: list[list[str]], prefix: str = "") 
 def build_one(name: str, factory: str, vectors, items, params, out: Path) -> dict:
     """Build, tune and save one FAISS candidate; its facts."""
     from components.index import save_index
-    from components.indexing import index_embeddings
+    from components.index.indexing import index_embeddings
 
     started = time.perf_counter()
     catalogue = index_embeddings(vectors, items, params.model_copy(update={"factory": factory}), {"candidate": name})
@@ -228,8 +228,8 @@ def build_one(name: str, factory: str, vectors, items, params, out: Path) -> dic
 def build_milvus(folder: str, scratch: str, nlist: int) -> dict:
     """In a fresh process (Milvus Lite holds its file while its process lives): publish the catalogue
     of ``folder`` to a Milvus Lite file with an IVF_FLAT index; its location and facts."""
-    from components.catalogue_map import CatalogueMap
-    from components.milvus_index import publish_to_milvus
+    from components.index.catalogue_map import CatalogueMap
+    from components.index.milvus import publish_to_milvus
 
     uri = str(Path(scratch) / "milvus" / "catalogue.db")
     vectors = np.load(Path(folder) / "vectors.npy", mmap_mode="r")
@@ -259,7 +259,7 @@ def index_add(folder: Path, data_root: str, count: int, scratch: Path, params) -
     from components.config import ModelParams
     from components.data import load_manifest, select
     from components.index import load_index
-    from components.indexing import add_vectors
+    from components.index.indexing import add_vectors
     from components.model import build_encoder, embed_images
 
     encoder, preprocess = build_encoder(ModelParams())
@@ -291,7 +291,7 @@ def index_add(folder: Path, data_root: str, count: int, scratch: Path, params) -
 
 def run_size(size: int, args, real: dict, params, scratch: Path) -> dict:
     """Every way at one catalogue size."""
-    from components.index_policy import ivf_lists, plan_index
+    from components.index.policy import ivf_lists, plan_index
 
     folder = scratch / f"catalogue-{size}"
     folder.mkdir(parents=True, exist_ok=True)

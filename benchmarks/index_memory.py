@@ -43,7 +43,7 @@ def measure_load(folder: str, mode: str) -> dict:
     import faiss
     import numpy as np
 
-    from components import index as index_lib
+    from components.index import catalogue_index as index_lib
 
     if mode == MODES[0]:
         index_lib._read_faiss = lambda path: faiss.read_index(str(path))  # the read before memory mapping

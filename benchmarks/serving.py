@@ -153,7 +153,7 @@ def register(client, params: Params, rows, seed: int, folder: Path) -> str:
 
     from components import registry
     from components.index import save_index
-    from components.indexing import build_catalogue_index
+    from components.index.indexing import build_catalogue_index
     from components.model import build_encoder, save_encoder
 
     torch.manual_seed(seed)

@@ -254,7 +254,7 @@ class IndexParams(_Section):
     """The catalogue index: which one, how hard it searches, and where it lives."""
 
     # "auto" picks from the catalogue size, the embedding size and memory_budget_mb
-    # (components/index_policy.py); or a faiss.index_factory string (inner product = cosine).
+    # (components/index/policy.py); or a faiss.index_factory string (inner product = cosine).
     factory: str = "auto"
     # Resident memory the index and its SKU map may take on a serving host.
     memory_budget_mb: int = Field(default=1536, ge=1)

@@ -15,7 +15,7 @@ import torch
 
 from components.config import ServeParams
 from components.index import CatalogueIndex, IndexMismatchError
-from components.indexing import open_catalogue
+from components.index.indexing import open_catalogue
 from components.model import embed_rows, load_encoder, pool_query_rows, query_rows, resolve_device
 
 DEFAULT_BATCH_SIZE = ServeParams.model_fields["batch_size"].default

@@ -189,7 +189,7 @@ def index_build(
     """Build the catalogue index of a saved encoder, outside the registry (DVC stage ``index``)."""
     from components.data import load_manifest
     from components.evaluate import open_set_threshold
-    from components.indexing import build_model_index
+    from components.index.indexing import build_model_index
 
     cfg = _params(params, overrides, data)
     metrics_file = metrics or Path(cfg.evaluate.metrics_path)

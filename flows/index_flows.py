@@ -2,7 +2,7 @@
 
 Each makes the next index version of a registered model version (``@champion`` by default)
 without training: it downloads that version's encoder and current index (verified against the
-checksum the registry records), changes the catalogue with ``components.indexing`` and records
+checksum the registry records), changes the catalogue with ``components.index.indexing`` and records
 the result with ``registry.record_index_version``. The service notices the new index checksum
 through its hot swap. ``skumatch index rebuild`` / ``add`` / ``remove`` run these flows.
 """
@@ -15,9 +15,9 @@ from typing import Any
 
 from prefect import flow
 
-from components import indexing, registry
+from components import registry
 from components.config import Params, load_params
-from components.index import load_index
+from components.index import indexing, load_index
 
 
 def _current(params: Params, model: str, with_index: bool = True):

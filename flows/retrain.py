@@ -29,10 +29,11 @@ from prefect.cache_policies import NO_CACHE
 
 from components import data as data_lib
 from components import evaluate as evaluate_lib
-from components import indexing, registry
 from components import lineage as lineage_lib
+from components import registry
 from components import validation as validation_lib
 from components.config import Params, flatten_params, load_params
+from components.index import indexing
 
 LOGGER = logging.getLogger(__name__)
 # Where the challenger report goes in the MLflow run's artifacts.

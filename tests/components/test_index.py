@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from components.catalogue_map import LEGACY_ITEMS_FILE, CatalogueMap
-from components.index import (
+from components.index.catalogue_index import (
     INDEX_FILE,
     ITEMS_FILE,
     META_FILE,
@@ -19,6 +18,7 @@ from components.index import (
     load_index,
     save_index,
 )
+from components.index.catalogue_map import LEGACY_ITEMS_FILE, CatalogueMap
 
 DIM = 16
 
@@ -151,7 +151,7 @@ def test_checksum_is_sha256_of_the_data_files(saved):
 def test_streamed_checksum_is_the_sha256_of_the_whole_files_and_the_meta(saved, monkeypatch):
     import hashlib
 
-    import components.index as index_lib
+    import components.index.catalogue_index as index_lib
 
     folder, checksum, _ = saved
     meta = json.loads((folder / META_FILE).read_text())

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.catalogue_map import CatalogueMap
 from components.config import IndexParams
 from components.index import build_index, load_index, save_index, with_rows, without_skus
-from components.index_policy import ivf_lists, measure_recall, plan_index, tune_search
-from components.indexing import index_embeddings
+from components.index.catalogue_map import CatalogueMap
+from components.index.indexing import index_embeddings
+from components.index.policy import ivf_lists, measure_recall, plan_index, tune_search
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from components.config import ModelParams
 from components.index import load_index, save_index
-from components.indexing import build_catalogue_index
+from components.index.indexing import build_catalogue_index
 from components.matcher import ServedModel
 from components.model import build_encoder, embed_batch, load_encoder, save_encoder
 

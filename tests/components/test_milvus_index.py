@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.catalogue_map import CatalogueMap
 from components.index import IndexMismatchError, build_index
-from components.milvus_index import open_milvus_index, publish_to_milvus
+from components.index.catalogue_map import CatalogueMap
+from components.index.milvus import open_milvus_index, publish_to_milvus
 
-# components.milvus_index imports pymilvus only when used; without it (or Milvus Lite) there is nothing to test.
+# components.index.milvus imports pymilvus only when used; without it (or Milvus Lite) there is nothing to test.
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
@@ -159,7 +159,7 @@ def test_publish_replaces_a_collection(published, catalogue):
 def test_index_backend_milvus_publishes_each_version_and_the_service_opens_it_verified(tmp_path, catalogue):
     from components.config import IndexParams
     from components.index import load_index
-    from components.indexing import index_embeddings, open_catalogue, save_version
+    from components.index.indexing import index_embeddings, open_catalogue, save_version
 
     vectors, sku_ids, paths, queries = catalogue
     params = IndexParams(backend="milvus", milvus_uri=str(tmp_path / "m" / "catalogue.db"), milvus_index_type="FLAT")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from components import registry
 from components.config import ModelParams, RegistryParams
 from components.index import IndexMismatchError, save_index
-from components.indexing import build_catalogue_index
+from components.index.indexing import build_catalogue_index
 from components.matcher import load_served_model
 from components.model import build_encoder, save_encoder
 from flows.cli import app

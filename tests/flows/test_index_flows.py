@@ -16,7 +16,7 @@ from components import registry
 from components.config import Params, load_params
 from components.data import load_manifest, select
 from components.index import load_index
-from components.indexing import build_model_index, manifest_digest
+from components.index.indexing import build_model_index, manifest_digest
 from components.model import build_encoder, embed_images, load_encoder, save_encoder
 from flows.cli import app
 from flows.index_flows import rebuild_index

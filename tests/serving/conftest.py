@@ -56,7 +56,7 @@ def served_files(tmp_path_factory: pytest.TempPathFactory, tiny_clip_dir: Path, 
 
     from components.config import IndexParams, ModelParams
     from components.index import save_index
-    from components.indexing import build_catalogue_index
+    from components.index.indexing import build_catalogue_index
     from components.model import build_encoder, save_encoder
 
     root = tmp_path_factory.mktemp("served-files")

@@ -102,7 +102,7 @@ def _register_tiny_champion(root: Path, tiny_clip_dir: Path, dataset: Path) -> R
     from components import registry
     from components.config import IndexParams, load_params
     from components.index import save_index
-    from components.indexing import build_catalogue_index
+    from components.index.indexing import build_catalogue_index
     from components.model import build_encoder, save_encoder
 
     root.mkdir(parents=True, exist_ok=True)
@@ -236,7 +236,7 @@ def _register_new_version(champion, tracking_uri, clip_dir, folder, skus, promot
     from components import registry
     from components.config import IndexParams, load_params
     from components.index import save_index
-    from components.indexing import build_catalogue_index
+    from components.index.indexing import build_catalogue_index
     from components.model import build_encoder, save_encoder
 
     params = load_params(

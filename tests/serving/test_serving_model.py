@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from serving_support import flip_byte
 
-from components.catalogue_map import ITEMS_FILE, CatalogueMap
 from components.config import ServeParams, UploadLimits
 from components.index import IndexMismatchError
+from components.index.catalogue_map import ITEMS_FILE, CatalogueMap
 from components.matcher import load_served_model
 from components.registry import ResolvedModel
 from serving.build import package_model, serve_command, serving_requirements

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from components.index import IndexMismatchError
+from components.index.catalogue_index import IndexMismatchError
 
 if TYPE_CHECKING:
-    from components.catalogue_map import CatalogueMap
+    from components.index.catalogue_map import CatalogueMap
 
 LOGGER = logging.getLogger(__name__)
 

@@ -10,15 +10,17 @@ to choose an index"), with three changes measured on near-tie catalogues (docs/d
 - ``SQ8`` codes between uncompressed IVF lists and PQ, and compressed codes re-ranked with the
   exact vectors.
 
-IVF takes 2^round(log2(4·√N)) lists (autofaiss's rule below a million vectors; 16,384 at 10M, its
-figure up to 10M), with an HNSW coarse quantizer from 8,192 lists, and the largest codes that fit
-the memory budget. :func:`tune_search` then picks the least ``nprobe`` / ``ef_search`` that
-reaches ``index.target_recall`` of SKUs against exact search, as autofaiss's binary search does
-under a speed budget, and keeps the recall it measured. Its queries are held-out catalogue
-vectors turned away from themselves to ``index.tune_query_cosine``: a photo is farther from its
-catalogue image than catalogue images are from each other, and a catalogue vector queried as it
-is finds its own neighbourhood in the first list it probes (recall 1.0 at ``nprobe`` 1 on a
-million near-tie vectors, where photo-like queries reached 0.90).
+IVF takes 2^round(log2(4·√N)) lists below ten million vectors (autofaiss's rule below a million;
+it jumps to 16,384 at a million, where 4,096 lists met the targets) and autofaiss's 65,536 from ten
+million (16,384 lists needed ``nprobe`` 1329 on 10M near-tie vectors), with an HNSW coarse quantizer
+from 8,192 lists, and the largest codes that fit the memory budget. :func:`tune_search` then picks
+the least ``nprobe`` / ``ef_search`` that reaches ``index.target_recall`` of SKUs against exact
+search, as autofaiss's binary search does under a speed budget, and keeps the recall it measured.
+Its queries are held-out catalogue vectors turned away from themselves to
+``index.tune_query_cosine``: a photo is farther from its catalogue image than catalogue images are
+from each other, and a catalogue vector queried as it is finds its own neighbourhood in the first
+list it probes (recall 1.0 at ``nprobe`` 1 on a million near-tie vectors, where photo-like queries
+reached 0.90).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from components.config import IndexParams
-from components.index import ROWS_PER_CHUNK, CatalogueIndex, ivf_layer, set_search_params
+from components.index.catalogue_index import ROWS_PER_CHUNK, CatalogueIndex, ivf_layer, set_search_params
 
 LOGGER = logging.getLogger(__name__)
 

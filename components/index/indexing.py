@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from components.catalogue_map import CatalogueMap
 from components.config import EvaluateParams, IndexParams
-from components.index import (
+from components.index.catalogue_index import (
     CatalogueIndex,
     build_index,
     load_index,
@@ -27,7 +26,8 @@ from components.index import (
     with_rows,
     without_skus,
 )
-from components.index_policy import measure_recall, plan_index, tune_search
+from components.index.catalogue_map import CatalogueMap
+from components.index.policy import measure_recall, plan_index, tune_search
 
 EXACT_RECALL = {"recall_at_1": 1.0, "recall_at_10": 1.0}
 MILVUS_URI_ENV, MILVUS_TOKEN_ENV = "SKUMATCH_MILVUS_URI", "MILVUS_TOKEN"
@@ -51,7 +51,7 @@ def save_version(catalogue: CatalogueIndex, out_dir: str | Path, params: IndexPa
             catalogue.meta.pop(key, None)
     checksum = save_index(catalogue, out_dir)
     if params.backend == "milvus":
-        from components.milvus_index import publish_to_milvus
+        from components.index.milvus import publish_to_milvus
 
         published = publish_to_milvus(
             params.milvus_uri,
@@ -86,7 +86,7 @@ def open_catalogue(folder: str | Path, expected_checksum: str | None, expected_m
     catalogue = load_index(folder, expected_checksum, expected_model_version)
     if catalogue.meta.get("backend") != "milvus":
         return catalogue
-    from components.milvus_index import open_milvus_index
+    from components.index.milvus import open_milvus_index
 
     milvus = open_milvus_index(
         os.environ.get(MILVUS_URI_ENV) or catalogue.meta["milvus_uri"],

@@ -5,11 +5,11 @@ does, the GPU is used only when ``faiss.get_num_gpus()`` reports one, and indexe
 saved as CPU indexes so a CPU host can load them.
 
 An index folder holds ``index.faiss``, ``items.arrow`` (row -> SKU and image path,
-:mod:`components.catalogue_map`), ``vectors.npy`` (the exact embeddings as float16, read
+:mod:`components.index.catalogue_map`), ``vectors.npy`` (the exact embeddings as float16, read
 memory-mapped: re-ranking, recall measurement, adding and removing products) and ``index.json``
 (the model name and version it was built from, the factory, the search settings, the measured
 recall and the SHA-256 checksum of the data files). Which factory and settings a catalogue gets
-is :mod:`components.index_policy`'s choice.
+is :mod:`components.index.policy`'s choice.
 :func:`load_index` refuses a folder whose checksum or model version does not match what the
 caller expects.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.catalogue_map import ITEMS_FILE, LEGACY_ITEMS_FILE, CatalogueMap, items_file
+from components.index.catalogue_map import ITEMS_FILE, LEGACY_ITEMS_FILE, CatalogueMap, items_file
 
 LOGGER = logging.getLogger(__name__)
 
