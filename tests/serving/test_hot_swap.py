@@ -164,42 +164,43 @@ def test_a_corrupted_new_index_is_refused_and_the_old_pair_keeps_serving(
         )
 
 
-def test_a_new_index_for_the_served_version_is_swapped_in(swap_server, packaged, registry_copy, tmp_path):
-    """Products removed from the catalogue: same model version, a new index with its own checksum."""
+def test_index_remove_and_add_reach_the_running_service_through_the_reload_route(
+    swap_server, packaged, registry_copy, prefect_api, tmp_path
+):
+    """Products removed, then added back, by the real ``remove_products`` / ``add_products`` flows:
+    same model version, a new index version each time, picked up without a restart."""
     import pandas as pd
-    from mlflow import MlflowClient
 
-    from components import registry
-    from components.config import IndexParams
-    from components.index import save_index
-    from components.indexing import build_catalogue_index
-    from components.model import load_encoder
+    from flows.index_flows import add_products, remove_products
 
     champion = packaged.champion
     before = _info(swap_server)
-    client = MlflowClient(registry_copy, registry_copy)
-    served = registry.download_version(client, "skumatch-serving-test", before["model_version"], dst=tmp_path / "dl")
-    encoder, preprocess, _ = load_encoder(served.encoder_dir)
-    kept = list(champion.catalogue)[:-1]
-    rows = pd.DataFrame([{"image_path": str(champion.catalogue[sku][0]), "sku_id": sku} for sku in kept])
-    index = build_catalogue_index(
-        encoder,
-        preprocess,
-        rows,
-        IndexParams(use_gpu="never"),
-        meta={"model_name": "skumatch-serving-test", "model_version": before["model_version"]},
-    )
-    checksum = save_index(index, tmp_path / "smaller-index")
-    registry.attach_index(
-        client, "skumatch-serving-test", before["model_version"], tmp_path / "smaller-index", checksum
-    )
+    version = before["model_version"]
+    sku = sorted(champion.catalogue)[-1]
+    overrides = [f"registry.tracking_uri={registry_copy}", "index.use_gpu=never"]
 
+    removed = remove_products([sku], model=version, params_path=str(champion.params_file), overrides=overrides)
     response = _reload(swap_server)
     assert response.status_code == 200, response.text
-    assert (response.json()["outcome"], response.json()["model_version"]) == ("swapped", before["model_version"])
+    assert (response.json()["outcome"], response.json()["model_version"]) == ("swapped", version)
     info = _info(swap_server)
-    assert info["index_checksum"] == checksum != before["index_checksum"]
-    assert (info["catalogue_skus"], info["catalogue_size"]) == (len(kept), len(kept))
+    assert info["index_checksum"] == removed["checksum"] != before["index_checksum"]
+    assert info["catalogue_skus"] == before["catalogue_skus"] - 1
+    answer = _match(swap_server, champion.catalogue[sku][0]).json()
+    assert sku not in [hit["sku_id"] for hit in answer["matches"]] and answer["index_checksum"] == removed["checksum"]
+
+    manifest = tmp_path / "manifest.csv"
+    rows = [
+        {"image_path": str(path), "sku_id": sku, "split": "catalogue", "role": "catalogue"}
+        for path in champion.catalogue[sku]
+    ]
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    added = add_products(str(manifest), model=version, params_path=str(champion.params_file), overrides=overrides)
+    assert added["parent_index_version"] == removed["index_version"]
+    assert _reload(swap_server).json()["outcome"] == "swapped"
+    answer = _match(swap_server, champion.catalogue[sku][0]).json()
+    assert answer["matches"][0]["sku_id"] == sku and answer["index_checksum"] == added["checksum"]
+    assert _info(swap_server)["catalogue_skus"] == before["catalogue_skus"]
 
 
 def test_the_poll_interval_brings_a_promoted_version_in_without_asking(packaged, second_clip, tmp_path):
