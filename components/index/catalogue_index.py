@@ -20,12 +20,13 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from components.index.catalogue_map import ITEMS_FILE, LEGACY_ITEMS_FILE, CatalogueMap, items_file
+from components.index.row_reader import RowReader
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class CatalogueIndex:
     items: CatalogueMap
     meta: dict
     vectors: np.ndarray | None = None
+    row_reader: RowReader | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -92,16 +94,23 @@ class CatalogueIndex:
         if factor <= 1 or self.vectors is None:
             return self.index.search(queries, want)
         _, candidates = self.index.search(queries, min(len(self), want * factor))
-        return _rerank(queries, candidates, self.vectors, want)
+        return _rerank(queries, candidates, self._exact_rows, want)
 
     def stored_vector(self, row: int) -> np.ndarray | None:
         """Row ``row``'s embedding as stored (``None`` where neither the vectors nor the index keep it)."""
         if self.vectors is not None:
-            return np.asarray(self.vectors[row], dtype=np.float32)
+            return self._exact_rows(np.array([row]))[0]
         try:
             return self.index.reconstruct(int(row))
         except RuntimeError:  # IVF without a direct map, PQ...: the codes cannot give it back
             return None
+
+    def _exact_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``rows`` as float32: read with pread from a loaded index's file
+        (:mod:`components.index.row_reader`), indexed in memory for one being built."""
+        if self.row_reader is not None:
+            return self.row_reader.take(rows)
+        return np.asarray(self.vectors[rows], dtype=np.float32)
 
     def _queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
@@ -110,13 +119,14 @@ class CatalogueIndex:
         return queries
 
 
-def _rerank(queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray, want: int):
-    """Exact cosine of each candidate row, best ``want`` first (``-1`` candidates stay last)."""
+def _rerank(queries: np.ndarray, candidates: np.ndarray, exact_rows, want: int):
+    """Exact cosine of each candidate row (``exact_rows(rows)`` gives their vectors), best ``want``
+    first (``-1`` candidates stay last)."""
     scores = np.full((len(queries), want), -np.inf, dtype=np.float32)
     rows = np.full((len(queries), want), -1, dtype=np.int64)
     for start in range(0, len(queries), RERANK_QUERY_CHUNK):
         block = candidates[start : start + RERANK_QUERY_CHUNK]
-        gathered = np.asarray(vectors[np.maximum(block, 0)], dtype=np.float32)  # (queries, candidates, d)
+        gathered = exact_rows(np.maximum(block, 0))  # (queries, candidates, d)
         exact = np.einsum("qcd,qd->qc", gathered, queries[start : start + RERANK_QUERY_CHUNK])
         exact[block < 0] = -np.inf
         order = np.argsort(-exact, axis=1, kind="stable")[:, :want]
@@ -400,13 +410,15 @@ def load_index(
     items = CatalogueMap.read(folder)
     index = faiss.read_index(str(folder / INDEX_FILE)) if writable else _read_faiss(folder / INDEX_FILE)
     set_search_params(index, meta.get("nprobe"), meta.get("ef_search"))
-    vectors = np.load(folder / VECTORS_FILE, mmap_mode="r") if (folder / VECTORS_FILE).exists() else None
+    vectors, reader = None, None
+    if (folder / VECTORS_FILE).exists():
+        vectors, reader = np.load(folder / VECTORS_FILE, mmap_mode="r"), RowReader(folder / VECTORS_FILE)
     if index.ntotal != len(items) or (vectors is not None and vectors.shape != (len(items), index.d)):
         raise IndexMismatchError(
             f"index {folder} has {index.ntotal} rows, {len(items)} items and vectors of shape "
             f"{None if vectors is None else vectors.shape}"
         )
-    return CatalogueIndex(index, items, meta, vectors)
+    return CatalogueIndex(index, items, meta, vectors, reader)
 
 
 def with_rows(catalogue: CatalogueIndex, embeddings: np.ndarray, sku_ids: list[str], image_paths: list[str]):

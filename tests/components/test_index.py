@@ -177,6 +177,28 @@ def test_a_loaded_index_maps_its_file_and_searches_as_built(catalogue, tmp_path,
     assert str((tmp_path / "index" / INDEX_FILE).resolve()) in mapped
 
 
+def test_a_loaded_index_re_ranks_with_rows_read_by_pread_not_through_the_mapping(catalogue, tmp_path):
+    embeddings, sku_ids, paths, queries = catalogue
+    built = build_index(embeddings, sku_ids, paths, "IVF4,SQ4", "never", {"model_version": "1"}, rerank_factor=4)
+    save_index(built, tmp_path / "index")
+    loaded = load_index(tmp_path / "index")
+    stored = np.load(tmp_path / "index" / VECTORS_FILE)
+    rows = np.array([[5, 0], [59, 5]])
+    assert np.array_equal(loaded.row_reader.take(rows), stored[rows].astype(np.float32))
+    with pytest.raises(IndexError, match="outside"):
+        loaded.row_reader.take(np.array([60]))
+
+    class Unmapped:  # re-ranking must not fault pages of the mapping in (fault-around maps 16 a row)
+        shape, dtype = stored.shape, stored.dtype
+
+        def __getitem__(self, rows):
+            raise AssertionError("re-ranking read the vectors through their mapping")
+
+    loaded.vectors = Unmapped()
+    assert loaded.search(queries, 4) == built.search(queries, 4)
+    assert np.array_equal(loaded.stored_vector(7), stored[7].astype(np.float32))
+
+
 def test_model_version_compares_as_string(saved):
     folder, _, _ = saved
     assert load_index(folder, expected_model_version=3).meta["model_version"] == "3"
