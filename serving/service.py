@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -91,6 +92,12 @@ def configured_workers(service_name: str) -> int:
 def threads_per_worker(threads: int, workers: int) -> int:
     """Torch intra-op threads for one worker: a process's ``threads`` shared out among the workers, at least 1."""
     return max(1, threads // workers)
+
+
+def worker_torch_threads(default_threads: int, workers: int, environ: Mapping[str, str]) -> int:
+    """The torch threads a worker sets: its share of torch's default, unless ``OMP_NUM_THREADS``
+    is set explicitly, which wins (torch has already applied it)."""
+    return default_threads if "OMP_NUM_THREADS" in environ else threads_per_worker(default_threads, workers)
 
 
 def lane_count(setting: int | str, torch_threads: int, device: str) -> int:
@@ -237,8 +244,7 @@ class Matcher:
         # second (benchmarks/results/serving.md). So each worker takes its share of torch's
         # default; an explicit OMP_NUM_THREADS wins.
         self.workers = configured_workers(SERVICE_NAME)
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(threads_per_worker(torch.get_num_threads(), self.workers))
+        torch.set_num_threads(worker_torch_threads(torch.get_num_threads(), self.workers, os.environ))
         self.torch_threads = torch.get_num_threads()
 
         facts = packaged_facts()

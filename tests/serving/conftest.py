@@ -10,12 +10,16 @@ from pathlib import Path
 
 import pytest
 from serving_support import (
+    ADMIN_TOKEN,
+    CALLER_KEYS,
     EMBED_DIM,
     IMAGE_SIZE,
     Packaged,
     RegisteredChampion,
     ServedFiles,
+    copy_registry,
     package_in_subprocess,
+    private_home,
     register_tiny_champion,
     running,
 )
@@ -43,6 +47,30 @@ def server(packaged: Packaged):
     start their own.
     """
     with running(packaged.bento_tag, packaged.champion.env, packaged.champion.root / "serve.log") as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def registry_copy(packaged: Packaged, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tracking URI of a private copy of the champion's registry, which tests may change."""
+    return copy_registry(packaged.champion, tmp_path_factory.mktemp("keyed-registry"))
+
+
+@pytest.fixture(scope="session")
+def keyed_server(packaged: Packaged, registry_copy: str, tmp_path_factory: pytest.TempPathFactory):
+    """The packaged Bento served with caller API keys, an admin token and the registry copy (no polling).
+
+    Shared by the access and hot-swap tests: one start instead of one each. Tests that move
+    ``@champion`` in the copy leave the service serving it, so none assumes which version answers.
+    """
+    folder = tmp_path_factory.mktemp("keyed-server")
+    env = {
+        **private_home(packaged.champion.env, folder),
+        "MLFLOW_TRACKING_URI": registry_copy,
+        "SKUMATCH_API_KEYS": ",".join(CALLER_KEYS),
+        "SKUMATCH_ADMIN_TOKEN": ADMIN_TOKEN,
+    }
+    with running(packaged.bento_tag, env, folder / "serve.log") as started:
         yield started
 
 

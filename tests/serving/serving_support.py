@@ -29,6 +29,9 @@ BENTO_MODEL_NAME = "skumatch-matcher-test"
 # Catalogue images per SKU: the iconic image plus this many training photos, so the index holds
 # several rows per SKU and the distinct-SKU ranking is exercised.
 EXTRA_CATALOGUE_IMAGES = 2
+# The keyed server's credentials (conftest ``keyed_server``): two caller keys and an admin token.
+CALLER_KEYS = ("caller-key-one", "caller-key-two")
+ADMIN_TOKEN = "admin-token-of-the-keyed-server"
 
 
 @dataclass

@@ -16,7 +16,7 @@ import httpx
 import jsonschema
 import pytest
 from PIL import Image
-from serving_support import private_home, running
+from serving_support import ADMIN_TOKEN, CALLER_KEYS
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -237,42 +237,41 @@ def test_openapi_document_lists_every_route_and_the_upload_forms(server):
     }
 
 
-def test_api_keys_401_without_a_key_and_403_for_a_caller_key_on_admin_routes(packaged, tmp_path):
-    champion = packaged.champion
-    sku, paths = next(iter(champion.catalogue.items()))
-    env = {**private_home(champion.env, tmp_path), "SKUMATCH_API_KEYS": "k1,k2", "SKUMATCH_ADMIN_TOKEN": "adm"}
-    with running(packaged.bento_tag, env, tmp_path / "serve.log") as server:
-        with SkumatchClient(server.url, "k2") as client:
-            assert client.match(paths[0]).matches[0].sku_id == sku
-            assert client.info()["api_keys_required"] is True
-        with SkumatchClient(server.url) as client, pytest.raises(SkumatchError) as unauthorized:
-            client.match(paths[0])
-        assert (unauthorized.value.status, unauthorized.value.reason) == (401, "unauthorized")
-        assert "missing or wrong API key" in str(unauthorized.value)
-        with SkumatchClient(server.url, "k1") as client, pytest.raises(SkumatchError) as forbidden:
-            client.reload()
-        assert (forbidden.value.status, forbidden.value.reason) == (403, "forbidden")
-        with SkumatchClient(server.url, "adm") as admin:
-            # The fixtures' env names the registry, whose @champion is the version being served.
-            reloaded = admin.reload()
-            assert (reloaded["outcome"], reloaded["model_version"]) == ("unchanged", champion.version)
-            assert admin.match(paths[0]).matches[0].sku_id == sku  # the admin token opens caller routes too
+def test_api_keys_401_without_a_key_and_403_for_a_caller_key_on_admin_routes(keyed_server, packaged):
+    sku, paths = next(iter(packaged.champion.catalogue.items()))
+    first_key, second_key = CALLER_KEYS
+    with SkumatchClient(keyed_server.url, second_key) as client:
+        assert client.match(paths[0]).matches[0].sku_id == sku
+        assert client.info()["api_keys_required"] is True
+        served = client.info()["model_version"]  # the hot-swap tests move @champion on this server
+    with SkumatchClient(keyed_server.url) as client, pytest.raises(SkumatchError) as unauthorized:
+        client.match(paths[0])
+    assert (unauthorized.value.status, unauthorized.value.reason) == (401, "unauthorized")
+    assert "missing or wrong API key" in str(unauthorized.value)
+    with SkumatchClient(keyed_server.url, first_key) as client, pytest.raises(SkumatchError) as forbidden:
+        client.reload()
+    assert (forbidden.value.status, forbidden.value.reason) == (403, "forbidden")
+    with SkumatchClient(keyed_server.url, ADMIN_TOKEN) as admin:
+        # The server reads a registry copy whose @champion is the version it serves.
+        reloaded = admin.reload()
+        assert (reloaded["outcome"], reloaded["model_version"]) == ("unchanged", served)
+        assert admin.match(paths[0]).matches[0].sku_id == sku  # the admin token opens caller routes too
 
-        runner = CliRunner()
-        by_option = runner.invoke(
-            app, ["match", str(paths[0]), "--url", server.url, "--api-key", "k1"], env={"SKUMATCH_API_KEY": None}
-        )
-        assert by_option.exit_code == 0, by_option.output
-        assert by_option.output.splitlines()[0] == f"{paths[0]} -> model skumatch-serving-test v{champion.version}"
-        assert by_option.output.splitlines()[1].split()[1] == sku
-        by_env = runner.invoke(
-            app, ["match", str(paths[0]), str(paths[1]), "--url", server.url], env={"SKUMATCH_API_KEY": "k2"}
-        )
-        assert by_env.exit_code == 0, by_env.output
-        assert by_env.output.count(" -> model skumatch-serving-test") == 2
-        keyless = runner.invoke(app, ["match", str(paths[0]), "--url", server.url], env={"SKUMATCH_API_KEY": None})
-        assert keyless.exit_code == 1
-        assert "HTTP 401 (unauthorized): missing or wrong API key" in keyless.output
+    runner = CliRunner()
+    by_option = runner.invoke(
+        app, ["match", str(paths[0]), "--url", keyed_server.url, "--api-key", first_key], env={"SKUMATCH_API_KEY": None}
+    )
+    assert by_option.exit_code == 0, by_option.output
+    assert by_option.output.splitlines()[0] == f"{paths[0]} -> model skumatch-serving-test v{served}"
+    assert by_option.output.splitlines()[1].split()[1] == sku
+    by_env = runner.invoke(
+        app, ["match", str(paths[0]), str(paths[1]), "--url", keyed_server.url], env={"SKUMATCH_API_KEY": second_key}
+    )
+    assert by_env.exit_code == 0, by_env.output
+    assert by_env.output.count(" -> model skumatch-serving-test") == 2
+    keyless = runner.invoke(app, ["match", str(paths[0]), "--url", keyed_server.url], env={"SKUMATCH_API_KEY": None})
+    assert keyless.exit_code == 1
+    assert "HTTP 401 (unauthorized): missing or wrong API key" in keyless.output
 
 
 def test_cli_match_reports_a_bad_single_photo_by_its_path(server, tmp_path):

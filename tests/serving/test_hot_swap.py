@@ -14,6 +14,8 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 from serving_support import (
+    ADMIN_TOKEN,
+    CALLER_KEYS,
     copy_registry,
     flip_byte,
     logged_index_file,
@@ -24,27 +26,8 @@ from serving_support import (
 
 pytestmark = pytest.mark.integration
 
-ADMIN_TOKEN = "admin-token-of-the-swap-tests"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def registry_copy(packaged, tmp_path_factory) -> str:
-    """The tracking URI of a private copy of the champion's registry."""
-    return copy_registry(packaged.champion, tmp_path_factory.mktemp("swap-registry"))
-
-
-@pytest.fixture(scope="module")
-def swap_server(packaged, registry_copy, tmp_path_factory):
-    """The packaged Bento, served with the registry copy and an admin token (no polling)."""
-    folder = tmp_path_factory.mktemp("swap-server")
-    env = {
-        **private_home(packaged.champion.env, folder),
-        "MLFLOW_TRACKING_URI": registry_copy,
-        "SKUMATCH_ADMIN_TOKEN": ADMIN_TOKEN,
-    }
-    with running(packaged.bento_tag, env, folder / "serve.log") as started:
-        yield started
+CALLER = {"Authorization": f"Bearer {CALLER_KEYS[0]}"}
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +37,13 @@ def second_clip(other_tiny_clip_dir):
 
 
 def _info(server) -> dict:
-    return httpx.post(f"{server.url}/info", json={}, timeout=30).json()
+    return httpx.post(f"{server.url}/info", json={}, headers=CALLER, timeout=30).json()
 
 
 def _match(server, path) -> httpx.Response:
-    return httpx.post(f"{server.url}/match", files={"image": (path.name, path.read_bytes(), "image/jpeg")}, timeout=30)
+    return httpx.post(
+        f"{server.url}/match", files={"image": (path.name, path.read_bytes(), "image/jpeg")}, headers=CALLER, timeout=30
+    )
 
 
 def _reload(server) -> httpx.Response:
@@ -99,14 +84,14 @@ class Load:
 
 
 def test_a_new_champion_is_swapped_in_under_load_with_no_failed_request(
-    swap_server, packaged, registry_copy, second_clip, tmp_path
+    keyed_server, packaged, registry_copy, second_clip, tmp_path
 ):
     champion = packaged.champion
-    before = _info(swap_server)
+    before = _info(keyed_server)
     version, checksum, _ = register_new_version(champion, registry_copy, second_clip, tmp_path / "v-new")
-    with Load(swap_server, champion.catalogue) as load:
+    with Load(keyed_server, champion.catalogue) as load:
         time.sleep(1.0)
-        response = _reload(swap_server)
+        response = _reload(keyed_server)
         swapped_at = time.monotonic()
         time.sleep(1.5)
     assert response.status_code == 200, response.text
@@ -126,38 +111,38 @@ def test_a_new_champion_is_swapped_in_under_load_with_no_failed_request(
     # The new model with its own index still finds every catalogue image's SKU first.
     assert all(body["matches"][0]["sku_id"] == body["sku"] for _, _, body in load.answers)
 
-    info = _info(swap_server)
+    info = _info(keyed_server)
     assert (info["model_version"], info["index_checksum"]) == (version, checksum)
     assert info["last_reload"]["outcome"] == "swapped"
     # Asking again changes nothing.
-    assert _reload(swap_server).json()["outcome"] == "unchanged"
+    assert _reload(keyed_server).json()["outcome"] == "unchanged"
 
 
 def test_a_corrupted_new_index_is_refused_and_the_old_pair_keeps_serving(
-    swap_server, packaged, registry_copy, second_clip, tmp_path
+    keyed_server, packaged, registry_copy, second_clip, tmp_path
 ):
     champion = packaged.champion
-    before = _info(swap_server)
+    before = _info(keyed_server)
     version, _, _ = register_new_version(champion, registry_copy, second_clip, tmp_path / "v-bad", promote=False)
     flip_byte(logged_index_file(registry_copy, version))
     MlflowClient(registry_copy, registry_copy).set_registered_model_alias("skumatch-serving-test", "champion", version)
     try:
-        response = _reload(swap_server)
+        response = _reload(keyed_server)
         assert response.status_code == 409, response.text
         refusal = response.json()
         assert refusal["reason"] == "reload_failed" and refusal["outcome"] == "failed"
         assert "IndexMismatchError" in refusal["error"] and "corrupt" in refusal["error"]
         assert f"still serving version {before['model_version']}" in refusal["error"]
 
-        info = _info(swap_server)
+        info = _info(keyed_server)
         assert (info["model_version"], info["index_checksum"]) == (before["model_version"], before["index_checksum"])
         assert info["last_reload"]["outcome"] == "failed" and "corrupt" in info["last_reload"]["error"]
         sku, paths = next(iter(champion.catalogue.items()))
-        answer = _match(swap_server, paths[0])
+        answer = _match(keyed_server, paths[0])
         assert answer.status_code == 200
         assert answer.json()["model_version"] == before["model_version"]
         assert answer.json()["matches"][0]["sku_id"] == sku
-        assert "hot swap to version" in swap_server.output() and "refused" in swap_server.output()
+        assert "hot swap to version" in keyed_server.output() and "refused" in keyed_server.output()
     finally:
         MlflowClient(registry_copy, registry_copy).set_registered_model_alias(
             "skumatch-serving-test", "champion", before["model_version"]
@@ -165,7 +150,7 @@ def test_a_corrupted_new_index_is_refused_and_the_old_pair_keeps_serving(
 
 
 def test_index_remove_and_add_reach_the_running_service_through_the_reload_route(
-    swap_server, packaged, registry_copy, prefect_api, tmp_path
+    keyed_server, packaged, registry_copy, prefect_api, tmp_path
 ):
     """Products removed, then added back, by the real ``remove_products`` / ``add_products`` flows:
     same model version, a new index version each time, picked up without a restart."""
@@ -174,19 +159,19 @@ def test_index_remove_and_add_reach_the_running_service_through_the_reload_route
     from flows.index_flows import add_products, remove_products
 
     champion = packaged.champion
-    before = _info(swap_server)
+    before = _info(keyed_server)
     version = before["model_version"]
     sku = sorted(champion.catalogue)[-1]
     overrides = [f"registry.tracking_uri={registry_copy}", "index.use_gpu=never"]
 
     removed = remove_products([sku], model=version, params_path=str(champion.params_file), overrides=overrides)
-    response = _reload(swap_server)
+    response = _reload(keyed_server)
     assert response.status_code == 200, response.text
     assert (response.json()["outcome"], response.json()["model_version"]) == ("swapped", version)
-    info = _info(swap_server)
+    info = _info(keyed_server)
     assert info["index_checksum"] == removed["checksum"] != before["index_checksum"]
     assert info["catalogue_skus"] == before["catalogue_skus"] - 1
-    answer = _match(swap_server, champion.catalogue[sku][0]).json()
+    answer = _match(keyed_server, champion.catalogue[sku][0]).json()
     assert sku not in [hit["sku_id"] for hit in answer["matches"]] and answer["index_checksum"] == removed["checksum"]
 
     manifest = tmp_path / "manifest.csv"
@@ -197,10 +182,10 @@ def test_index_remove_and_add_reach_the_running_service_through_the_reload_route
     pd.DataFrame(rows).to_csv(manifest, index=False)
     added = add_products(str(manifest), model=version, params_path=str(champion.params_file), overrides=overrides)
     assert added["parent_index_version"] == removed["index_version"]
-    assert _reload(swap_server).json()["outcome"] == "swapped"
-    answer = _match(swap_server, champion.catalogue[sku][0]).json()
+    assert _reload(keyed_server).json()["outcome"] == "swapped"
+    answer = _match(keyed_server, champion.catalogue[sku][0]).json()
     assert answer["matches"][0]["sku_id"] == sku and answer["index_checksum"] == added["checksum"]
-    assert _info(swap_server)["catalogue_skus"] == before["catalogue_skus"]
+    assert _info(keyed_server)["catalogue_skus"] == before["catalogue_skus"]
 
 
 def test_the_poll_interval_brings_a_promoted_version_in_without_asking(packaged, second_clip, tmp_path):
@@ -222,8 +207,9 @@ def test_the_poll_interval_brings_a_promoted_version_in_without_asking(packaged,
         assert httpx.post(f"{server.url}/admin/reload", json={}, timeout=30).status_code == 403
 
 
-def test_admin_route_needs_the_admin_token(swap_server):
-    assert httpx.post(f"{swap_server.url}/admin/reload", json={}, timeout=30).status_code == 401
-    wrong = httpx.post(f"{swap_server.url}/admin/reload", json={}, headers={"Authorization": "Bearer nope"}, timeout=30)
+def test_admin_route_needs_the_admin_token(keyed_server):
+    assert httpx.post(f"{keyed_server.url}/admin/reload", json={}, timeout=30).status_code == 401
+    nope = {"Authorization": "Bearer nope"}
+    wrong = httpx.post(f"{keyed_server.url}/admin/reload", json={}, headers=nope, timeout=30)
     assert wrong.status_code == 401 and wrong.json()["reason"] == "unauthorized"
     assert wrong.headers["www-authenticate"].startswith("Bearer")

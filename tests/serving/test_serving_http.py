@@ -250,29 +250,18 @@ def test_server_still_answers_after_bad_requests(server, packaged):
 CPUS = len(os.sched_getaffinity(0))
 
 
-@pytest.mark.parametrize(
-    ("workers", "omp_num_threads", "served_workers", "threads_each"),
-    [
-        ("cpu_count", None, CPUS, max(1, torch.get_num_threads() // CPUS)),
-        # torch caps OMP_NUM_THREADS at its default; shared out, 2 workers would get 1 each here
-        (2, "2", 2, min(2, torch.get_num_threads())),
-    ],
-    ids=["one-per-cpu-shared-out", "explicit-omp-wins"],
-)
-def test_workers_share_torch_threads_out(packaged, tmp_path, workers, omp_num_threads, served_workers, threads_each):
-    # Two workers that each took torch's thread-per-core default served 0.37 times one worker's
-    # requests per second on 2 cores (benchmarks/results/serving.md). The worker count comes
-    # from a deploy-time override, as an operator would set it, not from the service's code.
-    overrides = {"services": {SERVICE_NAME: {"workers": workers}}}
+def test_workers_share_torch_threads_out(packaged, tmp_path):
+    # The worker count comes from a deploy-time override, as an operator would set it, not from
+    # the service's code; how the threads are shared is worker_torch_threads's (unit-tested).
+    overrides = {"services": {SERVICE_NAME: {"workers": "cpu_count"}}}
     env = {**private_home(packaged.champion.env, tmp_path), "BENTOML_CONFIG_OVERRIDES": json.dumps(overrides)}
     env.pop("OMP_NUM_THREADS", None)
-    if omp_num_threads:
-        env["OMP_NUM_THREADS"] = omp_num_threads
+    threads_each = max(1, torch.get_num_threads() // CPUS)
     with running(packaged.bento_tag, env, tmp_path / "serve.log") as server:
         answers = [_post(server, "/info", json={}) for _ in range(6)]
         # serve.lanes auto on a CPU: one lane per torch thread of the worker.
         assert {tuple(answer.json()[key] for key in ("workers", "torch_threads", "lanes")) for answer in answers} == {
-            (served_workers, threads_each, threads_each)
+            (CPUS, threads_each, threads_each)
         }
 
 

@@ -279,6 +279,15 @@ def test_multipart_parts_refuses_malformed_bodies(content_type, body):
         multipart_parts(content_type, body)
 
 
+def test_workers_share_torch_threads_out_unless_omp_num_threads_is_set():
+    from serving.service import worker_torch_threads
+
+    # Two workers that each took torch's thread-per-core default served 0.37 times one worker's
+    # requests per second on 2 cores (benchmarks/results/serving.md).
+    assert worker_torch_threads(8, 2, {}) == 4 and worker_torch_threads(2, 4, {}) == 1
+    assert worker_torch_threads(2, 2, {"OMP_NUM_THREADS": "2"}) == 2  # torch caps the explicit value; it wins
+
+
 def test_lanes_are_one_per_torch_thread_on_a_cpu_and_one_on_a_gpu():
     from serving.service import lane_count
 
