@@ -235,6 +235,16 @@ class EvaluateParams(_Section):
     # are faster per image on a CPU, with the same embeddings. On a GPU, raise it.
     batch_size: int = Field(default=4, ge=1)
     ks: list[int] = [1, 3, 5]
+    # Metrics come from each query's nearest gallery images, never a queries x gallery matrix, so
+    # memory stays flat in the gallery size: mAP is mAP@neighbours (the full mAP on galleries
+    # this small or smaller), and top-k searches further where images of few SKUs fill the list.
+    neighbours: int = Field(default=1000, ge=1)
+    # Delta similarity subtracts the mean score of this many random other SKUs per query (of all
+    # of them where there are no more).
+    delta_other_skus: int = Field(default=100, ge=1)
+    # Each model's evaluation embeddings are kept here per data version, so a champion compared
+    # again on the same data is not embedded again. null turns the cache off.
+    embedding_cache_dir: str | None = ".skumatch/embeddings"
     # The protocol whose numbers the gate reads: "catalogue" is the real matching setting.
     gate_protocol: Literal["catalogue", "nn"] = "catalogue"
     min_top1: float = Field(default=0.5, ge=0, le=1)

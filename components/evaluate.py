@@ -13,10 +13,13 @@ that of its best image, so k neighbours of one SKU never crowd out the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,38 +31,188 @@ from components.leaks import find_leaks
 
 LOGGER = logging.getLogger(__name__)
 
-# (queries, gallery) -> similarity matrix; injected so tests can swap FAISS for brute force.
-SimilarityFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# (queries, gallery, k) -> (scores, rows): each query's k nearest gallery rows by inner product,
+# best first. Injected, as pytorch-metric-learning's knn_func is, so tests swap FAISS for brute force.
+KnnFn = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+QUERY_CHUNK = 1024  # queries ranked at a time: bounds the (queries, neighbours) blocks
+GATHER_FLOATS = 1 << 24  # gallery floats gathered at a time when scoring SKUs' images (64 MiB)
 
 
-def faiss_similarity(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-    """Inner products of every query with every gallery row, by an exact FAISS search."""
+def faiss_knn(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``k`` nearest gallery rows by inner product: FAISS's exact search, with no index
+    built (a float32 gallery is not copied)."""
     import faiss
 
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
-    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), gallery.shape[0])
-    similarity = np.empty_like(scores)
-    np.put_along_axis(similarity, ids, scores, axis=1)
-    return similarity
+    return faiss.knn(
+        np.ascontiguousarray(queries, dtype=np.float32),
+        np.ascontiguousarray(gallery, dtype=np.float32),
+        min(k, len(gallery)),
+        faiss.METRIC_INNER_PRODUCT,
+    )
 
 
-def brute_force_similarity(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-    """Inner products by a plain matrix product (the reference FAISS is checked against)."""
-    return queries.astype(np.float32) @ gallery.astype(np.float32).T
+def brute_force_knn(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same by a dense matrix product and a stable sort (the reference FAISS is checked against)."""
+    similarity = queries.astype(np.float32) @ gallery.astype(np.float32).T
+    rows = np.argsort(-similarity, axis=1, kind="stable")[:, : min(k, len(gallery))]
+    return np.take_along_axis(similarity, rows, axis=1), rows
 
 
-def sku_scores(similarity: np.ndarray, gallery_skus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Aggregate image similarities into SKU similarities (the best image of each SKU).
+@dataclass(frozen=True)
+class SkuGroups:
+    """Gallery rows grouped by SKU in O(rows): a code per row, and each SKU's rows side by side."""
 
-    Returns:
-        ``(skus, scores)``: the distinct gallery SKUs and a ``(n_queries, n_skus)`` matrix.
+    skus: np.ndarray  # the distinct SKU ids, sorted; a SKU's code is its position here
+    codes: np.ndarray  # the code of each gallery row
+    order: np.ndarray  # gallery rows ordered by code
+    starts: np.ndarray  # SKU c's rows are order[starts[c] : starts[c + 1]]
+
+    @classmethod
+    def of(cls, gallery_skus: np.ndarray) -> SkuGroups:
+        skus, codes = np.unique(np.asarray(gallery_skus).astype(str), return_inverse=True)
+        order = np.argsort(codes, kind="stable")
+        return cls(skus, codes, order, np.searchsorted(codes[order], np.arange(len(skus) + 1)))
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Gallery images per SKU code."""
+        return np.diff(self.starts)
+
+    def best_scores(self, queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarray, codes: np.ndarray):
+        """For each pair (``queries[query_rows[i]]``, SKU ``codes[i]``), the score of that SKU's best image."""
+        sizes = self.sizes[codes]
+        scores = np.empty(len(codes), dtype=np.float32)
+        per_step = max(1, GATHER_FLOATS // gallery.shape[1])  # gallery rows gathered at a time
+        gathered = np.cumsum(sizes)
+        start = 0
+        while start < len(codes):
+            done = gathered[start - 1] if start else 0
+            stop = max(start + 1, int(np.searchsorted(gathered, done + per_step, side="right")))
+            step_sizes = sizes[start:stop]
+            firsts = np.cumsum(step_sizes) - step_sizes
+            positions = np.repeat(self.starts[codes[start:stop]] - firsts, step_sizes) + np.arange(step_sizes.sum())
+            dots = np.einsum(
+                "nd,nd->n", gallery[self.order[positions]], queries[np.repeat(query_rows[start:stop], step_sizes)]
+            )
+            scores[start:stop] = np.maximum.reduceat(dots, firsts)
+            start = stop
+        return scores
+
+
+@dataclass(frozen=True)
+class SkuRanking:
+    """Where each query's true SKU ranks among the distinct SKUs of its nearest gallery images."""
+
+    rank: np.ndarray  # 0 = first; ties count against the model; past max_k only a lower bound
+    true_score: np.ndarray  # the score of the true SKU's best image
+    top_code: np.ndarray  # the first SKU (its code in SkuGroups) and its score
+    top_score: np.ndarray
+    average_precision: np.ndarray  # AP@neighbours over gallery images; the SKU's images are relevant
+
+
+def rank_true_skus(
+    queries: np.ndarray,
+    query_codes: np.ndarray,
+    gallery: np.ndarray,
+    groups: SkuGroups,
+    max_k: int,
+    neighbours: int,
+    knn_fn: KnnFn = faiss_knn,
+) -> SkuRanking:
+    """Rank every query's true SKU from its ``neighbours`` nearest gallery images, never a dense matrix.
+
+    A SKU ranks by its best image. Where the neighbours hold neither the true SKU nor ``max_k``
+    other SKUs (many images of few SKUs), that query's search widens until one holds.
     """
-    skus, inverse = np.unique(gallery_skus, return_inverse=True)
-    scores = np.full((similarity.shape[0], len(skus)), -np.inf, dtype=np.float32)
-    for column, sku_index in enumerate(inverse):
-        np.maximum(scores[:, sku_index], similarity[:, column], out=scores[:, sku_index])
-    return skus, scores
+    n, depth = len(gallery), min(neighbours, len(gallery))
+    rank = np.zeros(len(queries), dtype=np.int64)
+    true_score, top_score, ap = (np.zeros(len(queries), dtype=np.float32) for _ in range(3))
+    top_code = np.zeros(len(queries), dtype=np.int64)
+    for start in range(0, len(queries), QUERY_CHUNK):
+        block, codes = queries[start : start + QUERY_CHUNK], query_codes[start : start + QUERY_CHUNK]
+        where = slice(start, start + len(block))
+        scores, rows = knn_fn(block, gallery, depth)
+        neighbour_codes = groups.codes[rows]
+        top_code[where], top_score[where] = neighbour_codes[:, 0], scores[:, 0]
+        ap[where] = _average_precision(neighbour_codes, codes, groups.sizes[codes])
+        rank[where], true_score[where], settled = _ranks_among(scores, neighbour_codes, codes, max_k, depth == n)
+        k = depth
+        while not settled.all():
+            k = min(n, k * 4)
+            todo = np.flatnonzero(~settled)
+            wider, wider_rows = knn_fn(block[todo], gallery, k)
+            ranks, found, settled[todo] = _ranks_among(wider, groups.codes[wider_rows], codes[todo], max_k, k == n)
+            rank[start + todo], true_score[start + todo] = ranks, found
+        unseen = np.flatnonzero(np.isnan(true_score[where]))  # ranked past max_k without its SKU in sight
+        if unseen.size:
+            true_score[start + unseen] = groups.best_scores(block, gallery, unseen, codes[unseen])
+    return SkuRanking(rank, true_score, top_code, top_score, ap)
+
+
+def _ranks_among(scores: np.ndarray, codes: np.ndarray, true_codes: np.ndarray, max_k: int, complete: bool):
+    """(rank, true score or NaN, settled) of each query from its neighbours' scores and SKU codes."""
+    first = _first_occurrences(codes)
+    is_true = codes == true_codes[:, None]
+    found = is_true.any(axis=1)
+    true_score = np.where(found, scores[np.arange(len(scores)), is_true.argmax(axis=1)], np.nan)
+    others = first & ~is_true
+    with np.errstate(invalid="ignore"):
+        ahead = (others & (scores >= true_score[:, None])).sum(axis=1)
+    # Without the true SKU in sight, every other SKU seen scores at least as high: a lower bound.
+    rank = np.where(found, ahead, others.sum(axis=1))
+    return rank, true_score, found | complete | (rank >= max_k)
+
+
+def _first_occurrences(codes: np.ndarray) -> np.ndarray:
+    """Per row, True where a code appears for the first time (its SKU's best image)."""
+    order = np.argsort(codes, axis=1, kind="stable")
+    ordered = np.take_along_axis(codes, order, axis=1)
+    first_ordered = np.ones(codes.shape, dtype=bool)
+    first_ordered[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    first = np.empty_like(first_ordered)
+    np.put_along_axis(first, order, first_ordered, axis=1)
+    return first
+
+
+def _average_precision(codes: np.ndarray, true_codes: np.ndarray, relevant_count: np.ndarray) -> np.ndarray:
+    """AP@k of each query over its k neighbours (k = ``codes.shape[1]``); the full AP when k covers the gallery."""
+    relevant = codes == true_codes[:, None]
+    precision_at_hits = np.where(relevant, np.cumsum(relevant, axis=1) / np.arange(1, codes.shape[1] + 1), 0.0)
+    return precision_at_hits.sum(axis=1) / np.minimum(relevant_count, codes.shape[1])
+
+
+def delta_similarity(
+    queries: np.ndarray,
+    query_codes: np.ndarray,
+    true_score: np.ndarray,
+    gallery: np.ndarray,
+    groups: SkuGroups,
+    other_skus: int,
+    seed: int = 0,
+) -> float:
+    """Mean over queries of the true SKU's score minus the mean score of random other SKUs.
+
+    Every other SKU is scored where there are at most ``other_skus`` of them; beyond, that many
+    drawn uniformly per query (with replacement), so the cost does not grow with the catalogue.
+    """
+    n_skus = len(groups.skus)
+    if n_skus < 2:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    others_mean = np.empty(len(queries), dtype=np.float64)
+    for start in range(0, len(queries), QUERY_CHUNK):
+        codes = query_codes[start : start + QUERY_CHUNK]
+        if n_skus - 1 <= other_skus:
+            every = np.broadcast_to(np.arange(n_skus), (len(codes), n_skus))
+            others = every[every != codes[:, None]].reshape(len(codes), n_skus - 1)
+        else:  # uniform over the other SKUs: draw from n_skus - 1 codes, step over the true one
+            others = rng.integers(0, n_skus - 1, size=(len(codes), other_skus))
+            others += others >= codes[:, None]
+        query_rows = np.repeat(np.arange(len(codes)), others.shape[1])
+        best = groups.best_scores(queries[start : start + QUERY_CHUNK], gallery, query_rows, others.ravel())
+        others_mean[start : start + len(codes)] = best.reshape(others.shape).mean(axis=1)
+    return float(np.mean(true_score - others_mean))
 
 
 def retrieval_metrics(
@@ -68,9 +221,11 @@ def retrieval_metrics(
     gallery_embeddings: np.ndarray,
     gallery_skus: np.ndarray,
     ks: tuple[int, ...] | list[int] = (1, 3, 5),
-    similarity_fn: SimilarityFn = faiss_similarity,
+    knn_fn: KnnFn = faiss_knn,
+    neighbours: int = 1000,
+    other_skus: int = 100,
 ) -> dict[str, float]:
-    """Top-k over distinct SKUs, mean delta similarity and mAP of one query set on one gallery.
+    """Top-k over distinct SKUs, mean delta similarity and mAP@neighbours of one query set on one gallery.
 
     Queries whose SKU has no gallery image cannot be matched and are left out (counted in
     ``queries_without_gallery_sku``).
@@ -80,7 +235,7 @@ def retrieval_metrics(
         ``queries_without_gallery_sku``.
     """
     metrics, _ = retrieval_metrics_by_sku(
-        query_embeddings, query_skus, gallery_embeddings, gallery_skus, ks, similarity_fn
+        query_embeddings, query_skus, gallery_embeddings, gallery_skus, ks, knn_fn, neighbours, other_skus
     )
     return metrics
 
@@ -91,47 +246,39 @@ def retrieval_metrics_by_sku(
     gallery_embeddings: np.ndarray,
     gallery_skus: np.ndarray,
     ks: tuple[int, ...] | list[int] = (1, 3, 5),
-    similarity_fn: SimilarityFn = faiss_similarity,
+    knn_fn: KnnFn = faiss_knn,
+    neighbours: int = 1000,
+    other_skus: int = 100,
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """:func:`retrieval_metrics`, and per query SKU its matchable queries and their top-1.
+
+    Memory stays flat in the gallery size: everything comes from k-nearest-neighbour searches
+    (``knn_fn``) and from scoring chosen SKUs' images, never a queries x gallery matrix.
 
     Returns:
         ``(metrics, by_sku)``; ``by_sku`` has columns ``sku_id``, ``queries``, ``top1``.
     """
     query_skus = np.asarray(query_skus).astype(str)
-    gallery_skus = np.asarray(gallery_skus).astype(str)
-    matchable = np.isin(query_skus, gallery_skus)
+    groups = SkuGroups.of(gallery_skus)
+    matchable = np.isin(query_skus, groups.skus)
     result: dict[str, float] = {"queries": int(matchable.sum()), "queries_without_gallery_sku": int((~matchable).sum())}
     if not matchable.any():
         raise ValueError("no query SKU appears in the gallery; nothing can be evaluated")
-    query_embeddings, query_skus = query_embeddings[matchable], query_skus[matchable]
-    similarity = similarity_fn(query_embeddings, gallery_embeddings)
-
-    skus, scores = sku_scores(similarity, gallery_skus)
-    true_column = np.searchsorted(skus, query_skus)
-    true_score = scores[np.arange(len(query_skus)), true_column]
-    # Rank of the true SKU among distinct SKUs (0 = first); ties count against the model.
-    rank = (scores > true_score[:, None]).sum(axis=1) + ((scores == true_score[:, None]).sum(axis=1) - 1)
+    queries = np.ascontiguousarray(query_embeddings[matchable], dtype=np.float32)
+    query_skus = query_skus[matchable]
+    gallery = np.ascontiguousarray(gallery_embeddings, dtype=np.float32)  # no copy when already float32
+    codes = np.searchsorted(groups.skus, query_skus)
+    ranking = rank_true_skus(queries, codes, gallery, groups, max(ks), neighbours, knn_fn)
     for k in ks:
-        result[f"top{k}"] = float((rank < k).mean())
+        result[f"top{k}"] = float((ranking.rank < k).mean())
     by_sku = (
-        pd.DataFrame({"sku_id": query_skus, "hit": rank < 1})
+        pd.DataFrame({"sku_id": query_skus, "hit": ranking.rank < 1})
         .groupby("sku_id", sort=True)["hit"]
         .agg(queries="size", top1="mean")
         .reset_index()
     )
-
-    # Delta similarity: similarity to the true SKU minus the mean similarity to all others.
-    others = scores.copy()
-    others[np.arange(len(query_skus)), true_column] = np.nan
-    result["delta_similarity"] = float(np.mean(true_score - np.nanmean(others, axis=1))) if len(skus) > 1 else 0.0
-
-    # mAP over gallery images: every image of the query's SKU is relevant.
-    order = np.argsort(-similarity, axis=1, kind="stable")
-    relevant = gallery_skus[order] == query_skus[:, None]
-    hits = np.cumsum(relevant, axis=1)
-    precision_at_hit = np.where(relevant, hits / np.arange(1, relevant.shape[1] + 1), 0.0)
-    result["map"] = float(np.mean(precision_at_hit.sum(axis=1) / relevant.sum(axis=1)))
+    result["delta_similarity"] = delta_similarity(queries, codes, ranking.true_score, gallery, groups, other_skus)
+    result["map"] = float(np.mean(ranking.average_precision))
     return result, by_sku
 
 
@@ -183,28 +330,30 @@ class Evaluation:
     metrics: dict[str, dict[str, float]]
     # Columns protocol, sku_id, queries, top1: what a challenger report compares SKU by SKU.
     by_sku: pd.DataFrame
+    # Whether the embeddings were read from an EmbeddingCache rather than computed.
+    from_cache: bool = False
 
 
 def evaluate_embeddings(
     embeddings: dict[str, np.ndarray],
     sets: ProtocolSets,
-    ks: list[int],
-    similarity_fn: SimilarityFn = faiss_similarity,
+    params: EvaluateParams,
+    knn_fn: KnnFn = faiss_knn,
     query_embeddings: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of both protocols from embeddings keyed by image path.
+    """Metrics of both protocols from embeddings keyed by image path (``params``: ks, neighbours, other SKUs).
 
     ``query_embeddings``, when given, holds the queries' embeddings (embedded as queries, see
     :func:`components.model.embed_batch`); ``embeddings`` then needs only the gallery images.
     """
-    return evaluate_embeddings_by_sku(embeddings, sets, ks, similarity_fn, query_embeddings).metrics
+    return evaluate_embeddings_by_sku(embeddings, sets, params, knn_fn, query_embeddings).metrics
 
 
 def evaluate_embeddings_by_sku(
     embeddings: dict[str, np.ndarray],
     sets: ProtocolSets,
-    ks: list[int],
-    similarity_fn: SimilarityFn = faiss_similarity,
+    params: EvaluateParams,
+    knn_fn: KnnFn = faiss_knn,
     query_embeddings: dict[str, np.ndarray] | None = None,
 ) -> Evaluation:
     """:func:`evaluate_embeddings`, with each protocol's top-1 per query SKU."""
@@ -221,9 +370,16 @@ def evaluate_embeddings_by_sku(
         # A query whose photo is also in the gallery would be matched by its own copy: drop it.
         leaked = set(sets.leaks[protocol]["query_path"]) if protocol in sets.leaks else set()
         queries = sets.queries[~sets.queries["image_path"].isin(leaked)]
-        query_vectors = stack(queries, query_embeddings)
+        query_vectors, gallery_vectors = stack(queries, query_embeddings), stack(gallery)
         metrics[protocol], skus = retrieval_metrics_by_sku(
-            query_vectors, queries["sku_id"].to_numpy(), stack(gallery), gallery["sku_id"].to_numpy(), ks, similarity_fn
+            query_vectors,
+            queries["sku_id"].to_numpy(),
+            gallery_vectors,
+            gallery["sku_id"].to_numpy(),
+            params.ks,
+            knn_fn,
+            params.neighbours,
+            params.delta_other_skus,
         )
         by_sku.append(skus.assign(protocol=protocol))
         metrics[protocol]["leaked_queries"] = len(leaked)
@@ -231,9 +387,9 @@ def evaluate_embeddings_by_sku(
             metrics["open_set"] = open_set_metrics(
                 query_vectors,
                 queries["sku_id"].to_numpy(),
-                stack(gallery),
+                gallery_vectors,
                 gallery["sku_id"].to_numpy(),
-                similarity_fn=similarity_fn,
+                knn_fn=knn_fn,
             )
     columns = ["protocol", "sku_id", "queries", "top1"]
     return Evaluation(
@@ -249,7 +405,7 @@ def evaluate_encoder(
     train_split: str,
     params: EvaluateParams,
     device=None,
-    similarity_fn: SimilarityFn = faiss_similarity,
+    knn_fn: KnnFn = faiss_knn,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Embed the images both protocols need (each once) and compute their metrics.
@@ -258,7 +414,7 @@ def evaluate_encoder(
         ``{"nn": {...}, "catalogue": {...}}`` as from :func:`retrieval_metrics`.
     """
     return evaluate_encoder_by_sku(
-        encoder, preprocess, manifest, query_split, train_split, params, device, similarity_fn, progress
+        encoder, preprocess, manifest, query_split, train_split, params, device, knn_fn, progress
     ).metrics
 
 
@@ -270,13 +426,85 @@ def evaluate_encoder_by_sku(
     train_split: str,
     params: EvaluateParams,
     device=None,
-    similarity_fn: SimilarityFn = faiss_similarity,
+    knn_fn: KnnFn = faiss_knn,
     progress: bool = False,
 ) -> Evaluation:
     """:func:`evaluate_encoder`, with each protocol's top-1 per query SKU."""
+    return evaluate_model(
+        lambda: (encoder, preprocess), manifest, query_split, train_split, params, None, device, knn_fn, progress
+    )
+
+
+def evaluate_model(
+    load_model: Callable[[], tuple],
+    manifest: pd.DataFrame,
+    query_split: str,
+    train_split: str,
+    params: EvaluateParams,
+    cache: EmbeddingCache | None = None,
+    device=None,
+    knn_fn: KnnFn = faiss_knn,
+    progress: bool = False,
+) -> Evaluation:
+    """:func:`evaluate_encoder_by_sku` of the model ``load_model()`` returns as ``(encoder, preprocess)``,
+    reading its embeddings from ``cache`` where it holds them; the model is loaded only when it does not."""
     sets = protocol_sets(manifest, query_split, train_split, params.leak_max_distance)
-    gallery, queries = embed_protocol_sets(encoder, preprocess, sets, params.batch_size, device, progress)
-    return evaluate_embeddings_by_sku(gallery, sets, params.ks, similarity_fn, query_embeddings=queries)
+    gallery_paths, query_paths = protocol_paths(sets)
+    cached = cache.load(gallery_paths, query_paths) if cache is not None else None
+    if cached is not None:
+        LOGGER.info("evaluation embeddings read from %s, not recomputed", cache.folder)
+        gallery, queries = cached
+    else:
+        encoder, preprocess = load_model()
+        gallery, queries = embed_protocol_sets(encoder, preprocess, sets, params.batch_size, device, progress)
+        if cache is not None:
+            cache.save(gallery_paths, gallery, query_paths, queries)
+    evaluation = evaluate_embeddings_by_sku(gallery, sets, params, knn_fn, query_embeddings=queries)
+    return replace(evaluation, from_cache=cached is not None)
+
+
+def protocol_paths(sets: ProtocolSets) -> tuple[list[str], list[str]]:
+    """``(gallery, queries)`` image paths both protocols need, each once, sorted."""
+    gallery_paths = sorted(set().union(*(g["image_path"] for g in sets.galleries.values())))
+    return gallery_paths, sorted(set(sets.queries["image_path"]))
+
+
+class EmbeddingCache:
+    """One model's evaluation embeddings on one data version, on disk: a champion compared again on
+    the same data is not embedded again.
+
+    Keyed by the model's MLflow run (its weights and preprocessing) and the data version; a hit
+    also needs the very same gallery and query paths, so a changed manifest is never served stale.
+    """
+
+    def __init__(self, root: str | Path, model_run: str, data_version: str) -> None:
+        key = hashlib.sha256(f"{model_run}\n{data_version}".encode()).hexdigest()[:32]
+        self.folder = Path(root).expanduser() / key
+
+    def load(self, gallery_paths: list[str], query_paths: list[str]):
+        """``(gallery, queries)`` embeddings keyed by path, or None when the cache lacks these paths."""
+        try:
+            paths = json.loads((self.folder / "paths.json").read_text())
+            gallery = np.load(self.folder / "gallery.npy")
+            queries = np.load(self.folder / "queries.npy")
+        except (OSError, ValueError):
+            return None
+        if paths != {"gallery": gallery_paths, "queries": query_paths}:
+            return None
+        if len(gallery) != len(gallery_paths) or len(queries) != len(query_paths):
+            return None
+        return dict(zip(gallery_paths, gallery)), dict(zip(query_paths, queries))
+
+    def save(self, gallery_paths: list[str], gallery: dict, query_paths: list[str], queries: dict) -> None:
+        """Store the embeddings, written to a side folder first so a reader never sees half of them."""
+        partial = self.folder.with_name(f"{self.folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        np.save(partial / "gallery.npy", np.stack([gallery[p] for p in gallery_paths]))
+        np.save(partial / "queries.npy", np.stack([queries[p] for p in query_paths]))
+        (partial / "paths.json").write_text(json.dumps({"gallery": gallery_paths, "queries": query_paths}))
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.replace(partial, self.folder)
 
 
 def embed_protocol_sets(
@@ -285,8 +513,7 @@ def embed_protocol_sets(
     """``(gallery, queries)`` embeddings keyed by path: every gallery image once, the queries as queries."""
     from components.model import embed_images
 
-    gallery_paths = sorted(set().union(*(g["image_path"] for g in sets.galleries.values())))
-    query_paths = sorted(set(sets.queries["image_path"]))
+    gallery_paths, query_paths = protocol_paths(sets)
     gallery = embed_images(encoder, preprocess, gallery_paths, batch_size, device=device, progress=progress)
     queries = embed_images(
         encoder, preprocess, query_paths, batch_size, device=device, progress=progress, as_queries=True
@@ -301,7 +528,7 @@ def calibrate_rejection(
     gallery_skus,
     holdout_fraction: float = 0.25,
     seed: int = 0,
-    similarity_fn: SimilarityFn = faiss_similarity,
+    knn_fn: KnnFn = faiss_knn,
 ) -> dict[str, float]:
     """Find the similarity below which "no confident match" is the right answer.
 
@@ -314,7 +541,7 @@ def calibrate_rejection(
         ``threshold``, ``precision``, ``recall``, ``f1``, ``unknown_queries``, ``known_queries``.
     """
     top_score, unknown = _holdout_scores(
-        query_embeddings, query_skus, gallery_embeddings, gallery_skus, holdout_fraction, seed, similarity_fn
+        query_embeddings, query_skus, gallery_embeddings, gallery_skus, holdout_fraction, seed, knn_fn
     )
     return {
         **rejection_at(top_score, unknown, _best_threshold(top_score, unknown)),
@@ -329,17 +556,17 @@ def open_set_metrics(
     gallery_embeddings: np.ndarray,
     gallery_skus,
     holdout_fraction: float = 0.25,
-    similarity_fn: SimilarityFn = faiss_similarity,
+    knn_fn: KnnFn = faiss_knn,
 ) -> dict[str, float]:
     """Calibrate the rejection threshold on one draw of held-out SKUs, report it on another.
 
     Reporting on SKUs the threshold was not chosen with keeps the precision/recall honest.
     """
     calibration = calibrate_rejection(
-        query_embeddings, query_skus, gallery_embeddings, gallery_skus, holdout_fraction, 0, similarity_fn
+        query_embeddings, query_skus, gallery_embeddings, gallery_skus, holdout_fraction, 0, knn_fn
     )
     top_score, unknown = _holdout_scores(
-        query_embeddings, query_skus, gallery_embeddings, gallery_skus, holdout_fraction, 1, similarity_fn
+        query_embeddings, query_skus, gallery_embeddings, gallery_skus, holdout_fraction, 1, knn_fn
     )
     report = rejection_at(top_score, unknown, calibration["threshold"])
     return {
@@ -358,21 +585,39 @@ def _holdout_scores(
     gallery_skus,
     holdout_fraction: float,
     seed: int,
-    similarity_fn: SimilarityFn,
+    knn_fn: KnnFn,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 SKU scores against the gallery minus a random set of SKUs, and which queries lost theirs."""
     query_skus = np.asarray(query_skus).astype(str)
-    gallery_skus = np.asarray(gallery_skus).astype(str)
-    skus = np.unique(gallery_skus)
-    if len(skus) < 2:
+    groups = SkuGroups.of(gallery_skus)
+    if len(groups.skus) < 2:
         raise ValueError("calibration needs at least two SKUs in the gallery")
     rng = np.random.default_rng(seed)
     held_out = rng.choice(
-        skus, size=min(len(skus) - 1, max(1, int(round(len(skus) * holdout_fraction)))), replace=False
+        groups.skus,
+        size=min(len(groups.skus) - 1, max(1, int(round(len(groups.skus) * holdout_fraction)))),
+        replace=False,
     )
-    kept = ~np.isin(gallery_skus, held_out)
-    _, scores = sku_scores(similarity_fn(query_embeddings, gallery_embeddings[kept]), gallery_skus[kept])
-    return scores.max(axis=1), np.isin(query_skus, held_out)
+    kept_rows = ~np.isin(groups.skus, held_out)[groups.codes]
+    queries = np.ascontiguousarray(query_embeddings, dtype=np.float32)
+    gallery = np.ascontiguousarray(gallery_embeddings, dtype=np.float32)
+    return _best_score_among(queries, gallery, kept_rows, knn_fn), np.isin(query_skus, held_out)
+
+
+def _best_score_among(queries: np.ndarray, gallery: np.ndarray, allowed_rows: np.ndarray, knn_fn: KnnFn) -> np.ndarray:
+    """Each query's best score over the allowed gallery rows, from nearest-neighbour searches that
+    widen until an allowed row is among them (the gallery is not copied)."""
+    best = np.full(len(queries), -np.inf, dtype=np.float32)
+    todo, k = np.arange(len(queries)), min(16, len(gallery))
+    while todo.size:
+        scores, rows = knn_fn(queries[todo], gallery, k)
+        allowed = allowed_rows[rows]
+        seen = allowed.any(axis=1)
+        best[todo[seen]] = scores[seen, allowed[seen].argmax(axis=1)]
+        if k == len(gallery):
+            break
+        todo, k = todo[~seen], min(len(gallery), k * 4)
+    return best
 
 
 def _best_threshold(top_score: np.ndarray, unknown: np.ndarray) -> float:

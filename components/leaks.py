@@ -36,28 +36,40 @@ def perceptual_hashes(paths: list[str]) -> tuple[np.ndarray, list[str]]:
 def find_leaks(gallery: pd.DataFrame, queries: pd.DataFrame, max_distance: int = 4) -> pd.DataFrame:
     """Queries whose image also stands in the gallery: exactly (same bytes) or nearly (dHash).
 
+    Pairs come from a FAISS binary index of the gallery's hashes (an exact Hamming range search),
+    so memory grows with the gallery and the leaks found, not with queries x gallery. Same bytes
+    give the same hash, so exact copies are among them, told apart by their SHA-256.
+
     Returns:
-        One row per leaking (query, gallery) pair: ``query_path, gallery_path, kind``
-        (``exact`` or ``near``) and ``distance`` (Hamming distance of the hashes, in bits).
+        One row per leaking (query, gallery) pair, in query then gallery order: ``query_path,
+        gallery_path, kind`` (``exact`` or ``near``) and ``distance`` (Hamming distance of the
+        hashes, in bits).
     """
+    import faiss
+
     columns = ["query_path", "gallery_path", "kind", "distance"]
     if gallery.empty or queries.empty:
         return pd.DataFrame(columns=columns)
     gallery_hashes, gallery_digests = perceptual_hashes(list(gallery["image_path"]))
     query_hashes, query_digests = perceptual_hashes(list(queries["image_path"]))
-    differing = np.bitwise_xor(query_hashes[:, None], gallery_hashes[None, :])
-    distance = (
-        np.unpackbits(differing.view(np.uint8), axis=-1).reshape(len(query_hashes), len(gallery_hashes), 64).sum(-1)
+    index = faiss.IndexBinaryFlat(64)
+    index.add(_hash_bytes(gallery_hashes))
+    limits, distances, found = index.range_search(_hash_bytes(query_hashes), max_distance + 1)  # radius is strict
+    query_rows = np.repeat(np.arange(len(queries)), np.diff(limits.astype(np.int64)))
+    order = np.lexsort((found, query_rows))
+    query_rows, found, distances = query_rows[order], found[order], distances[order]
+    exact = np.asarray(query_digests, dtype=object)[query_rows] == np.asarray(gallery_digests, dtype=object)[found]
+    return pd.DataFrame(
+        {
+            "query_path": queries["image_path"].to_numpy()[query_rows],
+            "gallery_path": gallery["image_path"].to_numpy()[found],
+            "kind": np.where(exact, "exact", "near"),
+            "distance": distances.astype(int),
+        },
+        columns=columns,
     )
-    same_bytes = np.asarray(query_digests)[:, None] == np.asarray(gallery_digests)[None, :]
-    rows = []
-    for q, g in zip(*np.nonzero(same_bytes | (distance <= max_distance))):
-        rows.append(
-            {
-                "query_path": queries["image_path"].iat[q],
-                "gallery_path": gallery["image_path"].iat[g],
-                "kind": "exact" if same_bytes[q, g] else "near",
-                "distance": int(distance[q, g]),
-            }
-        )
-    return pd.DataFrame(rows, columns=columns)
+
+
+def _hash_bytes(hashes: np.ndarray) -> np.ndarray:
+    """64-bit hashes as the ``(n, 8)`` bytes a FAISS binary index takes."""
+    return np.ascontiguousarray(hashes.astype(">u8")).view(np.uint8).reshape(-1, 8)

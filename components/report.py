@@ -123,7 +123,7 @@ def run_figures(
     The map and the confusions use the ``catalogue`` protocol: ``query_split`` photos against the
     catalogue images.
     """
-    from components.evaluate import brute_force_similarity, protocol_sets, sku_scores
+    from components.evaluate import SkuGroups, protocol_sets, rank_true_skus
     from components.model import embed_images
 
     sets = protocol_sets(manifest, query_split, train_split)
@@ -131,12 +131,19 @@ def run_figures(
     query_vectors = embed_images(encoder, preprocess, list(queries["image_path"]), batch_size, as_queries=True)
     catalogue_vectors = embed_images(encoder, preprocess, list(catalogue["image_path"]), batch_size)
     vectors = np.concatenate([query_vectors, catalogue_vectors])
-    skus, scores = sku_scores(brute_force_similarity(query_vectors, catalogue_vectors), catalogue["sku_id"].to_numpy())
-    true_skus = queries["sku_id"].to_numpy()
-    predicted = skus[scores.argmax(axis=1)]
-    true_scores = np.array(
-        [scores[i, np.searchsorted(skus, sku)] if sku in skus else -1.0 for i, sku in enumerate(true_skus)]
+    groups = SkuGroups.of(catalogue["sku_id"].to_numpy())
+    true_skus = queries["sku_id"].to_numpy().astype(str)
+    known = np.isin(true_skus, groups.skus)  # a photo of a SKU the catalogue lacks has no true score
+    ranking = rank_true_skus(
+        query_vectors,
+        np.searchsorted(groups.skus, true_skus).clip(max=len(groups.skus) - 1),
+        catalogue_vectors,
+        groups,
+        max_k=1,
+        neighbours=1,
     )
+    predicted = groups.skus[ranking.top_code]
+    true_scores = np.where(known, ranking.true_score, -1.0)
     figures = {
         "training_curves.png": training_curves(history),
         "embedding_map.png": embedding_map(
@@ -148,7 +155,7 @@ def run_figures(
             list(queries["image_path"]),
             list(true_skus),
             list(predicted),
-            scores.max(axis=1) - true_scores,
+            ranking.top_score - true_scores,
             dict(zip(catalogue["sku_id"], catalogue["image_path"])),
         ),
     }

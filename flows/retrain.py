@@ -74,14 +74,26 @@ def fine_tune(params: Params, manifest: pd.DataFrame, data_version: str, run_id:
     return train_encoder(params, manifest, registry.MlflowTracker(run_id), data_version, progress=True)
 
 
+def embedding_cache(params: Params, model_run: str | None, data_version: str) -> evaluate_lib.EmbeddingCache | None:
+    """Where a model run's evaluation embeddings on this data are kept (None: the cache is off)."""
+    if not params.evaluate.embedding_cache_dir or not model_run:
+        return None
+    return evaluate_lib.EmbeddingCache(params.evaluate.embedding_cache_dir, model_run, data_version)
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_model(encoder_dir: Path, params: Params, manifest: pd.DataFrame) -> evaluate_lib.Evaluation:
+def evaluate_model(
+    encoder_dir: Path, params: Params, manifest: pd.DataFrame, cache: evaluate_lib.EmbeddingCache | None = None
+) -> evaluate_lib.Evaluation:
     """Both protocols' metrics of a saved encoder on the query split, and its top-1 per SKU."""
     from components.model import load_encoder
 
-    encoder, preprocess, _ = load_encoder(encoder_dir)
-    return evaluate_lib.evaluate_encoder_by_sku(
-        encoder, preprocess, manifest, params.data.query_split, params.data.train_split, params.evaluate
+    def load():
+        encoder, preprocess, _ = load_encoder(encoder_dir)
+        return encoder, preprocess
+
+    return evaluate_lib.evaluate_model(
+        load, manifest, params.data.query_split, params.data.train_split, params.evaluate, cache
     )
 
 
@@ -113,21 +125,42 @@ def log_plots(encoder_dir: Path, params: Params, manifest: pd.DataFrame, history
 
 @task(name="evaluate-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def evaluate_champion(
-    params: Params, manifest: pd.DataFrame, client
+    params: Params, manifest: pd.DataFrame, client, data_version: str
 ) -> tuple[str | None, evaluate_lib.Evaluation | None]:
-    """Re-evaluate ``@champion`` on this run's data, so the gate compares like with like."""
+    """Re-evaluate ``@champion`` on this run's data, so the gate compares like with like.
+
+    Its embeddings come from the cache where its run was evaluated on this data version before
+    (as the challenger it once was, or as champion); only then is it downloaded and embedded.
+    """
+    from components.model import load_encoder
+
     try:
-        champion = registry.download_version(
-            client,
-            params.registry.model_name,
-            registry.CHAMPION,
-            dst=tempfile.mkdtemp(prefix="skumatch-champion-"),
-            with_index=False,
-        )
+        version = registry.resolve_version(client, params.registry.model_name, registry.CHAMPION)
     except registry.RegistryError:
         get_run_logger().info("no @champion yet: the gate checks thresholds only")
         return None, None
-    return champion.version, evaluate_model.fn(champion.encoder_dir, params, manifest)
+
+    def load():
+        champion = registry.download_version(
+            client,
+            params.registry.model_name,
+            str(version.version),
+            dst=tempfile.mkdtemp(prefix="skumatch-champion-"),
+            with_index=False,
+        )
+        encoder, preprocess, _ = load_encoder(champion.encoder_dir)
+        return encoder, preprocess
+
+    cache = embedding_cache(params, version.run_id, data_version)
+    evaluation = evaluate_lib.evaluate_model(
+        load, manifest, params.data.query_split, params.data.train_split, params.evaluate, cache
+    )
+    get_run_logger().info(
+        "@champion v%s evaluated %s",
+        version.version,
+        "from its cached embeddings" if evaluation.from_cache else "by embedding it",
+    )
+    return str(version.version), evaluation
 
 
 @task(name="gate", cache_policy=NO_CACHE)
@@ -270,15 +303,19 @@ def retrain(
             if (work / "data_docs").exists():
                 mlflow.log_artifacts(str(work / "data_docs"), "data_docs")
         result = fine_tune(params, manifest, version_of_data, run_id)
-        evaluation = evaluate_model(result.model_dir, params, manifest)
+        evaluation = evaluate_model(
+            result.model_dir, params, manifest, embedding_cache(params, run_id, version_of_data)
+        )
         metrics = evaluation.metrics
         mlflow.log_metrics({f"eval.{k}": v for k, v in evaluate_lib.flatten_metrics(metrics).items()})
         mlflow.log_dict(metrics, "metrics.json")
         evaluate_lib.write_metrics(metrics, params.evaluate.metrics_path)
         if params.evaluate.plots:
             log_plots(result.model_dir, params, manifest, result.history, run_id)
-        champion_version, champion_evaluation = evaluate_champion(params, manifest, client)
+        champion_version, champion_evaluation = evaluate_champion(params, manifest, client, version_of_data)
         champion = champion_evaluation.metrics if champion_evaluation else None
+        if champion_evaluation is not None:
+            mlflow.set_tag("champion_embeddings", "cached" if champion_evaluation.from_cache else "computed")
         decision = apply_gate(metrics, champion, champion_version, params)
         mlflow.set_tag("gate", decision.summary())
         publish_report(evaluation, champion_evaluation, champion_version, decision, params, run_id)

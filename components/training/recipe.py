@@ -301,7 +301,7 @@ def _validate(run: _Run, on_cached_features: bool) -> dict[str, dict[str, float]
         embeddings_by_path, query_embeddings = embed_protocol_sets(
             trained, run.setup.preprocess, sets, evaluate.batch_size, run.device
         )
-    return evaluate_embeddings(embeddings_by_path, sets, evaluate.ks, query_embeddings=query_embeddings)
+    return evaluate_embeddings(embeddings_by_path, sets, evaluate, query_embeddings=query_embeddings)
 
 
 def _seed(seed: int) -> None:

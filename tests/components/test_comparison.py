@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from components.comparison import challenger_report, sku_changes
+from components.config import EvaluateParams
 from components.data import load_manifest
 from components.evaluate import Evaluation, evaluate_embeddings, evaluate_embeddings_by_sku, protocol_sets
 
@@ -82,8 +83,9 @@ def test_per_sku_top1_adds_up_to_the_protocols_top1(synthetic_dataset):
     rng = np.random.default_rng(0)
     embeddings = {path: rng.normal(size=8).astype(np.float32) for path in manifest["image_path"]}
     sets = protocol_sets(manifest, "val", "train")
-    result = evaluate_embeddings_by_sku(embeddings, sets, [1, 3])
-    assert result.metrics == evaluate_embeddings(embeddings, sets, [1, 3])
+    params = EvaluateParams(ks=[1, 3])
+    result = evaluate_embeddings_by_sku(embeddings, sets, params)
+    assert result.metrics == evaluate_embeddings(embeddings, sets, params)
     for protocol in ("catalogue", "nn"):
         table = result.by_sku[result.by_sku["protocol"] == protocol]
         assert table["queries"].sum() == result.metrics[protocol]["queries"]

@@ -181,8 +181,11 @@ def test_worse_challenger_is_refused_and_champion_kept(workspace):
     # The refused challenger is registered for the audit: tagged refused, compared with v1, no index.
     refused = client.get_model_version("skumatch-encoder", "2")
     assert refused.tags["gate"] == "refused" and refused.tags["gate_summary"] == str(error)
-    # The champion's metrics on the challenger's data: the same data here, so the first run's figures.
+    # The champion's metrics on the challenger's data: the same data here, so the first run's figures,
+    # read from the embeddings the first run made of it (as challenger), not embedded again.
     assert refused.tags["compared_champion_version"] == "1"
+    assert client.get_run(refused.run_id).data.tags["champion_embeddings"] == "cached"
+    assert client.get_run(first["run_id"]).data.tags.get("champion_embeddings") is None  # no champion then
     compared = json.loads(refused.tags["compared_champion_metrics"])
     for protocol in ("catalogue", "nn"):
         assert compared[protocol]["top1"] == pytest.approx(first["metrics"][protocol]["top1"], abs=1e-6)
