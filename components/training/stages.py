@@ -98,8 +98,15 @@ def init_head_from_cached(
 
 
 def sku_means(embeddings: torch.Tensor, labels: np.ndarray, n_skus: int) -> torch.Tensor:
-    """Mean embedding of each SKU's images: the margin head's starting class weights."""
-    return torch.stack([embeddings[torch.from_numpy(labels == i).to(embeddings.device)].mean(0) for i in range(n_skus)])
+    """Mean embedding of each SKU's images: the margin head's starting class weights.
+
+    One scatter-add over the rows (O(rows), not O(rows x SKUs)); a SKU without images gets NaN.
+    """
+    index = torch.from_numpy(np.array(labels, dtype=np.int64)).to(embeddings.device)
+    sums = torch.zeros(n_skus, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+    sums.index_add_(0, index, embeddings)
+    counts = torch.bincount(index, minlength=n_skus).to(embeddings.dtype)
+    return sums / counts[:, None]
 
 
 class CropTraining:

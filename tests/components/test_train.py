@@ -369,6 +369,23 @@ def test_pk_batches_draw_small_skus_with_replacement_and_cap_p():
     assert set(batch[labels[batch] == 0].tolist()) == {0}
 
 
+def test_grouping_by_sku_is_one_pass_and_matches_the_per_sku_definition():
+    from components.training.sampling import rows_by_label
+    from components.training.stages import sku_means
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 50, size=600)
+    grouped = rows_by_label(labels)
+    assert list(grouped) == sorted(set(labels.tolist()))
+    for label, rows in grouped.items():
+        assert np.array_equal(rows, np.flatnonzero(labels == label))  # each label's rows, in row order
+    embeddings = torch.from_numpy(rng.normal(size=(600, 8)).astype(np.float32))
+    means = sku_means(embeddings, labels, 51)  # SKU 50 has no image
+    for sku in range(50):
+        torch.testing.assert_close(means[sku], embeddings[torch.from_numpy(labels == sku)].mean(0))
+    assert torch.isnan(means[50]).all()
+
+
 def test_pk_batches_are_reproducible_from_the_seed():
     labels = np.repeat(np.arange(6), 5)
     a = pk_batches(labels, 3, 2, np.random.default_rng(7))
