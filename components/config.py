@@ -260,6 +260,21 @@ class EvaluateParams(_Section):
     plots: bool = True
 
 
+class EmbeddingParams(_Section):
+    """Embedding a whole catalogue (``rebuild_index``): in shards, resumable, on Dask workers."""
+
+    # Images a shard holds: each finished shard is a file, so a killed run loses at most one.
+    shard_size: int = Field(default=10_000, ge=1)
+    # Shards are kept here until the index is saved; a run killed before resumes from them.
+    shard_dir: str = ".skumatch/shards"
+    # A local Dask cluster of this many worker processes, each with this many torch threads
+    # (workers x threads = the cores); 0 embeds in the flow's own process.
+    dask_workers: int = Field(default=2, ge=0)
+    torch_threads_per_worker: int = Field(default=1, ge=1)
+    # The scheduler of an existing Dask cluster ("tcp://host:8786"): production; wins over dask_workers.
+    dask_address: str | None = None
+
+
 class IndexParams(_Section):
     """The catalogue index: which one, how hard it searches, and where it lives."""
 
@@ -374,6 +389,7 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    embedding: EmbeddingParams = EmbeddingParams()
     index: IndexParams = IndexParams()
     registry: RegistryParams = RegistryParams()
     serve: ServeParams = ServeParams()

@@ -9,6 +9,8 @@ through its hot swap. ``skumatch index rebuild`` / ``add`` / ``remove`` run thes
 
 from __future__ import annotations
 
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,14 +58,26 @@ def rebuild_index(
 
     The catalogue is the current data's (``data_root`` or ``data.root``); the index settings
     are today's params (``index.*``), so a rebuild is also how a grown catalogue moves to the
-    index type ``auto`` now picks. Nothing is trained.
+    index type ``auto`` now picks. Nothing is trained. The catalogue is embedded in shards
+    (``embedding.*``: on Dask workers), kept under ``embedding.shard_dir`` until the index is
+    saved, so a rebuild killed halfway resumes from its finished shards when run again.
     """
-    from components.data import load_manifest
+    from components.data import load_manifest, select
+    from components.embedding import ShardedEmbedding
+    from flows.embedding_flows import embed_planned_run
 
     params = load_params(params_path, list(overrides or []) + ([f"data.root={data_root}"] if data_root else []))
     client, resolved = _current(params, model)
     parent = load_index(resolved.index_dir, resolved.index_checksum, resolved.version).meta
     manifest = load_manifest(params.data.root, params.data.layout, params.data.max_images_per_sku)
+    model_key = f"{params.registry.model_name} v{resolved.version}"
+    run = ShardedEmbedding.plan(
+        Path(params.embedding.shard_dir) / re.sub(r"[^0-9A-Za-z_.-]", "_", model_key),
+        list(select(manifest, role="catalogue")["image_path"]),
+        params.embedding.shard_size,
+        model_key,
+    )
+    embedded = embed_planned_run(run, str(resolved.encoder_dir), params.evaluate.batch_size, params.embedding)
     out_dir = resolved.index_dir.parent / "rebuilt"
     checksum, catalogue = indexing.build_model_index(
         resolved.encoder_dir,
@@ -75,8 +89,10 @@ def rebuild_index(
         resolved.version,
         parent.get("reject_below"),
         parent=parent,
+        vectors=run.assemble(),
     )
-    return _record(client, params, resolved, out_dir, checksum, catalogue)
+    shutil.rmtree(run.folder, ignore_errors=True)
+    return {**_record(client, params, resolved, out_dir, checksum, catalogue), "embedding": embedded}
 
 
 @flow(name="add_products")

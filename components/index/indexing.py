@@ -140,6 +140,7 @@ def build_catalogue_index(
     index_params: IndexParams | None = None,
     batch_size: int | None = None,
     meta: dict | None = None,
+    vectors: np.ndarray | None = None,
 ) -> CatalogueIndex:
     """Embed the catalogue images with ``encoder`` and index them.
 
@@ -151,13 +152,18 @@ def build_catalogue_index(
             default, so an index and an evaluation embed alike unless told otherwise.
         meta: facts kept in ``index.json``; pass ``model_name`` and ``model_version`` so the
             service can check the index belongs to the model it serves.
+        vectors: the rows' embeddings, when they were made already (a sharded run); they must
+            be ``encoder``'s, one per row in order.
     """
     from components.model import embed_images
 
     paths = list(catalogue_rows["image_path"])
     if not paths:
         raise ValueError("the catalogue is empty: no rows with role 'catalogue' to index")
-    vectors = embed_images(encoder, preprocess, paths, batch_size or EvaluateParams().batch_size)
+    if vectors is None:
+        vectors = embed_images(encoder, preprocess, paths, batch_size or EvaluateParams().batch_size)
+    elif len(vectors) != len(paths):
+        raise ValueError(f"{len(vectors)} embeddings for {len(paths)} catalogue rows")
     items = CatalogueMap.from_lists(list(catalogue_rows["sku_id"]), paths)
     info = {"manifest_sha256": manifest_digest(catalogue_rows), **(meta or {})}
     return index_embeddings(vectors, items, index_params or IndexParams(), info)
@@ -173,6 +179,7 @@ def build_model_index(
     model_version: str,
     reject_below: float | None,
     parent: dict | None = None,
+    vectors: np.ndarray | None = None,
 ) -> tuple[str, CatalogueIndex]:
     """Build and save the catalogue index of a saved encoder: the one path every pipeline takes.
 
@@ -186,6 +193,7 @@ def build_model_index(
         manifest: the dataset manifest; its catalogue rows are indexed.
         model_version: the registered version, or ``local`` for an index outside the registry.
         parent: the meta of the index version this one replaces (a rebuild); ``None`` = version 1.
+        vectors: the catalogue rows' embeddings by this encoder, made already (a sharded run).
 
     Returns:
         The index's checksum and the index itself.
@@ -202,7 +210,7 @@ def build_model_index(
         **_lineage(parent, "build" if parent is None else "rebuild"),
     }
     catalogue = build_catalogue_index(
-        encoder, preprocess, select(manifest, role="catalogue"), index_params, batch_size, meta=meta
+        encoder, preprocess, select(manifest, role="catalogue"), index_params, batch_size, meta=meta, vectors=vectors
     )
     return save_version(catalogue, out_dir, index_params), catalogue
 

@@ -173,12 +173,16 @@ def test_rebuild_index_is_a_prefect_flow_that_re_embeds_into_the_next_version(ch
     state = rebuild_index(
         data_root=str(champion.dataset),
         params_path=str(REPO_ROOT / "params.yaml"),
-        overrides=champion.overrides,
+        overrides=champion.overrides + ["embedding.shard_size=2"],
         return_state=True,
     )
     assert state.is_completed()
     summary = state.result()
     assert summary["index_version"] == 2 and summary["parent_index_version"] == 1
+    # The six catalogue images in three shards, embedded by both processes of a local Dask cluster
+    # (embedding.dask_workers: 2); the shards are cleared once the index version is saved.
+    assert summary["embedding"] == {"shards": 3, "resumed": 0, "embedded": 3, "workers": 2}
+    assert not any((Path(".skumatch") / "shards").glob("*/shard-*.npy"))
     _, after = champion.current()
     # The same encoder and catalogue: the same rows and vectors, a new version with its own lineage.
     assert list(after.items.rows()) == list(before.items.rows())

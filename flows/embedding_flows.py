@@ -1,0 +1,92 @@
+"""The ``embed_catalogue`` Prefect flow: a sharded embedding run, its shards spread over Dask workers.
+
+The run is planned first (``components.embedding.ShardedEmbedding``: a folder with the image list);
+the flow is handed that folder and submits one task per shard it still lacks, so a flow run
+killed halfway is resumed by running it again. With ``embedding.dask_workers`` the tasks run on
+a local Dask cluster of that many processes, with ``embedding.dask_address`` on an existing
+cluster; each worker process loads the encoder once.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from components import embedding
+from components.config import EmbeddingParams
+
+
+@lru_cache(maxsize=2)
+def _worker_encoder(encoder_dir: str, torch_threads: int):
+    """The encoder in this worker process, loaded on its first shard (each worker gets its share of the cores)."""
+    import torch
+
+    from components.model import load_encoder
+
+    torch.set_num_threads(torch_threads)
+    encoder, preprocess, _ = load_encoder(encoder_dir)
+    return encoder, preprocess
+
+
+@task(name="embed-shard", cache_policy=NO_CACHE, retries=1)
+def embed_shard(
+    target: str, paths: list[str], encoder_dir: str, batch_size: int, as_queries: bool, torch_threads: int
+) -> int:
+    """Embed one shard into ``target``; returns the worker's process id."""
+    encoder, preprocess = _worker_encoder(encoder_dir, torch_threads)
+    embedding.embed_shard(target, paths, encoder, preprocess, batch_size, as_queries)
+    return os.getpid()
+
+
+@flow(name="embed_catalogue")
+def embed_catalogue(folder: str, encoder_dir: str, batch_size: int, torch_threads: int = 1) -> dict:
+    """Embed the shards a planned run in ``folder`` still lacks, one task each.
+
+    Returns:
+        ``shards``, ``resumed`` (already on disk), ``embedded`` and ``workers`` (distinct
+        processes that embedded a shard).
+    """
+    run = embedding.ShardedEmbedding.open(folder)
+    todo = run.remaining()
+    futures = [
+        embed_shard.submit(
+            str(run.shard_path(number)), run.shard_paths(number), encoder_dir, batch_size, run.as_queries, torch_threads
+        )
+        for number in todo
+    ]
+    workers = {future.result() for future in futures}
+    get_run_logger().info(
+        "%d shards: %d embedded by %d workers, %d resumed", run.count, len(todo), len(workers), run.count - len(todo)
+    )
+    return {"shards": run.count, "resumed": run.count - len(todo), "embedded": len(todo), "workers": len(workers)}
+
+
+def task_runner(params: EmbeddingParams):
+    """Prefect's Dask task runner for these settings (``None`` with ``dask_workers: 0``)."""
+    from prefect_dask import DaskTaskRunner
+
+    if params.dask_address:
+        return DaskTaskRunner(address=params.dask_address)
+    if params.dask_workers == 0:
+        return None
+    # Processes, not threads: the GIL and torch's intra-op pool would serialise threads.
+    cluster = {"n_workers": params.dask_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    return DaskTaskRunner(cluster_kwargs=cluster)
+
+
+def embed_planned_run(run: embedding.ShardedEmbedding, encoder_dir: str, batch_size: int, params: EmbeddingParams):
+    """Embed what ``run`` lacks: :func:`embed_catalogue` on Dask, or with ``dask_workers: 0`` one
+    shard after another in this process (its torch threads untouched). Returns the summary."""
+    runner = task_runner(params)
+    if runner is not None:
+        embed = embed_catalogue.with_options(task_runner=runner)
+        return embed(str(run.folder), str(encoder_dir), batch_size, params.torch_threads_per_worker)
+    from components.model import load_encoder
+
+    todo = len(run.remaining())
+    encoder, preprocess, _ = load_encoder(encoder_dir)
+    embedding.embed_in_shards(encoder, preprocess, run, batch_size, progress=True)
+    return {"shards": run.count, "resumed": run.count - todo, "embedded": todo, "workers": 1 if todo else 0}

@@ -1,0 +1,102 @@
+"""Sharded embedding: whole shards on disk, a killed run resumed from them, the same vectors as one pass."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.config import load_params
+from components.data import load_manifest
+from components.embedding import ShardedEmbedding, embed_in_shards
+from components.model import build_encoder, embed_images, save_encoder
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def images(synthetic_dataset) -> list[str]:
+    return sorted(load_manifest(synthetic_dataset)["image_path"])[:30]
+
+
+@pytest.fixture
+def encoder(tiny_model_overrides):
+    params = load_params(None, tiny_model_overrides)
+    return (*build_encoder(params.model), params)
+
+
+def test_shards_assemble_to_the_vectors_of_one_pass_and_a_resumed_plan_keeps_finished_shards(encoder, images, tmp_path):
+    model, preprocess, _ = encoder
+    run = ShardedEmbedding.plan(tmp_path / "run", images, 7, "tiny v1")
+    assert run.count == 5 and run.rows(4) == slice(28, 30)
+    run.embed_shard(0, model, preprocess, 4)
+    run.embed_shard(3, model, preprocess, 4)
+    first_written = run.shard_path(0).stat().st_mtime_ns
+    with pytest.raises(RuntimeError, match="3 of 5 shards"):
+        run.assemble()
+
+    again = ShardedEmbedding.plan(tmp_path / "run", images, 7, "tiny v1")
+    assert again.finished() == [0, 3] and again.remaining() == [1, 2, 4]
+    vectors = embed_in_shards(model, preprocess, again, 4)
+    assert run.shard_path(0).stat().st_mtime_ns == first_written  # not embedded twice
+    np.testing.assert_allclose(vectors, embed_images(model, preprocess, images, 4), atol=1e-6)
+    assert ShardedEmbedding.open(tmp_path / "run").paths == images
+
+
+@pytest.mark.parametrize(
+    "change", [{"paths": "fewer"}, {"shard_size": 5}, {"model_key": "tiny v2"}, {"as_queries": True}]
+)
+def test_shards_of_another_run_are_never_reused(encoder, images, tmp_path, change):
+    model, preprocess, _ = encoder
+    run = ShardedEmbedding.plan(tmp_path / "run", images, 7, "tiny v1")
+    run.embed_shard(0, model, preprocess, 4)
+    settings = {"paths": images, "shard_size": 7, "model_key": "tiny v1", "as_queries": False, **change}
+    if settings["paths"] == "fewer":
+        settings["paths"] = images[1:]
+    other = ShardedEmbedding.plan(tmp_path / "run", **settings)
+    assert other.finished() == []
+
+
+def test_a_half_written_shard_is_not_taken_for_a_finished_one(encoder, images, tmp_path):
+    model, preprocess, _ = encoder
+    run = ShardedEmbedding.plan(tmp_path / "run", images, 10, "tiny v1")
+    # What a writer killed mid-shard leaves: its side file, never the shard's own name.
+    run.shard_path(1).with_name("shard-000001.partial-99999.npy").write_bytes(b"\x93NUMPY half")
+    assert run.remaining() == [0, 1, 2]
+    np.testing.assert_allclose(embed_in_shards(model, preprocess, run, 4), embed_images(model, preprocess, images, 4))
+
+
+KILLED_RUN = """
+import os, signal, sys
+from components.embedding import ShardedEmbedding
+from components.model import load_encoder
+
+encoder, preprocess, _ = load_encoder(sys.argv[1])
+run = ShardedEmbedding.plan(sys.argv[2], sys.argv[4:], 4, "tiny v1")
+for done, number in enumerate(run.remaining(), 1):
+    run.embed_shard(number, encoder, preprocess, 4)
+    if done == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)  # dies as a killed worker does: no clean-up, no exit code
+"""
+
+
+def test_a_killed_embedding_run_resumes_from_its_finished_shards(encoder, images, tmp_path):
+    model, preprocess, params = encoder
+    encoder_dir = save_encoder(model, preprocess, params.model, tmp_path / "encoder")
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    command = [sys.executable, str(script), str(encoder_dir), str(tmp_path / "run"), "3", *images]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    killed = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+
+    run = ShardedEmbedding.plan(tmp_path / "run", images, 4, "tiny v1")
+    assert run.finished() == [0, 1, 2] and len(run.remaining()) == 5
+    written = {number: run.shard_path(number).stat().st_mtime_ns for number in run.finished()}
+    vectors = embed_in_shards(model, preprocess, run, 4)
+    assert {number: run.shard_path(number).stat().st_mtime_ns for number in written} == written
+    np.testing.assert_allclose(vectors, embed_images(model, preprocess, images, 4), atol=1e-5)
