@@ -59,9 +59,9 @@ def other_tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip-2") / "clip", seed=1)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_model_overrides(tiny_clip_dir: Path) -> list[str]:
-    """``load_params(None, overrides)`` strings that select the tiny CLIP encoder."""
+    """``load_params(None, overrides)`` strings that select the tiny CLIP encoder (shared: extend a copy)."""
     return [
         "model.backbone=hf-clip",
         f"model.hf_model_id={tiny_clip_dir}",

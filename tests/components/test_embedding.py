@@ -18,18 +18,27 @@ from components.model import build_encoder, embed_images, save_encoder
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def images(synthetic_dataset) -> list[str]:
     return sorted(load_manifest(synthetic_dataset)["image_path"])[:30]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def encoder(tiny_model_overrides):
     params = load_params(None, tiny_model_overrides)
     return (*build_encoder(params.model), params)
 
 
-def test_shards_assemble_to_the_vectors_of_one_pass_and_a_resumed_plan_keeps_finished_shards(encoder, images, tmp_path):
+@pytest.fixture(scope="module")
+def one_pass(encoder, images) -> np.ndarray:
+    """The images embedded in one pass: what every sharded run must assemble to."""
+    model, preprocess, _ = encoder
+    return embed_images(model, preprocess, images, 4)
+
+
+def test_shards_assemble_to_the_vectors_of_one_pass_and_a_resumed_plan_keeps_finished_shards(
+    encoder, images, one_pass, tmp_path
+):
     model, preprocess, _ = encoder
     run = ShardedEmbedding.plan(tmp_path / "run", images, 7, "tiny v1")
     assert run.count == 5 and run.rows(4) == slice(28, 30)
@@ -43,7 +52,7 @@ def test_shards_assemble_to_the_vectors_of_one_pass_and_a_resumed_plan_keeps_fin
     assert again.finished() == [0, 3] and again.remaining() == [1, 2, 4]
     vectors = embed_in_shards(model, preprocess, again, 4)
     assert run.shard_path(0).stat().st_mtime_ns == first_written  # not embedded twice
-    np.testing.assert_allclose(vectors, embed_images(model, preprocess, images, 4), atol=1e-6)
+    np.testing.assert_allclose(vectors, one_pass, atol=1e-6)
     assert ShardedEmbedding.open(tmp_path / "run").paths == images
 
 
@@ -61,13 +70,13 @@ def test_shards_of_another_run_are_never_reused(encoder, images, tmp_path, chang
     assert other.finished() == []
 
 
-def test_a_half_written_shard_is_not_taken_for_a_finished_one(encoder, images, tmp_path):
+def test_a_half_written_shard_is_not_taken_for_a_finished_one(encoder, images, one_pass, tmp_path):
     model, preprocess, _ = encoder
     run = ShardedEmbedding.plan(tmp_path / "run", images, 10, "tiny v1")
     # What a writer killed mid-shard leaves: its side file, never the shard's own name.
     run.shard_path(1).with_name("shard-000001.partial-99999.npy").write_bytes(b"\x93NUMPY half")
     assert run.remaining() == [0, 1, 2]
-    np.testing.assert_allclose(embed_in_shards(model, preprocess, run, 4), embed_images(model, preprocess, images, 4))
+    np.testing.assert_allclose(embed_in_shards(model, preprocess, run, 4), one_pass, atol=1e-6)
 
 
 KILLED_RUN = """
@@ -84,7 +93,7 @@ for done, number in enumerate(run.remaining(), 1):
 """
 
 
-def test_a_killed_embedding_run_resumes_from_its_finished_shards(encoder, images, tmp_path):
+def test_a_killed_embedding_run_resumes_from_its_finished_shards(encoder, images, one_pass, tmp_path):
     model, preprocess, params = encoder
     encoder_dir = save_encoder(model, preprocess, params.model, tmp_path / "encoder")
     script = tmp_path / "killed_run.py"
@@ -99,4 +108,4 @@ def test_a_killed_embedding_run_resumes_from_its_finished_shards(encoder, images
     written = {number: run.shard_path(number).stat().st_mtime_ns for number in run.finished()}
     vectors = embed_in_shards(model, preprocess, run, 4)
     assert {number: run.shard_path(number).stat().st_mtime_ns for number in written} == written
-    np.testing.assert_allclose(vectors, embed_images(model, preprocess, images, 4), atol=1e-5)
+    np.testing.assert_allclose(vectors, one_pass, atol=1e-5)

@@ -299,7 +299,7 @@ def test_evaluate_encoder_embeds_queries_at_the_encoders_query_zooms(synthetic_d
 def test_a_cached_model_is_evaluated_from_its_embeddings_without_loading_it(
     synthetic_dataset, tiny_model_overrides, tmp_path
 ):
-    from components.evaluate import EmbeddingCache, evaluate_model
+    from components.evaluate import EmbeddingCache, evaluate_model, protocol_paths
     from components.model import build_encoder
 
     params = load_params(None, tiny_model_overrides + ["evaluate.ks=[1,3]"])
@@ -315,16 +315,12 @@ def test_a_cached_model_is_evaluated_from_its_embeddings_without_loading_it(
     again = evaluate_model(load, manifest, "val", "train", params.evaluate, cache)
     assert (first.from_cache, again.from_cache, len(loads)) == (False, True, 1)
     assert again.metrics == first.metrics
-    # Another data version, another model run, or other images: embedded afresh.
-    assert not evaluate_model(
-        load, manifest, "val", "train", params.evaluate, EmbeddingCache(tmp_path / "cache", "run-1", "data-b")
-    ).from_cache
-    assert not evaluate_model(
-        load, manifest, "val", "train", params.evaluate, EmbeddingCache(tmp_path / "cache", "run-2", "data-a")
-    ).from_cache
-    fewer = manifest.drop(manifest.index[manifest["split"] == "val"][:1])
-    assert not evaluate_model(load, fewer, "val", "train", params.evaluate, cache).from_cache
-    assert len(loads) == 4
+    # Another data version, another model run, or other images: not served from the cache.
+    gallery_paths, query_paths = protocol_paths(protocol_sets(manifest, "val", "train"))
+    assert cache.load(gallery_paths, query_paths) is not None
+    assert EmbeddingCache(tmp_path / "cache", "run-1", "data-b").load(gallery_paths, query_paths) is None
+    assert EmbeddingCache(tmp_path / "cache", "run-2", "data-a").load(gallery_paths, query_paths) is None
+    assert cache.load(gallery_paths, query_paths[1:]) is None
 
 
 def test_empty_gallery_protocol_is_skipped():
