@@ -69,6 +69,9 @@ class LossParams(_Section):
     scale: float = Field(default=16.0, gt=0)
     # Prototypes per SKU for subcenter-arcface: tolerates SKUs whose photos look unlike each other.
     subcenters: int = Field(default=3, ge=1)
+    # Partial FC: with more SKUs than this, a step's softmax scores the batch's SKUs and random
+    # others up to this many, so a step costs what it does at about this many SKUs; 0: all, always.
+    sampled_classes: int = Field(default=1024, ge=0)
     # Weight of the loss that ranks each photo's catalogue image above other SKUs' (the
     # catalogue protocol's own task); 0 turns it off.
     catalogue_anchor_weight: float = Field(default=1.0, ge=0)

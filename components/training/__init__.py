@@ -11,6 +11,14 @@
 - :mod:`~components.training.recipe`: :func:`train_encoder`, which chains them.
 """
 
-from components.training.recipe import NullTracker, Tracker, TrainResult, train_encoder, training_setup
-
 __all__ = ["NullTracker", "Tracker", "TrainResult", "train_encoder", "training_setup"]
+
+
+def __getattr__(name: str):
+    # The recipe imports the model stack (transformers, timm); importing one small module such
+    # as the losses should not pay for it (benchmark and worker processes start faster).
+    if name in __all__:
+        from components.training import recipe
+
+        return getattr(recipe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

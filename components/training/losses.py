@@ -23,14 +23,39 @@ class MarginHead(nn.Module):
 
     With ``subcenters > 1`` each SKU has several prototypes and the closest one counts
     (sub-center ArcFace), which tolerates SKUs whose photos look unlike each other.
+
+    With ``sampled_classes`` below the SKU count, a step's softmax scores only the batch's own
+    SKUs and random others up to that many (insightface's Partial FC), so its cost does not grow
+    with the catalogue. The head's weight then leaves the shared optimiser: only the rows a step
+    scored get a gradient (sparse) and an Adam update (:meth:`sparse_step`), with their moments
+    kept as buffers of the weight's size (a bound of 3x the weight, saved with the head).
     """
 
-    def __init__(self, embed_dim: int, n_classes: int, loss: str, margin: float, scale: float, subcenters: int = 1):
+    def __init__(
+        self,
+        embed_dim: int,
+        n_classes: int,
+        loss: str,
+        margin: float,
+        scale: float,
+        subcenters: int = 1,
+        sampled_classes: int = 0,
+    ):
         super().__init__()
         self.loss, self.margin, self.scale = loss, margin, scale
         self.subcenters = subcenters if loss == "subcenter-arcface" else 1
         self.weight = nn.Parameter(torch.randn(n_classes * self.subcenters, embed_dim) * 0.01)
         self.n_classes = n_classes
+        self.sampled_classes = sampled_classes if 0 < sampled_classes < n_classes else 0
+        if self.partial:
+            self.register_buffer("exp_avg", torch.zeros_like(self.weight))
+            self.register_buffer("exp_avg_sq", torch.zeros_like(self.weight))
+            self.register_buffer("row_steps", torch.zeros(len(self.weight), dtype=torch.int64))
+
+    @property
+    def partial(self) -> bool:
+        """Whether steps sample classes (Partial FC) and update the weight themselves."""
+        return bool(self.sampled_classes)
 
     def init_from_prototypes(self, prototypes: torch.Tensor) -> None:
         """Start every (sub)center at its SKU's mean embedding: catalogue and photos as anchors."""
@@ -46,8 +71,28 @@ class MarginHead(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The margin softmax's cross-entropy of ``embeddings`` against their SKU ``labels``."""
-        cos = self.cosines(embeddings.float()).clamp(-1 + 1e-7, 1 - 1e-7)
-        target = cos.gather(1, labels[:, None])
+        if not self.partial:
+            return self._margin_loss(self.cosines(embeddings.float()), labels)
+        positives = labels.unique()  # sorted: a label's position among them is its target
+        classes = torch.cat([positives, self._negatives(positives)])
+        rows = (classes[:, None] * self.subcenters + torch.arange(self.subcenters, device=classes.device)).reshape(-1)
+        weight = F.embedding(rows, self.weight, sparse=True)  # a sparse gradient: the scored rows only
+        cos = F.normalize(embeddings.float(), dim=-1) @ F.normalize(weight, dim=-1).T
+        cos = cos.view(len(embeddings), len(classes), self.subcenters).amax(dim=-1)
+        return self._margin_loss(cos, torch.searchsorted(positives, labels))
+
+    def _negatives(self, positives: torch.Tensor) -> torch.Tensor:
+        """Up to ``sampled_classes - len(positives)`` distinct random other classes, drawn in O(sample)."""
+        wanted = self.sampled_classes - len(positives)
+        if wanted <= 0:
+            return positives[:0]
+        drawn = torch.randint(0, self.n_classes, (2 * wanted + 16,), device=positives.device).unique()
+        drawn = drawn[~torch.isin(drawn, positives)]
+        return drawn[torch.randperm(len(drawn), device=drawn.device)[:wanted]]
+
+    def _margin_loss(self, cos: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        cos = cos.clamp(-1 + 1e-7, 1 - 1e-7)
+        target = cos.gather(1, targets[:, None])
         if self.loss == "cosface":
             adjusted = target - self.margin
         else:
@@ -58,8 +103,28 @@ class MarginHead(nn.Module):
                 torch.cos(theta + self.margin),
                 target - self.margin * math.sin(self.margin),
             )
-        logits = cos.scatter(1, labels[:, None], adjusted) * self.scale
-        return F.cross_entropy(logits, labels)
+        logits = cos.scatter(1, targets[:, None], adjusted) * self.scale
+        return F.cross_entropy(logits, targets)
+
+    @torch.no_grad()
+    def sparse_step(self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+        """AdamW on the rows the last backward scored (lazy Adam: other rows and moments stay as they are)."""
+        grad = self.weight.grad
+        self.weight.grad = None
+        if grad is None:
+            return
+        grad = grad.coalesce()
+        rows, values = grad.indices()[0], grad.values()
+        steps = self.row_steps[rows] + 1
+        self.row_steps[rows] = steps
+        first = self.exp_avg[rows].mul_(betas[0]).add_(values, alpha=1 - betas[0])
+        second = self.exp_avg_sq[rows].mul_(betas[1]).addcmul_(values, values, value=1 - betas[1])
+        self.exp_avg[rows], self.exp_avg_sq[rows] = first, second
+        correction_1 = (1 - betas[0] ** steps.double()).float()[:, None]
+        correction_2 = (1 - betas[1] ** steps.double()).float()[:, None]
+        updated = self.weight[rows] * (1 - lr * weight_decay)
+        updated -= lr * (first / correction_1) / ((second / correction_2).sqrt() + eps)
+        self.weight[rows] = updated
 
 
 def catalogue_anchor_loss(
@@ -97,7 +162,8 @@ def catalogue_anchor_loss(
 
 def margin_head(embed_dim: int, n_skus: int, train: TrainParams) -> MarginHead:
     """The margin head the recipe's loss settings describe."""
-    return MarginHead(embed_dim, n_skus, train.loss.kind, train.loss.margin, train.loss.scale, train.loss.subcenters)
+    loss = train.loss
+    return MarginHead(embed_dim, n_skus, loss.kind, loss.margin, loss.scale, loss.subcenters, loss.sampled_classes)
 
 
 def optimisation_step(
@@ -123,8 +189,14 @@ def optimisation_step(
         )
     if loss_weight != 1.0:
         loss = loss * loss_weight
+    if head.partial and parallel.enabled:
+        # Ranks would sample different classes from their shares of the batch.
+        raise ValueError("train.loss.sampled_classes (Partial FC) does not run under data parallelism")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     parallel.average_gradients([parameter for group in optimizer.param_groups for parameter in group["params"]])
     optimizer.step()
+    if head.partial:
+        group = optimizer.param_groups[0]  # the head's learning rate: the projection's
+        head.sparse_step(group["lr"], group["betas"], group["eps"], group["weight_decay"])
     return parallel.mean(float(loss.detach()))

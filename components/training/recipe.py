@@ -121,9 +121,11 @@ def training_setup(params: Params, manifest: pd.DataFrame, device: torch.device)
     # Lite0 training step on the CPU; CropTraining sends its crops in that layout too.
     encoder.to(device)
     head = margin_head(encoder.embed_dim, len(sku_ids), cfg).to(device)
+    # A Partial FC head updates its own weight (MarginHead.sparse_step): AdamW would move every row.
+    head_parameters = [] if head.partial else list(head.parameters())
     optimizer = torch.optim.AdamW(
         [
-            {"params": list(encoder.projection.parameters()) + list(head.parameters()), "lr": cfg.schedule.lr},
+            {"params": list(encoder.projection.parameters()) + head_parameters, "lr": cfg.schedule.lr},
             {"params": list(encoder.backbone.parameters()), "lr": cfg.schedule.backbone_lr},
         ],
         weight_decay=cfg.schedule.weight_decay,

@@ -234,6 +234,25 @@ def test_crashed_run_resumes_where_it_stopped(tmp_path, tiny_clip_dir, synthetic
     assert done.metrics["catalogue"]["top1"] == pytest.approx(result.metrics["catalogue"]["top1"])
 
 
+def test_a_partial_fc_run_trains_and_resumes_with_its_head_moments(
+    tmp_path, tiny_clip_dir, synthetic_dataset, manifest
+):
+    # Six SKUs, three scored a step: the batch's two and a random other (the head's own AdamW).
+    params = train_params(
+        tiny_clip_dir, synthetic_dataset, tmp_path, "train.sampler.batch_size=4", "train.loss.sampled_classes=3"
+    )
+    crashing = RecordingTracker(fail_at_step=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_encoder(params, manifest, tracker=crashing, progress=False)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(sorted((tmp_path / "checkpoints").rglob("epoch-*/head.safetensors"))[-1]))
+    assert saved["row_steps"].sum() > 0 and saved["exp_avg_sq"].abs().sum() > 0  # the moments are checkpointed
+    result = train_encoder(params, manifest, tracker=RecordingTracker(), progress=False)
+    assert result.resumed_from_epoch == 2 and len(result.history) == 3
+    assert all(math.isfinite(record["train.loss"]) for record in result.history)
+
+
 def test_resume_false_starts_over(tmp_path, tiny_clip_dir, synthetic_dataset, manifest):
     params = train_params(tiny_clip_dir, synthetic_dataset, tmp_path, "train.schedule.epochs=2")
     train_encoder(params, manifest, progress=False)
@@ -343,6 +362,40 @@ def test_prototype_init_points_classes_at_their_mean():
     head = MarginHead(3, 2, "arcface", 0.2, 30.0)
     head.init_from_prototypes(torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, -3.0]]))
     torch.testing.assert_close(head.weight.detach(), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]))
+
+
+def test_a_partial_fc_head_scores_the_batch_skus_and_sampled_others_and_moves_only_their_rows():
+    torch.manual_seed(0)
+    full = MarginHead(8, 50, "subcenter-arcface", 0.2, 16.0, subcenters=2, sampled_classes=50)
+    assert not full.partial  # no fewer classes than SKUs: the full softmax, in the shared optimiser
+    head = MarginHead(8, 50, "subcenter-arcface", 0.2, 16.0, subcenters=2, sampled_classes=10)
+    assert head.partial and head.state_dict().keys() >= {"weight", "exp_avg", "exp_avg_sq", "row_steps"}
+    embeddings, labels = torch.randn(12, 8), torch.tensor([3, 3, 7, 7, 41, 41, 0, 0, 19, 19, 3, 7])
+    before = head.weight.detach().clone()
+    loss = head(embeddings, labels)
+    loss.backward()
+    assert head.weight.grad.is_sparse
+    scored = head.weight.grad.coalesce().indices()[0] // 2
+    assert set(labels.tolist()) <= set(scored.tolist()) and len(set(scored.tolist())) == 10
+    head.sparse_step(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    moved = (head.weight != before).any(dim=1).nonzero().flatten() // 2
+    assert set(moved.tolist()) == set(scored.tolist()) and head.weight.grad is None
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_the_partial_fc_update_is_adamw_on_the_rows_it_touches():
+    torch.manual_seed(1)
+    head = MarginHead(4, 6, "arcface", 0.2, 16.0, sampled_classes=3)
+    reference = torch.nn.Parameter(head.weight.detach().clone())
+    adamw = torch.optim.AdamW([reference], lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    for _ in range(3):  # every row touched each step: lazy Adam is then plain AdamW
+        grad = torch.randn(6, 4)
+        reference.grad = grad.clone()
+        adamw.step()
+        head.weight.grad = grad.to_sparse(sparse_dim=1)  # as F.embedding(sparse=True) gives it
+        head.sparse_step(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+        torch.testing.assert_close(head.weight.detach(), reference.detach(), rtol=1e-5, atol=1e-6)
+    assert head.row_steps.tolist() == [3] * 6
 
 
 # --- P x K sampling ----------------------------------------------------------------------------
