@@ -9,6 +9,10 @@ Protocols (DESIGN.md):
 
 Top-k is counted over distinct SKUs: gallery hits are ranked by similarity and a SKU's rank is
 that of its best image, so k neighbours of one SKU never crowd out the others.
+
+Everything is read from k-nearest-neighbour searches (``KnnFn``, FAISS by default) and from
+scoring chosen SKUs' images, never from a queries x gallery matrix, so memory stays flat in the
+gallery size.
 """
 
 from __future__ import annotations
