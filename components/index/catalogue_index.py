@@ -106,8 +106,8 @@ class CatalogueIndex:
             return None
 
     def _exact_rows(self, rows: np.ndarray) -> np.ndarray:
-        """The stored vectors of ``rows`` as float32: read with pread from a loaded index's file
-        (:mod:`components.index.row_reader`), indexed in memory for one being built."""
+        """The stored vectors of ``rows`` as float32: with ``pread`` where the meta's ``rerank_reads``
+        says so (:mod:`components.index.row_reader`), through the mapping (or memory) otherwise."""
         if self.row_reader is not None:
             return self.row_reader.take(rows)
         return np.asarray(self.vectors[rows], dtype=np.float32)
@@ -412,7 +412,9 @@ def load_index(
     set_search_params(index, meta.get("nprobe"), meta.get("ef_search"))
     vectors, reader = None, None
     if (folder / VECTORS_FILE).exists():
-        vectors, reader = np.load(folder / VECTORS_FILE, mmap_mode="r"), RowReader(folder / VECTORS_FILE)
+        vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
+        # Where the rows do not fit the memory budget beside the index (policy.rerank_reads).
+        reader = RowReader(folder / VECTORS_FILE) if meta.get("rerank_reads") == "pread" else None
     if index.ntotal != len(items) or (vectors is not None and vectors.shape != (len(items), index.d)):
         raise IndexMismatchError(
             f"index {folder} has {index.ntotal} rows, {len(items)} items and vectors of shape "

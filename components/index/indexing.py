@@ -27,7 +27,7 @@ from components.index.catalogue_index import (
     without_skus,
 )
 from components.index.catalogue_map import CatalogueMap
-from components.index.policy import measure_recall, plan_index, tune_search
+from components.index.policy import measure_recall, plan_index, rerank_reads, tune_search
 
 EXACT_RECALL = {"recall_at_1": 1.0, "recall_at_10": 1.0}
 MILVUS_URI_ENV, MILVUS_TOKEN_ENV = "SKUMATCH_MILVUS_URI", "MILVUS_TOKEN"
@@ -117,10 +117,11 @@ def index_embeddings(
     """
     compressed = any(codes in params.factory for codes in ("PQ", "SQ"))
     factory, rerank, reason = params.factory, params.rerank_factor if compressed else 1, "index.factory"
+    reads = rerank_reads(len(embeddings), embeddings.shape[1], 0, params) if rerank > 1 else "mapped"
     if factory == "auto":
         plan = plan_index(len(embeddings), embeddings.shape[1], params)
-        factory, rerank, reason = plan.factory, plan.rerank_factor, plan.reason
-    info = {**(meta or {}), "factory_reason": reason}
+        factory, rerank, reason, reads = plan.factory, plan.rerank_factor, plan.reason, plan.rerank_reads
+    info = {**(meta or {}), "factory_reason": reason, "rerank_reads": reads}
     catalogue = build_index(
         embeddings, items, None, factory, params.use_gpu, info, params.nprobe, params.ef_search, rerank
     )

@@ -54,6 +54,18 @@ class IndexPlan:
     rerank_factor: int
     resident_bytes: int
     reason: str
+    rerank_reads: str = "mapped"  # how re-ranking reads exact rows: see rerank_reads()
+
+
+def rerank_reads(n_vectors: int, dim: int, index_bytes: int, params: IndexParams) -> str:
+    """``mapped`` where the index and every float16 row of ``vectors.npy`` fit the memory budget
+    together, ``pread`` where they do not.
+
+    Through the mapping a re-ranked row maps 64 KiB of its neighbours into the process (the
+    kernel's fault-around), so the mapped rows grow towards the whole file; ``pread`` reads just
+    the rows, about 4 µs each against 1 µs (160 rows a query), and RSS stays at the index.
+    """
+    return "mapped" if index_bytes + n_vectors * dim * 2 <= params.memory_budget_mb * 2**20 else "pread"
 
 
 def ivf_lists(n_vectors: int) -> int:
@@ -92,6 +104,7 @@ def plan_index(n_vectors: int, dim: int, params: IndexParams) -> IndexPlan:
                 size,
                 f"{n_vectors:,} vectors of {dim}: {codes} codes are the largest whose {size / 2**20:,.0f} MiB fit "
                 f"{BUDGET_SHARE:.0%} of the {params.memory_budget_mb:,} MiB budget",
+                rerank_reads(n_vectors, dim, size, params) if rerank > 1 else "mapped",
             )
     raise ValueError(
         f"no index of {n_vectors:,} vectors of {dim} fits index.memory_budget_mb={params.memory_budget_mb}; "

@@ -179,7 +179,11 @@ def test_a_loaded_index_maps_its_file_and_searches_as_built(catalogue, tmp_path,
 
 def test_a_loaded_index_re_ranks_with_rows_read_by_pread_not_through_the_mapping(catalogue, tmp_path):
     embeddings, sku_ids, paths, queries = catalogue
-    built = build_index(embeddings, sku_ids, paths, "IVF4,SQ4", "never", {"model_version": "1"}, rerank_factor=4)
+    mapped = build_index(embeddings, sku_ids, paths, "IVF4,SQ4", "never", {"model_version": "1"}, rerank_factor=4)
+    save_index(mapped, tmp_path / "mapped")
+    assert load_index(tmp_path / "mapped").row_reader is None  # rows that fit the budget: read through the mapping
+    meta = {"model_version": "1", "rerank_reads": "pread"}  # policy.rerank_reads: rows beyond the budget
+    built = build_index(embeddings, sku_ids, paths, "IVF4,SQ4", "never", meta, rerank_factor=4)
     save_index(built, tmp_path / "index")
     loaded = load_index(tmp_path / "index")
     stored = np.load(tmp_path / "index" / VECTORS_FILE)

@@ -58,6 +58,9 @@ def test_auto_keeps_exact_search_for_small_catalogues_and_compresses_to_fit_the_
     ten_million = plan_index(10_000_000, 256, params)
     assert ten_million.factory == "IVF65536_HNSW32,PQ64" and ten_million.rerank_factor == 4
     assert ten_million.resident_bytes <= 0.75 * params.memory_budget_mb * 2**20
+    # Re-ranking reads its rows through the mapping where they fit the budget beside the index
+    # (1M: 0.5 GiB of float16 rows), with pread where they do not (10M: 4.8 GiB).
+    assert (million.rerank_reads, ten_million.rerank_reads, below.rerank_reads) == ("mapped", "pread", "mapped")
     # A larger budget buys larger codes; one too small for any code is refused with what to do.
     assert plan_index(10_000_000, 256, IndexParams(memory_budget_mb=8192)).factory == "IVF65536_HNSW32,SQ8"
     with pytest.raises(ValueError, match="memory_budget_mb"):
