@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -326,6 +327,9 @@ def run_size(size: int, args, real: dict, params, scratch: Path) -> dict:
     for name, factory in ways:
         out = scratch / f"index-{size}-{len(results['ways'])}"
         built = build_one(name, factory, vectors, items, params.index, out)
+        # The files just saved are dirty page cache: written back during the measurement, they
+        # stall page reads (the tail). Flushed first, outside the build time.
+        os.sync()
         limit = args.exact_queries if name == EXACT else 0
         child = [sys.executable, "-m", "benchmarks.index", "--measure", str(out), str(folder), "faiss", str(limit)]
         results["ways"][name] = {**built, **measure_in_child(name, child)}
