@@ -522,7 +522,8 @@ def rss_bytes():
 rows, dim, queries_count = 1_000_000, 32, 1000
 rng = np.random.default_rng(0)
 gallery = rng.standard_normal((rows, dim), dtype=np.float32)
-gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+for start in range(0, rows, 100_000):  # in chunks: a whole-gallery temporary would count as the peak
+    gallery[start : start + 100_000] /= np.linalg.norm(gallery[start : start + 100_000], axis=1, keepdims=True)
 gallery_skus = np.arange(rows) // 10  # 100,000 SKUs of ten images
 picked = rng.integers(0, rows, queries_count)
 queries = gallery[picked] + 0.05 * rng.standard_normal((queries_count, dim), dtype=np.float32)
