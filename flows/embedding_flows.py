@@ -83,7 +83,14 @@ def embed_planned_run(run: embedding.ShardedEmbedding, encoder_dir: str, batch_s
     runner = task_runner(params)
     if runner is not None:
         embed = embed_catalogue.with_options(task_runner=runner)
-        return embed(str(run.folder), str(encoder_dir), batch_size, params.torch_threads_per_worker)
+        environ = dict(os.environ)
+        try:
+            return embed(str(run.folder), str(encoder_dir), batch_size, params.torch_threads_per_worker)
+        finally:
+            # Dask's LocalCluster sets OMP_NUM_THREADS=1 (and MKL's, OpenBLAS's) in this process for
+            # its workers and leaves them: a bentoml serve started from here later ran on one thread.
+            os.environ.clear()
+            os.environ.update(environ)
     from components.model import load_encoder
 
     todo = len(run.remaining())

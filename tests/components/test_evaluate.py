@@ -554,6 +554,6 @@ def test_evaluation_on_a_million_vector_gallery_stays_in_bounded_memory(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["queries"] == 1000, found
-    assert found["beyond_vectors"] < 512 * 2**20, found  # the bound is 2 GiB
+    assert found["beyond_vectors"] < 2 * 2**30, found  # the target; the matrix alone would be 3.7 GiB
     # Queries sit near one of their SKU's images: most find it, and never below chance.
     assert 0.5 < found["top1"] <= found["top3"] <= found["top5"] <= 1.0

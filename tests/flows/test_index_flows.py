@@ -166,10 +166,13 @@ def test_a_tampered_current_index_is_refused_before_any_change(champion, tmp_pat
 
 
 def test_rebuild_index_is_a_prefect_flow_that_re_embeds_into_the_next_version(champion):
+    import os
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
     _, before = champion.current()
+    environ = dict(os.environ)
     state = rebuild_index(
         data_root=str(champion.dataset),
         params_path=str(REPO_ROOT / "params.yaml"),
@@ -177,6 +180,7 @@ def test_rebuild_index_is_a_prefect_flow_that_re_embeds_into_the_next_version(ch
         return_state=True,
     )
     assert state.is_completed()
+    assert dict(os.environ) == environ  # the Dask cluster's OMP_NUM_THREADS=1 does not stay behind
     summary = state.result()
     assert summary["index_version"] == 2 and summary["parent_index_version"] == 1
     # The six catalogue images in three shards, embedded by both processes of a local Dask cluster
