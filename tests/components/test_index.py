@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -201,6 +202,9 @@ def test_a_loaded_index_re_ranks_with_rows_read_by_pread_not_through_the_mapping
     loaded.vectors = Unmapped()
     assert loaded.search(queries, 4) == built.search(queries, 4)
     assert np.array_equal(loaded.stored_vector(7), stored[7].astype(np.float32))
+    os.truncate(tmp_path / "index" / VECTORS_FILE, os.path.getsize(tmp_path / "index" / VECTORS_FILE) - 1)
+    with pytest.raises(OSError, match="truncated"):
+        loaded.row_reader.take(np.array([0, 59]))
 
 
 def test_model_version_compares_as_string(saved):
