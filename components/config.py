@@ -264,7 +264,20 @@ class EvaluateParams(_Section):
 
 
 class EmbeddingParams(_Section):
-    """Embedding a whole catalogue (``rebuild_index``): in shards, resumable, on Dask workers."""
+    """Embedding catalogues (index builds, ``rebuild_index``, ``index add``): the production embedder
+    (``components/embedder.py``), in shards, resumable, on Dask workers."""
+
+    # What runs the model: "torch" (inference mode), or ONNX Runtime on the CPU in float32 ("onnx")
+    # or int8 ("onnx-int8", calibrated on catalogue images). The index keeps the graph that made
+    # its vectors, and the service embeds queries with it (benchmarks/results/embedding.md).
+    runtime: Literal["torch", "onnx", "onnx-int8"] = "onnx"
+    # Images per model call, and threads decoding the next images meanwhile (0: none ahead).
+    batch_size: int = Field(default=4, ge=1)
+    decode_threads: int = Field(default=2, ge=0)
+    # Catalogue images the int8 graph's activation ranges are calibrated on.
+    calibration_images: int = Field(default=64, ge=1)
+    # ONNX graphs are made here, once per model's weights.
+    graph_dir: str = ".skumatch/graphs"
 
     # Images a shard holds: each finished shard is a file, so a killed run loses at most one.
     shard_size: int = Field(default=10_000, ge=1)

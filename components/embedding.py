@@ -117,11 +117,9 @@ class ShardedEmbedding:
         """The images of shard ``number``: what a worker is handed with it."""
         return self.paths[self.rows(number)]
 
-    def embed_shard(self, number: int, encoder, preprocess, batch_size: int, device=None) -> Path:
-        """Embed one shard in this process (see :func:`embed_shard`)."""
-        return embed_shard(
-            self.shard_path(number), self.shard_paths(number), encoder, preprocess, batch_size, self.as_queries, device
-        )
+    def embed_shard(self, number: int, embedder) -> Path:
+        """Embed one shard in this process with ``embedder`` (see :func:`embed_shard`)."""
+        return embed_shard(self.shard_path(number), self.shard_paths(number), embedder, self.as_queries)
 
     def assemble(self, out: np.ndarray | None = None) -> np.ndarray:
         """Every shard's rows in order, in one array (or into ``out``, such as a memory map).
@@ -139,31 +137,21 @@ class ShardedEmbedding:
         return out
 
 
-def embed_shard(
-    target: str | Path, paths: list[str], encoder, preprocess, batch_size: int, as_queries: bool = False, device=None
-) -> Path:
-    """Embed one shard's images into ``target``, written whole (a side file, then a rename); a shard
-    already there is left as it is, so a task retried after its write changes nothing."""
-    from components.model import embed_images
-
+def embed_shard(target: str | Path, paths: list[str], embedder, as_queries: bool = False) -> Path:
+    """Embed one shard's images into ``target`` with an :class:`components.embedder.ImageEmbedder`,
+    written whole (a side file, then a rename); a shard already there is left as it is, so a task
+    retried after its write changes nothing."""
     target = Path(target)
     if target.exists():
         return target
-    vectors = embed_images(encoder, preprocess, paths, batch_size, device=device, as_queries=as_queries)
+    vectors = embedder.embed_paths(paths, as_queries=as_queries)
     partial = target.with_name(f"{target.stem}.partial-{os.getpid()}.npy")
     np.save(partial, vectors.astype(np.float32))
     os.replace(partial, target)
     return target
 
 
-def embed_in_shards(
-    encoder,
-    preprocess,
-    run: ShardedEmbedding,
-    batch_size: int,
-    device=None,
-    progress: bool = False,
-) -> np.ndarray:
+def embed_in_shards(embedder, run: ShardedEmbedding, progress: bool = False) -> np.ndarray:
     """Embed the shards ``run`` still lacks, one after another in this process, then assemble them."""
     from tqdm.auto import tqdm
 
@@ -171,5 +159,5 @@ def embed_in_shards(
     if len(todo) < run.count:
         LOGGER.info("%s: %d of %d shards already embedded, resuming", run.folder, run.count - len(todo), run.count)
     for number in tqdm(todo, desc="embedding shards", disable=None if progress else True):
-        run.embed_shard(number, encoder, preprocess, batch_size, device)
+        run.embed_shard(number, embedder)
     return run.assemble()

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from components.config import ServeParams
+from components.embedder import ImageEmbedder, build_embedder
 from components.index import CatalogueIndex, IndexMismatchError
 from components.index.indexing import open_catalogue
-from components.model import embed_rows, load_encoder, pool_query_rows, query_rows, resolve_device
+from components.model import load_encoder, resolve_device
 
 DEFAULT_BATCH_SIZE = ServeParams.model_fields["batch_size"].default
 
@@ -33,7 +33,9 @@ class ServedModel:
     """An encoder with its verified catalogue index: what the matching service runs.
 
     Built by :func:`load_served_model`, which refuses an index that does not match the
-    model version (checksum or version), so a service never answers from a stale index.
+    model version (checksum or version), so a service never answers from a stale index. Queries
+    are embedded by the production embedder on the runtime the index's vectors were made with
+    (:mod:`components.embedder`; its ONNX graph, when it keeps one).
     """
 
     def __init__(
@@ -44,11 +46,13 @@ class ServedModel:
         model_name: str,
         version: str,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        embedder: ImageEmbedder | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.encoder, self.preprocess, self.catalogue = encoder, preprocess, catalogue
         self.model_name, self.version, self.batch_size = model_name, version, batch_size
+        self.embedder = embedder or build_embedder(encoder, preprocess, batch_size=batch_size)
 
     @property
     def index_checksum(self) -> str:
@@ -67,18 +71,15 @@ class ServedModel:
         if not images:
             return np.zeros((0, self.encoder.embed_dim), dtype=np.float32)
         run = lanes.map if lanes else map
-        rows = torch.cat(list(run(self._query_rows, images)))
+        rows = np.concatenate(list(run(self._query_rows, images)))
         count = lanes.count if lanes else 1
         bounds = [round(part * len(rows) / count) for part in range(count + 1)]
         parts = [rows[start:end] for start, end in zip(bounds, bounds[1:]) if end > start]
-        embedded = torch.cat(list(run(self._embed_rows, parts)))
-        return pool_query_rows(self.encoder, embedded).numpy()
+        embedded = np.concatenate(list(run(self.embedder.embed_rows, parts)))
+        return self.embedder.pool(embedded, as_queries=True)
 
-    def _query_rows(self, image) -> torch.Tensor:
-        return query_rows(self.encoder, self.preprocess, image)
-
-    def _embed_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return embed_rows(self.encoder, rows, self.batch_size * (2 if self.encoder.flip_average else 1))
+    def _query_rows(self, image) -> np.ndarray:
+        return self.embedder.pixel_rows(image, as_queries=True)
 
     @property
     def reject_below(self) -> float | None:
@@ -115,11 +116,14 @@ def load_served_model(
     index_checksum: str | None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "cpu",
+    onnx_threads: int | None = None,
 ) -> ServedModel:
     """Load an encoder and its index, verifying the index against the model version.
 
     Args:
         device: where the encoder runs: ``cpu``, ``cuda``, or ``auto`` (CUDA when torch sees one).
+        onnx_threads: intra-op threads of each ONNX Runtime call, for an index embedded on an ONNX
+            runtime; ``None`` = this thread's torch threads.
 
     Raises:
         IndexMismatchError: the index is corrupt, or not the one recorded for ``version``.
@@ -129,4 +133,6 @@ def load_served_model(
     encoder, preprocess, _ = load_encoder(encoder_dir, resolve_device(device))
     if catalogue.dim != encoder.embed_dim:
         raise IndexMismatchError(f"index dimension {catalogue.dim} != encoder embedding size {encoder.embed_dim}")
-    return ServedModel(encoder, preprocess, catalogue, model_name, version, batch_size)
+    runtime = catalogue.meta.get("embedding_runtime", "torch")
+    embedder = build_embedder(encoder, preprocess, runtime, catalogue.embedder_graph, onnx_threads, batch_size)
+    return ServedModel(encoder, preprocess, catalogue, model_name, version, batch_size, embedder)

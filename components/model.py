@@ -340,47 +340,6 @@ def embed_batch(
     return F.normalize(total, dim=-1).cpu()
 
 
-def query_rows(encoder: Encoder, preprocess: Preprocess, image) -> torch.Tensor:
-    """The pixel rows one query photo is embedded from, each alone: every query zoom, each followed
-    by its mirror image when the encoder averages flips. :func:`pool_query_rows` undoes the layout.
-
-    What :func:`embed_batch` computes in one pass per zoom, cut into rows that can be embedded on
-    different threads (:meth:`components.matcher.ServedModel.embed`).
-    """
-    rows = []
-    for zoom in encoder.query_zooms:
-        pixels = replace(preprocess, zoom=zoom)(image)
-        rows += [pixels, pixels.flip(-1)] if encoder.flip_average else [pixels]
-    return torch.stack(rows)
-
-
-@torch.no_grad()
-def embed_rows(encoder: Encoder, rows: torch.Tensor, rows_per_pass: int) -> torch.Tensor:
-    """Unit-norm embedding of every pixel row alone (no flip or zoom averaging), float32 on the CPU.
-
-    Grad mode is per thread, hence ``no_grad`` here and not only at the caller.
-    """
-    device = next(encoder.parameters()).device
-    encoder.eval()
-    embedded = []
-    for start in range(0, len(rows), rows_per_pass):
-        with autocast_for(device):
-            pixels = rows[start : start + rows_per_pass].to(device)
-            embedded.append(encoder.embed_features(encoder.features(pixels)).float().cpu())
-    return torch.cat(embedded) if embedded else torch.zeros((0, encoder.embed_dim))
-
-
-def pool_query_rows(encoder: Encoder, embedded: torch.Tensor) -> torch.Tensor:
-    """Query embeddings from the :func:`query_rows` of consecutive photos, embedded by :func:`embed_rows`.
-
-    The same normalised means as :func:`embed_batch` with ``as_queries``: mirror with image, then
-    across zooms.
-    """
-    flips = 2 if encoder.flip_average else 1
-    views = embedded.view(-1, len(encoder.query_zooms), flips, embedded.shape[-1])
-    return F.normalize(F.normalize(views.sum(dim=2), dim=-1).sum(dim=1), dim=-1)
-
-
 @torch.no_grad()
 def embed_images(
     encoder: Encoder,

@@ -205,7 +205,7 @@ def index_build(
         manifest,
         out_dir,
         cfg.index,
-        cfg.evaluate.batch_size,
+        cfg.embedding,
         cfg.registry.model_name,
         "local",
         open_set_threshold(json.loads(metrics_file.read_text())),

@@ -4,7 +4,7 @@ The run is planned first (``components.embedding.ShardedEmbedding``: a folder wi
 the flow is handed that folder and submits one task per shard it still lacks, so a flow run
 killed halfway is resumed by running it again. With ``embedding.dask_workers`` the tasks run on
 a local Dask cluster of that many processes, with ``embedding.dask_address`` on an existing
-cluster; each worker process loads the encoder once.
+cluster; each worker process builds the production embedder (``components.embedder``) once.
 """
 
 from __future__ import annotations
@@ -20,30 +20,35 @@ from components.config import EmbeddingParams
 
 
 @lru_cache(maxsize=2)
-def _worker_encoder(encoder_dir: str, torch_threads: int):
-    """The encoder in this worker process, loaded on its first shard (each worker gets its share of the cores)."""
+def _worker_embedder(encoder_dir: str, torch_threads: int, settings_json: str):
+    """The embedder in this worker process, built on its first shard (each worker gets its share of the cores)."""
     import torch
 
+    from components.embedder import embedder_for
     from components.model import load_encoder
 
     torch.set_num_threads(torch_threads)
     encoder, preprocess, _ = load_encoder(encoder_dir)
-    return encoder, preprocess
+    # The graph was made before the shards were submitted (embed_planned_run): here it is only read.
+    embedder, _ = embedder_for(
+        encoder, preprocess, EmbeddingParams.model_validate_json(settings_json), encoder_dir, None, torch_threads
+    )
+    return embedder
 
 
 @task(name="embed-shard", cache_policy=NO_CACHE, retries=1)
 def embed_shard(
-    target: str, paths: list[str], encoder_dir: str, batch_size: int, as_queries: bool, torch_threads: int
+    target: str, paths: list[str], encoder_dir: str, settings_json: str, as_queries: bool, torch_threads: int
 ) -> int:
     """Embed one shard into ``target``; returns the worker's process id."""
-    encoder, preprocess = _worker_encoder(encoder_dir, torch_threads)
-    embedding.embed_shard(target, paths, encoder, preprocess, batch_size, as_queries)
+    embedding.embed_shard(target, paths, _worker_embedder(encoder_dir, torch_threads, settings_json), as_queries)
     return os.getpid()
 
 
 @flow(name="embed_catalogue")
-def embed_catalogue(folder: str, encoder_dir: str, batch_size: int, torch_threads: int = 1) -> dict:
-    """Embed the shards a planned run in ``folder`` still lacks, one task each.
+def embed_catalogue(folder: str, encoder_dir: str, settings: EmbeddingParams, torch_threads: int = 1) -> dict:
+    """Embed the shards a planned run in ``folder`` still lacks, one task each, with the production embedder
+    that ``settings`` (the ``embedding`` section) describe.
 
     Returns:
         ``shards``, ``resumed`` (already on disk), ``embedded`` and ``workers`` (distinct
@@ -51,9 +56,15 @@ def embed_catalogue(folder: str, encoder_dir: str, batch_size: int, torch_thread
     """
     run = embedding.ShardedEmbedding.open(folder)
     todo = run.remaining()
+    settings_json = settings.model_dump_json()
     futures = [
         embed_shard.submit(
-            str(run.shard_path(number)), run.shard_paths(number), encoder_dir, batch_size, run.as_queries, torch_threads
+            str(run.shard_path(number)),
+            run.shard_paths(number),
+            encoder_dir,
+            settings_json,
+            run.as_queries,
+            torch_threads,
         )
         for number in todo
     ]
@@ -77,23 +88,29 @@ def task_runner(params: EmbeddingParams):
     return DaskTaskRunner(cluster_kwargs=cluster)
 
 
-def embed_planned_run(run: embedding.ShardedEmbedding, encoder_dir: str, batch_size: int, params: EmbeddingParams):
+def embed_planned_run(run: embedding.ShardedEmbedding, encoder_dir: str, params: EmbeddingParams):
     """Embed what ``run`` lacks: :func:`embed_catalogue` on Dask, or with ``dask_workers: 0`` one
-    shard after another in this process (its torch threads untouched). Returns the summary."""
+    shard after another in this process (its torch threads untouched). Returns the summary.
+
+    An ONNX runtime's graph is made here first, calibrated on the run's images, so that workers
+    only read it.
+    """
+    from components.embedder import embedder_for
+    from components.model import load_encoder
+
+    encoder, preprocess, _ = load_encoder(encoder_dir)
+    embedder, _ = embedder_for(encoder, preprocess, params, encoder_dir, calibration_paths=run.paths)
     runner = task_runner(params)
     if runner is not None:
         embed = embed_catalogue.with_options(task_runner=runner)
         environ = dict(os.environ)
         try:
-            return embed(str(run.folder), str(encoder_dir), batch_size, params.torch_threads_per_worker)
+            return embed(str(run.folder), str(encoder_dir), params, params.torch_threads_per_worker)
         finally:
             # Dask's LocalCluster sets OMP_NUM_THREADS=1 (and MKL's, OpenBLAS's) in this process for
             # its workers and leaves them: a bentoml serve started from here later ran on one thread.
             os.environ.clear()
             os.environ.update(environ)
-    from components.model import load_encoder
-
     todo = len(run.remaining())
-    encoder, preprocess, _ = load_encoder(encoder_dir)
-    embedding.embed_in_shards(encoder, preprocess, run, batch_size, progress=True)
+    embedding.embed_in_shards(embedder, run, progress=True)
     return {"shards": run.count, "resumed": run.count - todo, "embedded": todo, "workers": 1 if todo else 0}

@@ -70,21 +70,22 @@ def rebuild_index(
     client, resolved = _current(params, model)
     parent = load_index(resolved.index_dir, resolved.index_checksum, resolved.version).meta
     manifest = load_manifest(params.data.root, params.data.layout, params.data.max_images_per_sku)
-    model_key = f"{params.registry.model_name} v{resolved.version}"
+    # The runtime is part of the key: shards embedded on another runtime are not reused.
+    model_key = f"{params.registry.model_name} v{resolved.version} {params.embedding.runtime}"
     run = ShardedEmbedding.plan(
         Path(params.embedding.shard_dir) / re.sub(r"[^0-9A-Za-z_.-]", "_", model_key),
         list(select(manifest, role="catalogue")["image_path"]),
         params.embedding.shard_size,
         model_key,
     )
-    embedded = embed_planned_run(run, str(resolved.encoder_dir), params.evaluate.batch_size, params.embedding)
+    embedded = embed_planned_run(run, str(resolved.encoder_dir), params.embedding)
     out_dir = resolved.index_dir.parent / "rebuilt"
     checksum, catalogue = indexing.build_model_index(
         resolved.encoder_dir,
         manifest,
         out_dir,
         params.index,
-        params.evaluate.batch_size,
+        params.embedding,
         params.registry.model_name,
         resolved.version,
         parent.get("reject_below"),
@@ -119,7 +120,7 @@ def add_products(
         rows,
         out_dir,
         params.index,
-        params.evaluate.batch_size,
+        params.embedding,
         resolved.index_checksum,
         resolved.version,
     )

@@ -246,7 +246,7 @@ def build_index(
         manifest,
         out_dir,
         params.index,
-        params.evaluate.batch_size,
+        params.embedding,
         params.registry.model_name,
         str(version),
         reject_below,

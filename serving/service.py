@@ -47,7 +47,7 @@ from components.config import BatchingParams, ServeParams, UploadLimits
 from serving import SERVICE_NAME
 from serving.access import AccessGuard
 from serving.explorer import Pages
-from serving.inference import InferenceQueue, TorchLanes, in_short_lived_thread
+from serving.inference import InferenceQueue, TorchLanes, in_short_lived_thread, lane_count, threads_per_worker
 from serving.observability import METRICS, RequestContext, RequestIdFilter
 from serving.refusals import refusal_response
 from serving.swap import ModelSlot, registry_loader
@@ -89,23 +89,10 @@ def configured_workers(service_name: str) -> int:
     return len(os.sched_getaffinity(0)) if workers == "cpu_count" else int(workers)
 
 
-def threads_per_worker(threads: int, workers: int) -> int:
-    """Torch intra-op threads for one worker: a process's ``threads`` shared out among the workers, at least 1."""
-    return max(1, threads // workers)
-
-
 def worker_torch_threads(default_threads: int, workers: int, environ: Mapping[str, str]) -> int:
     """The torch threads a worker sets: its share of torch's default, unless ``OMP_NUM_THREADS``
     is set explicitly, which wins (torch has already applied it)."""
     return default_threads if "OMP_NUM_THREADS" in environ else threads_per_worker(default_threads, workers)
-
-
-def lane_count(setting: int | str, torch_threads: int, device: str) -> int:
-    """How many lanes a worker embeds on (``serve.lanes``): ``auto`` is one per torch thread on a
-    CPU and one on a GPU, where a single stream of larger passes keeps the device busy."""
-    if setting != "auto":
-        return int(setting)
-    return 1 if device.startswith("cuda") else torch_threads
 
 
 def packaged_serve_params(facts: dict[str, Any]) -> ServeParams:
@@ -183,6 +170,8 @@ class InfoResponse(BaseModel):
     # Threads embedding side by side in each worker, sharing its torch threads (serve.lanes).
     lanes: int
     device: str
+    # What runs the model for queries: the runtime the index's vectors were embedded on (embedding.runtime).
+    embedding_runtime: str
     limits: UploadLimits
     batching: BatchingParams
     # Whether caller routes need an API key, and whether admin routes are on.
@@ -257,6 +246,8 @@ class Matcher:
         self.serve = packaged_serve_params(facts)
         self.model_name = str(facts["model_name"])
         folder = Path(self.bento_model.path)
+        # An index embedded on ONNX Runtime: each lane's call runs on that lane's share of the threads.
+        onnx_threads = threads_per_worker(self.torch_threads, lane_count(self.serve.lanes, self.torch_threads, "cpu"))
         # IndexMismatchError propagates on purpose: a service must not start on a wrong index.
         # Not on this (long-lived) thread: see serving.inference.in_short_lived_thread.
         served = in_short_lived_thread(
@@ -268,6 +259,7 @@ class Matcher:
             str(facts["index_checksum"]),
             self.serve.batch_size,
             self.serve.device,
+            onnx_threads,
         )
         self.device = str(next(served.encoder.parameters()).device)
         self.thumbnail_dir = folder / THUMBNAILS
@@ -287,7 +279,7 @@ class Matcher:
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or str(facts.get("tracking_uri") or "")
         self.registry_configured = bool(tracking_uri)
         target, load = (
-            registry_loader(tracking_uri, self.model_name, self.serve.batch_size, self.serve.device)
+            registry_loader(tracking_uri, self.model_name, self.serve.batch_size, self.serve.device, onnx_threads)
             if tracking_uri
             else (_no_registry, None)
         )
@@ -466,6 +458,7 @@ class Matcher:
             torch_threads=self.torch_threads,
             lanes=self.lanes,
             device=self.device,
+            embedding_runtime=served.embedder.runtime,
             limits=self.serve.limits,
             batching=self.serve.batching,
             api_keys_required=self.api_keys_required,

@@ -185,8 +185,9 @@ class ModelSlot:
             shutil.rmtree(self._folder, ignore_errors=True)
 
 
-def registry_loader(tracking_uri: str, model_name: str, batch_size: int, device: str):
-    """``(target, load)`` for :class:`ModelSlot` backed by the MLflow registry at ``tracking_uri``."""
+def registry_loader(tracking_uri: str, model_name: str, batch_size: int, device: str, onnx_threads: int | None = None):
+    """``(target, load)`` for :class:`ModelSlot` backed by the MLflow registry at ``tracking_uri``
+    (``onnx_threads``: see :func:`components.matcher.load_served_model`)."""
     from mlflow import MlflowClient
 
     from components import registry
@@ -208,6 +209,7 @@ def registry_loader(tracking_uri: str, model_name: str, batch_size: int, device:
             resolved.index_checksum,
             batch_size,
             device,
+            onnx_threads,
         )
 
     return target, load

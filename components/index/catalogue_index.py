@@ -33,6 +33,8 @@ LOGGER = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 VECTORS_FILE = "vectors.npy"
+# The ONNX graph that embedded the vectors (embedding.runtime onnx or onnx-int8): queries must use it too.
+EMBEDDER_FILE = "embedder.onnx"
 CHECKSUM_CHUNK = 8 << 20  # bytes hashed at a time
 ROWS_PER_CHUNK = 100_000  # rows converted to float32 and added at a time: a 10M catalogue streams
 TRAIN_ROWS_PER_LIST = 39  # FAISS's k-means warns below 39 training points per centroid
@@ -60,6 +62,8 @@ class CatalogueIndex:
     meta: dict
     vectors: np.ndarray | None = None
     row_reader: RowReader | None = field(default=None, repr=False, compare=False)
+    # The ONNX graph that made the vectors (None: torch); saved beside them, its SHA-256 in the meta.
+    embedder_graph: Path | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -343,10 +347,47 @@ def save_index(catalogue: CatalogueIndex, out_dir: str | Path) -> str:
     else:
         (folder / VECTORS_FILE).unlink(missing_ok=True)
     (folder / LEGACY_ITEMS_FILE).unlink(missing_ok=True)  # an older save in the same folder
+    _save_embedder_graph(catalogue, folder)
     checksum = _checksum(folder, catalogue.meta)
     catalogue.meta["checksum"] = checksum
     _write_replacing(folder / META_FILE, lambda path: path.write_text(json.dumps(catalogue.meta, indent=2)))
     return checksum
+
+
+def _save_embedder_graph(catalogue: CatalogueIndex, folder: Path) -> None:
+    """Copy the graph that made the vectors into the folder; its digest goes into the checksummed meta."""
+    import shutil
+
+    if catalogue.embedder_graph is None:
+        (folder / EMBEDDER_FILE).unlink(missing_ok=True)
+        catalogue.meta.pop("embedder_sha256", None)
+        return
+    _write_replacing(folder / EMBEDDER_FILE, lambda path: shutil.copyfile(catalogue.embedder_graph, path))
+    catalogue.embedder_graph = folder / EMBEDDER_FILE
+    catalogue.meta["embedder_sha256"] = _file_digest(catalogue.embedder_graph)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHECKSUM_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verified_embedder_graph(folder: str | Path, meta: dict) -> Path | None:
+    """The index folder's embedder graph, checked against the digest its meta records (None: torch).
+
+    Raises:
+        IndexMismatchError: the meta names a graph the folder lacks, or one with other bytes.
+    """
+    expected = meta.get("embedder_sha256")
+    if expected is None:
+        return None
+    path = Path(folder) / EMBEDDER_FILE
+    if not path.exists() or _file_digest(path) != expected:
+        raise IndexMismatchError(f"index {folder}: {EMBEDDER_FILE} is missing or not the graph that embedded it")
+    return path
 
 
 def _write_vectors(vectors: np.ndarray, path: Path) -> None:
@@ -420,7 +461,7 @@ def load_index(
             f"index {folder} has {index.ntotal} rows, {len(items)} items and vectors of shape "
             f"{None if vectors is None else vectors.shape}"
         )
-    return CatalogueIndex(index, items, meta, vectors, reader)
+    return CatalogueIndex(index, items, meta, vectors, reader, verified_embedder_graph(folder, meta))
 
 
 def with_rows(catalogue: CatalogueIndex, embeddings: np.ndarray, sku_ids: list[str], image_paths: list[str]):
@@ -445,7 +486,8 @@ def with_rows(catalogue: CatalogueIndex, embeddings: np.ndarray, sku_ids: list[s
         catalogue.index.add(vectors[start : start + ROWS_PER_CHUNK])
     meta = {**catalogue.meta, "ntotal": int(catalogue.index.ntotal)}
     stored = np.concatenate([catalogue.vectors, vectors.astype(np.float16)])
-    return CatalogueIndex(catalogue.index, catalogue.items.extended(sku_ids, image_paths), meta, stored)
+    items = catalogue.items.extended(sku_ids, image_paths)
+    return CatalogueIndex(catalogue.index, items, meta, stored, embedder_graph=catalogue.embedder_graph)
 
 
 def refuse_indexed_paths(catalogue: CatalogueIndex, image_paths: list[str]) -> None:
@@ -491,7 +533,8 @@ def without_skus(catalogue: CatalogueIndex, sku_ids: list[str]) -> tuple[Catalog
         set_search_params(index, catalogue.meta.get("nprobe"), catalogue.meta.get("ef_search"))
     meta = {**catalogue.meta, "ntotal": int(index.ntotal)}
     vectors = None if catalogue.vectors is None else np.asarray(catalogue.vectors)[~drop]
-    return CatalogueIndex(index, catalogue.items.taking(~drop), meta, vectors), len(removed)
+    kept_items = catalogue.items.taking(~drop)
+    return CatalogueIndex(index, kept_items, meta, vectors, embedder_graph=catalogue.embedder_graph), len(removed)
 
 
 def _renumber_ivf(ivf, removed: np.ndarray) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.config import EvaluateParams, IndexParams
+from components.config import EmbeddingParams, IndexParams
 from components.index.catalogue_index import (
     CatalogueIndex,
     build_index,
@@ -95,7 +95,7 @@ def open_catalogue(folder: str | Path, expected_checksum: str | None, expected_m
         expected_model_version=expected_model_version,
         token=os.environ.get(MILVUS_TOKEN_ENV, ""),
     )
-    milvus.items, milvus.vectors = catalogue.items, catalogue.vectors
+    milvus.items, milvus.vectors, milvus.embedder_graph = catalogue.items, catalogue.vectors, catalogue.embedder_graph
     return milvus
 
 
@@ -139,9 +139,10 @@ def build_catalogue_index(
     preprocess,
     catalogue_rows,
     index_params: IndexParams | None = None,
-    batch_size: int | None = None,
+    embedding: EmbeddingParams | None = None,
     meta: dict | None = None,
     vectors: np.ndarray | None = None,
+    model_dir: str | Path | None = None,
 ) -> CatalogueIndex:
     """Embed the catalogue images with ``encoder`` and index them.
 
@@ -149,25 +150,34 @@ def build_catalogue_index(
         catalogue_rows: manifest rows (``image_path``, ``sku_id``) of the catalogue.
         index_params: the index section of the params (factory, budget, tuning, GPU use);
             ``None`` = its defaults.
-        batch_size: images embedded per forward pass; ``None`` = ``evaluate.batch_size``'s
-            default, so an index and an evaluation embed alike unless told otherwise.
+        embedding: the embedding section (runtime, batch size, decode threads). An ONNX runtime's
+            graph is made for the encoder saved in ``model_dir`` (int8: calibrated on these images)
+            and kept with the index, so queries are embedded by the same graph. ``None``: the torch
+            runtime, for an encoder with no saved folder.
         meta: facts kept in ``index.json``; pass ``model_name`` and ``model_version`` so the
             service can check the index belongs to the model it serves.
         vectors: the rows' embeddings, when they were made already (a sharded run); they must
-            be ``encoder``'s, one per row in order.
-    """
-    from components.model import embed_images
+            be ``encoder``'s on ``embedding.runtime``, one per row in order.
 
+    Raises:
+        ValueError: no catalogue rows, or ``vectors`` of another length.
+    """
+    from components.embedder import embedder_for
+
+    embedding = embedding or EmbeddingParams(runtime="torch")
     paths = list(catalogue_rows["image_path"])
     if not paths:
         raise ValueError("the catalogue is empty: no rows with role 'catalogue' to index")
-    if vectors is None:
-        vectors = embed_images(encoder, preprocess, paths, batch_size or EvaluateParams().batch_size)
-    elif len(vectors) != len(paths):
+    if vectors is not None and len(vectors) != len(paths):
         raise ValueError(f"{len(vectors)} embeddings for {len(paths)} catalogue rows")
+    embedder, graph = embedder_for(encoder, preprocess, embedding, model_dir, calibration_paths=paths)
+    if vectors is None:
+        vectors = embedder.embed_paths(paths)
     items = CatalogueMap.from_lists(list(catalogue_rows["sku_id"]), paths)
-    info = {"manifest_sha256": manifest_digest(catalogue_rows), **(meta or {})}
-    return index_embeddings(vectors, items, index_params or IndexParams(), info)
+    info = {"manifest_sha256": manifest_digest(catalogue_rows), "embedding_runtime": embedder.runtime, **(meta or {})}
+    catalogue = index_embeddings(vectors, items, index_params or IndexParams(), info)
+    catalogue.embedder_graph = graph
+    return catalogue
 
 
 def build_model_index(
@@ -175,7 +185,7 @@ def build_model_index(
     manifest,
     out_dir: str | Path,
     index_params: IndexParams,
-    batch_size: int,
+    embedding: EmbeddingParams,
     model_name: str,
     model_version: str,
     reject_below: float | None,
@@ -194,7 +204,8 @@ def build_model_index(
         manifest: the dataset manifest; its catalogue rows are indexed.
         model_version: the registered version, or ``local`` for an index outside the registry.
         parent: the meta of the index version this one replaces (a rebuild); ``None`` = version 1.
-        vectors: the catalogue rows' embeddings by this encoder, made already (a sharded run).
+        embedding: the embedding section: the runtime the catalogue is embedded on.
+        vectors: the catalogue rows' embeddings by this encoder on that runtime, made already (a sharded run).
 
     Returns:
         The index's checksum and the index itself.
@@ -210,9 +221,8 @@ def build_model_index(
         "run_fingerprint": description.get("run_fingerprint"),
         **_lineage(parent, "build" if parent is None else "rebuild"),
     }
-    catalogue = build_catalogue_index(
-        encoder, preprocess, select(manifest, role="catalogue"), index_params, batch_size, meta=meta, vectors=vectors
-    )
+    rows = select(manifest, role="catalogue")
+    catalogue = build_catalogue_index(encoder, preprocess, rows, index_params, embedding, meta, vectors, encoder_dir)
     return save_version(catalogue, out_dir, index_params), catalogue
 
 
@@ -233,11 +243,14 @@ def add_to_index(
     new_rows,
     out_dir: str | Path,
     index_params: IndexParams,
-    batch_size: int,
+    embedding: EmbeddingParams,
     expected_checksum: str | None,
     expected_model_version: str | None,
 ) -> tuple[str, CatalogueIndex]:
     """The next index version: ``index_dir``'s index with ``new_rows`` embedded and added.
+
+    The new rows are embedded on the runtime the index was built with, by its own graph when it
+    keeps one (``embedding`` gives only the batch size and decode threads), so old and new rows compare.
 
     Args:
         new_rows: manifest rows (``image_path``, ``sku_id``): new SKUs, or new images of known ones.
@@ -248,7 +261,8 @@ def add_to_index(
         IndexMismatchError: the current index does not verify.
         ValueError: no rows, or an image already indexed.
     """
-    from components.model import embed_images, load_encoder
+    from components.embedder import build_embedder
+    from components.model import load_encoder
 
     current = load_index(index_dir, expected_checksum, expected_model_version, writable=True)
     paths = list(new_rows["image_path"])
@@ -256,7 +270,11 @@ def add_to_index(
         raise ValueError("the manifest holds no catalogue rows to add")
     refuse_indexed_paths(current, paths)  # before any embedding work
     encoder, preprocess, _ = load_encoder(encoder_dir)
-    return add_vectors(current, embed_images(encoder, preprocess, paths, batch_size), new_rows, out_dir, index_params)
+    runtime = current.meta.get("embedding_runtime", "torch")
+    embedder = build_embedder(
+        encoder, preprocess, runtime, current.embedder_graph, None, embedding.batch_size, embedding.decode_threads
+    )
+    return add_vectors(current, embedder.embed_paths(paths), new_rows, out_dir, index_params)
 
 
 def add_vectors(

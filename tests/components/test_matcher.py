@@ -90,3 +90,50 @@ def test_matches_below_the_calibrated_threshold_are_not_confident(tiny_encoder, 
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     assert not served.match([noise], top_k=1)[0][0]["confident"]
+
+
+def test_an_index_embedded_on_onnx_int8_keeps_its_graph_and_the_served_model_embeds_queries_with_it(
+    tiny_clip_dir, synthetic_dataset, tmp_path
+):
+    from components.config import EmbeddingParams, IndexParams
+    from components.embedder import build_embedder
+    from components.index import IndexMismatchError
+    from components.index.catalogue_index import EMBEDDER_FILE
+    from components.index.indexing import add_to_index
+    from components.matcher import load_served_model
+
+    params = ModelParams(backbone="hf-clip", hf_model_id=str(tiny_clip_dir), embed_dim=16, image_size=16)
+    encoder, preprocess = build_encoder(params)
+    encoder_dir = save_encoder(encoder, preprocess, params, tmp_path / "encoder")
+    rows = _catalogue_rows(synthetic_dataset)
+    embedding = EmbeddingParams(runtime="onnx-int8", calibration_images=4, graph_dir=str(tmp_path / "graphs"))
+    first, rest = rows.iloc[:-2], rows.iloc[-2:]
+    catalogue = build_catalogue_index(
+        encoder, preprocess, first, embedding=embedding, meta={"model_version": "1"}, model_dir=encoder_dir
+    )
+    checksum = save_index(catalogue, tmp_path / "index")
+    assert catalogue.meta["embedding_runtime"] == "onnx-int8" and (tmp_path / "index" / EMBEDDER_FILE).exists()
+    int8 = build_embedder(encoder, preprocess, "onnx-int8", tmp_path / "index" / EMBEDDER_FILE)
+    torch_vectors = build_embedder(encoder, preprocess).embed_paths(list(first["image_path"]))
+    stored = np.asarray(load_index(tmp_path / "index").vectors, dtype=np.float32)
+    np.testing.assert_allclose(stored, int8.embed_paths(list(first["image_path"])), atol=2e-3)  # float16 rows
+    assert not np.allclose(stored, torch_vectors, atol=2e-3)  # int8, not the torch vectors
+
+    served = load_served_model(encoder_dir, tmp_path / "index", "m", "1", checksum)
+    photo = Image.open(first["image_path"].iat[0])
+    assert served.embedder.runtime == "onnx-int8"
+    np.testing.assert_allclose(served.embed([photo]), int8.embed_images([photo], as_queries=True), atol=1e-6)
+    assert served.match([photo], top_k=1)[0][0]["sku_id"] == first["sku_id"].iat[0]
+
+    # Products added later are embedded by the index's own graph, which the next version keeps.
+    added_checksum, added = add_to_index(
+        encoder_dir, tmp_path / "index", rest, tmp_path / "added", IndexParams(), embedding, checksum, "1"
+    )
+    assert added.meta["embedding_runtime"] == "onnx-int8" and (tmp_path / "added" / EMBEDDER_FILE).exists()
+    new_rows = np.asarray(load_index(tmp_path / "added", added_checksum).vectors[-2:], dtype=np.float32)
+    np.testing.assert_allclose(new_rows, int8.embed_paths(list(rest["image_path"])), atol=2e-3)
+
+    graph = tmp_path / "index" / EMBEDDER_FILE
+    graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+    with pytest.raises(IndexMismatchError, match="not the graph that embedded it"):
+        load_index(tmp_path / "index", checksum)

@@ -21,10 +21,7 @@ from components.model import (
     build_encoder,
     embed_batch,
     embed_images,
-    embed_rows,
     load_encoder,
-    pool_query_rows,
-    query_rows,
     resolve_device,
     save_encoder,
 )
@@ -327,23 +324,6 @@ def test_queries_average_their_zoomed_views_and_gallery_images_keep_zoom_one(cli
         embed_images(encoder, preprocess, image_paths, 2, as_queries=True), queries.numpy(), atol=1e-6
     )
     np.testing.assert_allclose(embed_images(encoder, preprocess, image_paths, 2), whole.numpy(), atol=1e-6)
-
-
-@pytest.mark.parametrize("flip", [True, False], ids=["flip", "no-flip"])
-@pytest.mark.parametrize("rows_per_pass", [1, 3, 100])
-def test_query_rows_embedded_alone_pool_to_the_query_embedding(clip_params, image_paths, flip, rows_per_pass):
-    encoder, preprocess = build_encoder(clip_params.model_copy(update={"query_zooms": [1.0, 0.7], "flip_tta": flip}))
-    images = [Image.open(path) for path in image_paths]
-    rows = torch.cat([query_rows(encoder, preprocess, image) for image in images])
-    assert len(rows) == len(images) * 2 * (2 if flip else 1)
-    embedded = embed_rows(encoder, rows, rows_per_pass)
-    assert not embedded.requires_grad
-    torch.testing.assert_close(
-        pool_query_rows(encoder, embedded), embed_batch(encoder, preprocess, images, as_queries=True), atol=1e-6, rtol=0
-    )
-    # Each row alone: the first photo's rows give its embedding whatever else was embedded with them.
-    own = embed_rows(encoder, query_rows(encoder, preprocess, images[0]), rows_per_pass)
-    torch.testing.assert_close(embedded[: len(own)], own, atol=1e-6, rtol=0)
 
 
 def test_query_zooms_travel_with_the_saved_encoder(clip_params, tmp_path):

@@ -71,7 +71,14 @@ def champion(tmp_path, monkeypatch, tiny_model_overrides, synthetic_dataset) -> 
     version = str(registered.version)
     manifest = load_manifest(synthetic_dataset)
     checksum, _ = build_model_index(
-        encoder_dir, manifest, tmp_path / "index", params.index, 4, params.registry.model_name, version, 0.5
+        encoder_dir,
+        manifest,
+        tmp_path / "index",
+        params.index,
+        params.embedding,
+        params.registry.model_name,
+        version,
+        0.5,
     )
     registry.attach_index(client, params.registry.model_name, version, tmp_path / "index", checksum)
     registry.promote(client, params.registry.model_name, version)

@@ -56,6 +56,7 @@ def test_info_describes_the_packaged_version(server, packaged):
             "torch_threads",
             "lanes",
             "device",
+            "embedding_runtime",
             "thumbnails",
         )
     } == {
@@ -73,6 +74,7 @@ def test_info_describes_the_packaged_version(server, packaged):
         "torch_threads": torch.get_num_threads(),
         "lanes": torch.get_num_threads(),  # serve.lanes auto: one per torch thread on a CPU
         "device": "cpu",
+        "embedding_runtime": "torch",  # the runtime the champion's index was embedded on
         "thumbnails": len(champion.catalogue),  # one per SKU, packed with the model
     }
     # The limits in force are the packaged serve.limits, so a client can size its requests.

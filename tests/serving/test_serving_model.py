@@ -289,7 +289,7 @@ def test_workers_share_torch_threads_out_unless_omp_num_threads_is_set():
 
 
 def test_lanes_are_one_per_torch_thread_on_a_cpu_and_one_on_a_gpu():
-    from serving.service import lane_count
+    from serving.inference import lane_count
 
     assert lane_count("auto", 2, "cpu") == 2 and lane_count("auto", 8, "cuda:0") == 1
     assert lane_count(3, 8, "cpu") == 3  # an explicit count wins
