@@ -44,7 +44,7 @@ from benchmarks import reporting
 from benchmarks.inference import noise_images
 from benchmarks.reporting import results_page, write_results
 from components.config import Params, load_params
-from serving.inference import TorchLanes
+from serving.inference import TorchLanes, lane_count, threads_per_worker
 from serving.local import descendants
 
 RESULTS = Path(__file__).parent / "results" / "serving.md"
@@ -170,7 +170,9 @@ def register(client, params: Params, rows, seed: int, folder: Path) -> str:
         preprocess,
         rows,
         params.index.model_copy(update={"use_gpu": "never"}),
+        params.embedding.model_copy(update={"graph_dir": str(folder / "graphs")}),  # the runtime the service runs
         meta={"model_name": params.registry.model_name, "model_version": version},
+        model_dir=encoder_dir,
     )
     checksum = save_index(index, folder / "index")
     registry.attach_index(client, params.registry.model_name, version, folder / "index", checksum)
@@ -227,6 +229,10 @@ def prepare(params: Params, scratch: Path, args: argparse.Namespace) -> Models:
         resolved.index_checksum,
         serve.batch_size,
         serve.device,
+        # As the server runs it: each lane's ONNX Runtime call on that lane's share of the threads.
+        onnx_threads=threads_per_worker(
+            torch.get_num_threads(), lane_count(serve.lanes, torch.get_num_threads(), "cpu")
+        ),
     )
     return Models(tags[0], tags[1], served, client, tracking_uri, second)
 

@@ -33,3 +33,10 @@ def test_every_way_is_measured_and_sizes_not_run_again_keep_their_figures(
     parts = results_file_parts(text, "benchmarks.index")
     assert "--sizes 3000" in parts.command and "index add of 4 products" in parts.headline
     assert "Run: `python -m benchmarks.index --sizes 2000`" in text
+    assert record["add"]["runtime"] == "onnx"  # the production embedder, as `skumatch index add` embeds
+
+    # --add-only measures the add again, keeping every size's figures from the run that measured them.
+    index_benchmark.main([*argv, "--add-only", "-S", "embedding.runtime=torch"])
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["sizes"] == record["sizes"] and again["add"]["runtime"] == "torch"
+    assert "--add-only" in again["add"]["command"] and f"index add: `{again['add']['command']}`" in out.read_text()
