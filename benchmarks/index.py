@@ -38,7 +38,15 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.reporting import benchmark_parser, command_line, measure_in_child, results_page, table, write_results
+from benchmarks.reporting import (
+    benchmark_parser,
+    command_line,
+    machine,
+    measure_in_child,
+    results_page,
+    table,
+    write_results,
+)
 
 RESULTS = Path(__file__).parent / "results" / "index.md"
 EXACT = "exact (Flat)"
@@ -445,7 +453,8 @@ def size_table(size: str, found: dict) -> list[str]:
     lines = [
         f"## {int(size):,} vectors ({found['counts']['skus']:,} SKUs)",
         "",
-        f"Run: `{found.get('command', '')}`. `auto` chose `{found['plan']}`: {found['plan_reason']}.",
+        f"Run: `{found.get('command', '')}`, on {found.get('machine', 'an unrecorded machine')}. "
+        f"`auto` chose `{found['plan']}`: {found['plan_reason']}.",
         "",
     ]
     rows = []
@@ -494,6 +503,7 @@ def size_table(size: str, found: dict) -> list[str]:
 def report(results: dict, args, command: str) -> str:
     """The results page."""
     details = []
+    add = results.get("add") if results.get("add", {}).get("command") else None
     for size, found in results["sizes"].items():
         details += size_table(size, found)
     return results_page(
@@ -507,7 +517,7 @@ def report(results: dict, args, command: str) -> str:
             "val photos (pretrained EfficientNet-Lite0, untrained projection) mixed in",
             f"{args.queries} queries per size; the exact way times its first {args.exact_queries}, Milvus Lite "
             f"its first {args.milvus_queries} (and as many Grocery photos)",
-            *([f"index add: `{results['add']['command']}`"] if results.get("add", {}).get("command") else []),
+            *([f"index add: `{add['command']}`, on {add.get('machine', 'an unrecorded machine')}"] if add else []),
         ],
         "every recall is against exact search of the same vectors in this run, on the ten distinct SKUs "
         "`CatalogueIndex.search` answers (the service's path). Resident bytes are the fresh process's RSS after "
@@ -518,7 +528,8 @@ def report(results: dict, args, command: str) -> str:
         "`index.target_recall` on held-out catalogue vectors. The Grocery Store photos are a column of their own: "
         "under the untrained projection their best cosine to any catalogue image is about 0.49, below the service's "
         "rejection threshold, so their ten nearest SKUs are near-ties among thousands of vectors. Each size's "
-        "figures come from one run, named in its section.",
+        "figures come from one run, named with its machine in its section, and the add's from the run named above; "
+        "the command and machine at the top are the latest run's.",
         details,
     )
 
@@ -576,9 +587,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for size in args.sizes:
             found = run_size(size, args, real, params, scratch)
-            found["command"] = command
+            found["command"], found["machine"] = command, machine()
             if "add" in found:
-                results["add"] = {**found.pop("add"), "command": command}
+                results["add"] = {**found.pop("add"), "command": command, "machine": found["machine"]}
             if not args.add_only:
                 results["sizes"][str(size)] = found
             results["sizes"] = dict(sorted(results["sizes"].items(), key=lambda item: int(item[0])))
