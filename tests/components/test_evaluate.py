@@ -296,20 +296,26 @@ def test_evaluate_encoder_embeds_queries_at_the_encoders_query_zooms(synthetic_d
     assert with_zooms["catalogue"]["delta_similarity"] != pytest.approx(base["catalogue"]["delta_similarity"], abs=1e-6)
 
 
-def test_a_cached_model_is_evaluated_from_its_embeddings_without_loading_it(
-    synthetic_dataset, tiny_model_overrides, tmp_path
-):
-    from components.evaluate import EmbeddingCache, evaluate_model, protocol_paths
+def _counted_model_loads(synthetic_dataset, tiny_model_overrides):
+    """``(params, manifest, load, loads)``: a tiny model's loader that counts its calls in ``loads``."""
     from components.model import build_encoder
 
     params = load_params(None, tiny_model_overrides + ["evaluate.ks=[1,3]"])
-    manifest = load_manifest(synthetic_dataset)
     loads = []
 
     def load():
         loads.append(1)
         return build_encoder(params.model)
 
+    return params, load_manifest(synthetic_dataset), load, loads
+
+
+def test_a_cached_model_is_evaluated_from_its_embeddings_without_loading_it(
+    synthetic_dataset, tiny_model_overrides, tmp_path
+):
+    from components.evaluate import EmbeddingCache, evaluate_model, protocol_paths
+
+    params, manifest, load, loads = _counted_model_loads(synthetic_dataset, tiny_model_overrides)
     cache = EmbeddingCache(tmp_path / "cache", "run-1", "data-a")
     first = evaluate_model(load, manifest, "val", "train", params.evaluate, cache)
     again = evaluate_model(load, manifest, "val", "train", params.evaluate, cache)
@@ -321,6 +327,29 @@ def test_a_cached_model_is_evaluated_from_its_embeddings_without_loading_it(
     assert EmbeddingCache(tmp_path / "cache", "run-1", "data-b").load(gallery_paths, query_paths) is None
     assert EmbeddingCache(tmp_path / "cache", "run-2", "data-a").load(gallery_paths, query_paths) is None
     assert cache.load(gallery_paths, query_paths[1:]) is None
+
+
+def test_a_corrupt_embedding_cache_is_embedded_again_and_rewritten(synthetic_dataset, tiny_model_overrides, tmp_path):
+    from components.evaluate import EmbeddingCache, evaluate_model, protocol_paths
+
+    params, manifest, load, loads = _counted_model_loads(synthetic_dataset, tiny_model_overrides)
+    cache = EmbeddingCache(tmp_path / "cache", "run-1", "data-a")
+    first = evaluate_model(load, manifest, "val", "train", params.evaluate, cache)
+    gallery_file = cache.folder / "gallery.npy"
+    # A disk filled or a copy cut short mid-file: the cache is a miss, never an error or a stale hit.
+    gallery_file.write_bytes(gallery_file.read_bytes()[:100])
+    gallery_paths, query_paths = protocol_paths(protocol_sets(manifest, "val", "train"))
+    assert cache.load(gallery_paths, query_paths) is None
+    again = evaluate_model(load, manifest, "val", "train", params.evaluate, cache)
+    assert (again.from_cache, len(loads)) == (False, 2)
+    # Embedded afresh: equal to the first figures up to float rounding.
+    assert again.metrics.keys() == first.metrics.keys()
+    for protocol, figures in first.metrics.items():
+        assert again.metrics[protocol] == pytest.approx(figures, abs=1e-5)
+    assert cache.load(gallery_paths, query_paths) is not None
+    # Garbage where the path list should be is a miss too.
+    (cache.folder / "paths.json").write_text("{not json")
+    assert cache.load(gallery_paths, query_paths) is None
 
 
 def test_empty_gallery_protocol_is_skipped():

@@ -48,6 +48,16 @@ def test_served_model_embeds_photos_as_queries_at_the_saved_query_zooms(tiny_cli
     assert best["score"] == pytest.approx(float(query[0] @ indexed[0]), abs=1e-5) and best["score"] < 0.9999
 
 
+def test_an_index_is_refused_vectors_that_do_not_match_its_rows(tiny_encoder, synthetic_dataset):
+    encoder, preprocess = tiny_encoder
+    rows = _catalogue_rows(synthetic_dataset)
+    short = np.zeros((len(rows) - 1, 16), dtype="float32")
+    with pytest.raises(ValueError, match=f"{len(rows) - 1} embeddings for {len(rows)} catalogue rows"):
+        build_catalogue_index(encoder, preprocess, rows, vectors=short)
+    with pytest.raises(ValueError, match="catalogue is empty"):
+        build_catalogue_index(encoder, preprocess, rows.iloc[:0])
+
+
 def test_served_model_embeds_batch_size_photos_worth_of_view_rows_per_pass(tiny_encoder, synthetic_dataset, tmp_path):
     encoder, preprocess = tiny_encoder
     rows = _catalogue_rows(synthetic_dataset)
