@@ -51,6 +51,8 @@ class MarginHead(nn.Module):
             self.register_buffer("exp_avg", torch.zeros_like(self.weight))
             self.register_buffer("exp_avg_sq", torch.zeros_like(self.weight))
             self.register_buffer("row_steps", torch.zeros(len(self.weight), dtype=torch.int64))
+        # (weight rows, their scratch copy) the last forward scored, for sparse_step.
+        self._scored: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     @property
     def partial(self) -> bool:
@@ -76,8 +78,11 @@ class MarginHead(nn.Module):
         positives = labels.unique()  # sorted: a label's position among them is its target
         classes = torch.cat([positives, self._negatives(positives)])
         rows = (classes[:, None] * self.subcenters + torch.arange(self.subcenters, device=classes.device)).reshape(-1)
-        weight = F.embedding(rows, self.weight, sparse=True)  # a sparse gradient: the scored rows only
-        cos = F.normalize(embeddings.float(), dim=-1) @ F.normalize(weight, dim=-1).T
+        # The scored rows as a dense leaf of their own: the backward fills its gradient alone, with
+        # no sparse tensor to build and coalesce, and sparse_step writes the rows back.
+        scored = self.weight.detach().index_select(0, rows).requires_grad_(torch.is_grad_enabled())
+        self._scored = (rows, scored)
+        cos = F.normalize(embeddings.float(), dim=-1) @ F.normalize(scored, dim=-1).T
         cos = cos.view(len(embeddings), len(classes), self.subcenters).amax(dim=-1)
         return self._margin_loss(cos, torch.searchsorted(positives, labels))
 
@@ -108,23 +113,44 @@ class MarginHead(nn.Module):
 
     @torch.no_grad()
     def sparse_step(self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-        """AdamW on the rows the last backward scored (lazy Adam: other rows and moments stay as they are)."""
-        grad = self.weight.grad
-        self.weight.grad = None
-        if grad is None:
-            return
-        grad = grad.coalesce()
-        rows, values = grad.indices()[0], grad.values()
+        """AdamW on the rows the last forward scored, with the gradient its backward gave them."""
+        rows, scored = self._scored
+        self._scored = (None, None)
+        if scored is not None and scored.grad is not None:
+            # The rows as the forward read them: nothing has written the weight since.
+            self.update_rows(rows, scored.grad, lr, betas, eps, weight_decay, scored.detach())
+
+    @torch.no_grad()
+    def update_rows(
+        self,
+        rows: torch.Tensor,
+        grad: torch.Tensor,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        current: torch.Tensor | None = None,
+    ) -> None:
+        """AdamW on the distinct weight ``rows`` with their gradient ``grad`` (lazy Adam: other rows
+        and their moments stay as they are; each row's bias correction counts its own steps).
+
+        ``current``: those rows of the weight, when the caller holds them already (a scratch copy:
+        it is overwritten).
+        """
         steps = self.row_steps[rows] + 1
         self.row_steps[rows] = steps
-        first = self.exp_avg[rows].mul_(betas[0]).add_(values, alpha=1 - betas[0])
-        second = self.exp_avg_sq[rows].mul_(betas[1]).addcmul_(values, values, value=1 - betas[1])
-        self.exp_avg[rows], self.exp_avg_sq[rows] = first, second
-        correction_1 = (1 - betas[0] ** steps.double()).float()[:, None]
-        correction_2 = (1 - betas[1] ** steps.double()).float()[:, None]
-        updated = self.weight[rows] * (1 - lr * weight_decay)
-        updated -= lr * (first / correction_1) / ((second / correction_2).sqrt() + eps)
-        self.weight[rows] = updated
+        # index_select / index_copy_: on a CPU several times faster than indexing with [rows].
+        first = self.exp_avg.index_select(0, rows).mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+        second = self.exp_avg_sq.index_select(0, rows).mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+        self.exp_avg.index_copy_(0, rows, first)
+        self.exp_avg_sq.index_copy_(0, rows, second)
+        step_size = (lr / (1 - betas[0] ** steps.double())).float()[:, None]
+        root_correction = (1 - betas[1] ** steps.double()).sqrt().float()[:, None]
+        # In place: each temporary is a (rows x dim) array, and a step has few rows but many ops.
+        denominator = second.sqrt_().div_(root_correction).add_(eps)
+        current = self.weight.index_select(0, rows) if current is None else current
+        updated = current.mul_(1 - lr * weight_decay)
+        self.weight.index_copy_(0, rows, updated.sub_(first.mul_(step_size).div_(denominator)))
 
 
 def catalogue_anchor_loss(

@@ -374,12 +374,18 @@ def test_a_partial_fc_head_scores_the_batch_skus_and_sampled_others_and_moves_on
     before = head.weight.detach().clone()
     loss = head(embeddings, labels)
     loss.backward()
-    assert head.weight.grad.is_sparse
-    scored = head.weight.grad.coalesce().indices()[0] // 2
+    assert head.weight.grad is None  # the scored rows' gradient is their own, not the whole weight's
+    rows, scored_weight = head._scored
+    assert scored_weight.grad.shape == (20, 8) and len(set(rows.tolist())) == 20
+    scored = rows // 2
     assert set(labels.tolist()) <= set(scored.tolist()) and len(set(scored.tolist())) == 10
     head.sparse_step(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
     moved = (head.weight != before).any(dim=1).nonzero().flatten() // 2
     assert set(moved.tolist()) == set(scored.tolist()) and head.weight.grad is None
+    # The step used the rows up: another without a new forward changes nothing.
+    after = head.weight.detach().clone()
+    head.sparse_step(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    assert torch.equal(head.weight, after)
     assert torch.isfinite(loss) and loss > 0
 
 
@@ -392,8 +398,7 @@ def test_the_partial_fc_update_is_adamw_on_the_rows_it_touches():
         grad = torch.randn(6, 4)
         reference.grad = grad.clone()
         adamw.step()
-        head.weight.grad = grad.to_sparse(sparse_dim=1)  # as F.embedding(sparse=True) gives it
-        head.sparse_step(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+        head.update_rows(torch.arange(6), grad, lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
         torch.testing.assert_close(head.weight.detach(), reference.detach(), rtol=1e-5, atol=1e-6)
     assert head.row_steps.tolist() == [3] * 6
 
