@@ -306,10 +306,7 @@ def _checksum(folder: Path, meta: dict) -> str:
     # is caught like a flipped byte in the index itself.
     digest = hashlib.sha256()
     for name in _data_files(folder):
-        # Streamed: an index of 10M vectors is gigabytes, which must not be held twice to hash it.
-        with open(folder / name, "rb") as handle:
-            while chunk := handle.read(CHECKSUM_CHUNK):
-                digest.update(chunk)
+        _hash_file_into(digest, folder / name)
     digest.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -367,11 +364,16 @@ def _save_embedder_graph(catalogue: CatalogueIndex, folder: Path) -> None:
     catalogue.meta["embedder_sha256"] = _file_digest(catalogue.embedder_graph)
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
+def _hash_file_into(digest, path: Path) -> None:
+    # Streamed: an index of 10M vectors is gigabytes, which must not be held twice to hash it.
     with open(path, "rb") as handle:
         while chunk := handle.read(CHECKSUM_CHUNK):
             digest.update(chunk)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    _hash_file_into(digest, path)
     return digest.hexdigest()
 
 
