@@ -389,6 +389,22 @@ def test_a_partial_fc_head_scores_the_batch_skus_and_sampled_others_and_moves_on
     assert torch.isfinite(loss) and loss > 0
 
 
+def test_a_partial_fc_step_under_data_parallelism_is_refused_before_anything_moves():
+    from components.training.distributed import DataParallel
+    from components.training.losses import optimisation_step
+
+    train = Params().train
+    head = MarginHead(8, 50, "arcface", 0.2, 16.0, sampled_classes=10)
+    projection = torch.nn.Linear(4, 8)
+    optimizer = torch.optim.AdamW(projection.parameters(), lr=0.1)
+    before = [t.detach().clone() for t in (head.weight, *projection.parameters())]
+    embeddings, labels = projection(torch.randn(6, 4)), torch.tensor([1, 1, 2, 2, 3, 3])
+    # Ranks would sample different classes from their shares; refused before any all-reduce or update.
+    with pytest.raises(ValueError, match="does not run under data parallelism"):
+        optimisation_step(head, optimizer, embeddings, labels, None, None, train, DataParallel(rank=0, world_size=2))
+    assert all(torch.equal(a, b) for a, b in zip(before, (head.weight, *projection.parameters())))
+
+
 def test_the_partial_fc_update_is_adamw_on_the_rows_it_touches():
     torch.manual_seed(1)
     head = MarginHead(4, 6, "arcface", 0.2, 16.0, sampled_classes=3)
