@@ -27,7 +27,7 @@ class MarginHead(nn.Module):
     With ``sampled_classes`` below the SKU count, a step's softmax scores only the batch's own
     SKUs and random others up to that many (insightface's Partial FC), so its cost does not grow
     with the catalogue. The head's weight then leaves the shared optimiser: only the rows a step
-    scored get a gradient (sparse) and an Adam update (:meth:`sparse_step`), with their moments
+    scored get a gradient (on their own copy) and an Adam update (:meth:`sparse_step`), with their moments
     kept as buffers of the weight's size (a bound of 3x the weight, saved with the head).
     """
 
