@@ -11,10 +11,12 @@ def pk_batches(
 ) -> list[np.ndarray]:
     """One epoch of P x K batches: P SKUs, K images each (with replacement for small SKUs)."""
     by_label = rows_by_label(labels)
+    # Drawn from one array: a list of every SKU per batch made an epoch O(batches x SKUs).
+    skus = np.array(list(by_label))
     n_batches = max(1, len(labels) // (skus_per_batch * images_per_sku))
     batches = []
     for _ in range(n_batches):
-        chosen = rng.choice(list(by_label), size=min(skus_per_batch, len(by_label)), replace=False)
+        chosen = rng.choice(skus, size=min(skus_per_batch, len(skus)), replace=False)
         batch = [
             rng.choice(by_label[c], size=images_per_sku, replace=len(by_label[c]) < images_per_sku) for c in chosen
         ]
@@ -82,13 +84,18 @@ class CatalogueAnchors:
             return self._every_position
         skus = np.unique(skus)
         starts = np.searchsorted(self._sorted_labels, skus, side="left")
-        ends = np.searchsorted(self._sorted_labels, skus, side="right")
-        own = self._order[np.concatenate([np.arange(start, end) for start, end in zip(starts, ends)])]
+        counts = np.searchsorted(self._sorted_labels, skus, side="right") - starts
+        # Each SKU's range of sorted positions, expanded in one go (not a Python loop over SKUs).
+        own = self._order[np.arange(counts.sum()) + np.repeat(starts - (np.cumsum(counts) - counts), counts)]
         others = max(0, self.sample - len(own))
         # Distinct draws, as many more as there are positives, so that `others` are left once
         # the positives among them are dropped: exactly `sample` anchors.
         drawn = rng.choice(len(self.labels), size=others + len(own), replace=False) if others else own[:0]
-        return np.union1d(own, drawn[~np.isin(drawn, own)][:others])
+        own = np.sort(own)
+        at = np.searchsorted(own, drawn).clip(max=max(len(own) - 1, 0))
+        is_own = own[at] == drawn if len(own) else np.zeros(len(drawn), dtype=bool)
+        # Own and drawn positions are distinct and disjoint: sorting them is their union.
+        return np.sort(np.concatenate([own, drawn[~is_own][:others]]))
 
     @staticmethod
     def labels_at(catalogue_labels: torch.Tensor, positions: np.ndarray) -> torch.Tensor:

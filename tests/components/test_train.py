@@ -552,6 +552,10 @@ def test_sampled_catalogue_anchors_hold_the_steps_skus_and_random_others():
     many = np.arange(0, 500, 5)
     assert anchor_set.positions(many, rng).tolist() == np.flatnonzero(np.isin(labels, many)).tolist()
 
+    # A step whose SKUs have no catalogue image: every anchor is a drawn other.
+    others = anchor_set.positions(np.array([600, 601]), rng)
+    assert len(others) == 64 and len(set(others.tolist())) == 64 and others.max() < len(labels)
+
 
 def test_training_samples_catalogue_anchors_beyond_the_sample_size(
     tmp_path, tiny_clip_dir, synthetic_dataset, manifest
