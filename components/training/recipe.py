@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from components.config import Params, TrainParams
+from components.config import Params, ScheduleParams, TrainParams
 from components.data import select
 from components.evaluate import (
     ProtocolSets,
@@ -121,15 +121,6 @@ def training_setup(params: Params, manifest: pd.DataFrame, device: torch.device)
     # Lite0 training step on the CPU; CropTraining sends its crops in that layout too.
     encoder.to(device)
     head = margin_head(encoder.embed_dim, len(sku_ids), cfg).to(device)
-    # A Partial FC head updates its own weight (MarginHead.sparse_step): AdamW would move every row.
-    head_parameters = [] if head.partial else list(head.parameters())
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": list(encoder.projection.parameters()) + head_parameters, "lr": cfg.schedule.lr},
-            {"params": list(encoder.backbone.parameters()), "lr": cfg.schedule.backbone_lr},
-        ],
-        weight_decay=cfg.schedule.weight_decay,
-    )
     return TrainingSetup(
         rows,
         sku_ids,
@@ -138,7 +129,20 @@ def training_setup(params: Params, manifest: pd.DataFrame, device: torch.device)
         encoder,
         preprocess,
         head,
-        optimizer,
+        training_optimizer(encoder, head, cfg.schedule),
+    )
+
+
+def training_optimizer(encoder: Encoder, head: MarginHead, schedule: ScheduleParams) -> torch.optim.AdamW:
+    """AdamW over the projection and head at ``schedule.lr`` and the backbone at ``schedule.backbone_lr``."""
+    # A Partial FC head updates its own weight (MarginHead.sparse_step): AdamW would move every row.
+    head_parameters = [] if head.partial else list(head.parameters())
+    return torch.optim.AdamW(
+        [
+            {"params": list(encoder.projection.parameters()) + head_parameters, "lr": schedule.lr},
+            {"params": list(encoder.backbone.parameters()), "lr": schedule.backbone_lr},
+        ],
+        weight_decay=schedule.weight_decay,
     )
 
 
