@@ -56,12 +56,14 @@ def embed_catalogue(folder: str, encoder_dir: str, settings: EmbeddingParams, to
     """
     run = embedding.ShardedEmbedding.open(folder)
     todo = run.remaining()
-    settings_json = settings.model_dump_json()
+    # A worker of another host or folder resolves a relative path against its own working directory:
+    # every path sent is made absolute here, in the flow's view (deploy.md: workers share that view).
+    settings_json = settings.model_copy(update={"graph_dir": os.path.abspath(settings.graph_dir)}).model_dump_json()
     futures = [
         embed_shard.submit(
-            str(run.shard_path(number)),
-            run.shard_paths(number),
-            encoder_dir,
+            os.path.abspath(run.shard_path(number)),
+            [os.path.abspath(path) for path in run.shard_paths(number)],
+            os.path.abspath(encoder_dir),
             settings_json,
             run.as_queries,
             torch_threads,
