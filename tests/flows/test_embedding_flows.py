@@ -96,3 +96,18 @@ def test_embed_catalogue_runs_its_shards_on_an_existing_dask_cluster(
         "embedded": 0,
         "workers": 0,
     }
+
+
+def test_a_dask_address_no_scheduler_answers_fails_the_run_naming_it(
+    prefect_api, encoder_dir, synthetic_dataset, tiny_model_overrides, tmp_path
+):
+    import dask
+
+    images = sorted(load_manifest(synthetic_dataset)["image_path"])[:4]
+    address = f"tcp://127.0.0.1:{free_port()}"
+    settings = [f"embedding.graph_dir={tmp_path / 'graphs'}", f"embedding.dask_address={address}"]
+    params = load_params(None, [*tiny_model_overrides, *settings]).embedding
+    run = ShardedEmbedding.plan(tmp_path / "run", images, 2, "tiny")
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), pytest.raises(OSError, match=address):
+        embed_planned_run(run, str(encoder_dir), params)
+    assert run.remaining() == [0, 1]  # nothing half-done is left to take for a finished shard
