@@ -4,7 +4,8 @@ The run is planned first (``components.embedding.ShardedEmbedding``: a folder wi
 the flow is handed that folder and submits one task per shard it still lacks, so a flow run
 killed halfway is resumed by running it again. With ``embedding.dask_workers`` the tasks run on
 a local Dask cluster of that many processes, with ``embedding.dask_address`` on an existing
-cluster; each worker process builds the production embedder (``components.embedder``) once.
+cluster; each worker process builds the production embedder (``components.embedder``) once. Its
+progress is a Prefect progress artifact (``catalogue-embedding``), and a tqdm bar on a terminal.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ import os
 from functools import lru_cache
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from tqdm.auto import tqdm
 
 from components import embedding
 from components.config import EmbeddingParams
+
+PROGRESS_KEY = "catalogue-embedding"  # the progress artifact of each embed_catalogue run
 
 
 @lru_cache(maxsize=2)
@@ -70,11 +76,25 @@ def embed_catalogue(folder: str, encoder_dir: str, settings: EmbeddingParams, to
         )
         for number in todo
     ]
-    workers = {future.result() for future in futures}
-    get_run_logger().info(
-        "%d shards: %d embedded by %d workers, %d resumed", run.count, len(todo), len(workers), run.count - len(todo)
+    resumed = run.count - len(todo)
+    # The operator's progress bar: a Prefect progress artifact in the UI, and tqdm on a terminal.
+    progress = create_progress_artifact(
+        _percent(resumed, run.count), key=PROGRESS_KEY, description=f"shards of {run.folder} embedded"
     )
-    return {"shards": run.count, "resumed": run.count - len(todo), "embedded": len(todo), "workers": len(workers)}
+    workers = set()
+    with tqdm(total=run.count, initial=resumed, desc="embedding shards", unit="shard", disable=None) as bar:
+        for finished, future in enumerate(as_completed(futures), start=1):
+            workers.add(future.result())
+            bar.update()
+            update_progress_artifact(progress, _percent(resumed + finished, run.count))
+    get_run_logger().info(
+        "%d shards: %d embedded by %d workers, %d resumed", run.count, len(todo), len(workers), resumed
+    )
+    return {"shards": run.count, "resumed": resumed, "embedded": len(todo), "workers": len(workers)}
+
+
+def _percent(done: int, total: int) -> float:
+    return 100.0 * done / total if total else 100.0
 
 
 def task_runner(params: EmbeddingParams):

@@ -15,7 +15,7 @@ from components.config import load_params
 from components.data import load_manifest
 from components.embedding import ShardedEmbedding
 from components.model import build_encoder, save_encoder
-from flows.embedding_flows import embed_planned_run
+from flows.embedding_flows import PROGRESS_KEY, embed_planned_run
 from serving.local import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +77,9 @@ def test_embed_catalogue_runs_its_shards_on_an_existing_dask_cluster(
     summary = embed_planned_run(run, os.path.relpath(encoder_dir), on_cluster)
 
     assert summary == {"shards": 4, "resumed": 0, "embedded": 4, "workers": WORKERS}
+    # The run's progress bar in the Prefect UI: a progress artifact, moved to 100% shard by shard.
+    bar = latest_progress()
+    assert bar.data == 100.0 and "cluster" in bar.description
     with Client(address, timeout=30) as client:
         # Each worker process built the production embedder once, for its shards; none came from here.
         built = client.run(lambda: sys.modules["flows.embedding_flows"]._worker_embedder.cache_info().misses)
@@ -96,6 +99,24 @@ def test_embed_catalogue_runs_its_shards_on_an_existing_dask_cluster(
         "embedded": 0,
         "workers": 0,
     }
+    resumed_bar = latest_progress()
+    assert resumed_bar.id != bar.id and resumed_bar.data == 100.0
+
+
+def latest_progress():
+    """The newest ``embed_catalogue`` progress artifact on the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_KEY])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    assert artifact.type == "progress"
+    return artifact
 
 
 def test_a_dask_address_no_scheduler_answers_fails_the_run_naming_it(
