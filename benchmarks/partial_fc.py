@@ -1,31 +1,36 @@
 """Training step time and memory against the SKU count: the Partial FC margin head beside the full softmax.
 
-    python -m benchmarks.partial_fc --skus 1000 100000 --steps 200 --repeats 3
+    python -m benchmarks.partial_fc --skus 1000 100000 --steps 200 --blocks 10
 
-Each row is its own process, with the recipe's encoder, margin head (``margin_head``) and AdamW
-(``training_optimizer``) for that many SKUs, one catalogue image each, and two timings:
+For each SKU count: the recipe's encoder, margin head (``margin_head``) and AdamW (``training_optimizer``)
+for that many SKUs, one catalogue image each, and two timings:
 
 - the recipe's head-stage step: :func:`components.training.stages.frozen_epoch` on synthetic cached
-  features (P x K batches of ``--steps`` steps after ``--warmup``), with its catalogue anchors
-  (``train.sampler.anchor_sample`` of them, drawn and embedded each step);
+  features (P x K batches), with its catalogue anchors (``train.sampler.anchor_sample`` of them,
+  drawn and embedded each step);
 - the margin head alone: ``optimisation_step`` on the batch's embedded features, without anchors.
 
-It also times drawing an epoch's P x K batches (``pk_batches``) per batch. ``full softmax`` is the
-head with ``train.loss.sampled_classes: 0``; ``Partial FC`` the default. The Partial FC rows run
-``--repeats`` rounds, each SKU count after the other, and report the median round (the ratio is
-taken within each round, so a drifting machine moves both sides); the full softmax runs once.
-Ratios divide by the same head's figure at the smallest SKU count. Figures go to
-``benchmarks/results/partial_fc.md`` with the machine noted.
+Timings compare like with like: one process per head builds every SKU count, then runs ``--steps``
+steps of each in ``--blocks`` blocks, taking the counts in turn (the order rotating each block).
+Each ratio is taken within a block, so a drifting machine moves both sides, and the figures are
+medians over the blocks. Memory (head and optimiser state, peak RSS) comes from a process of its
+own per (head, SKU count), run side by side. It also times drawing an epoch's P x K batches (``pk_batches``) per batch.
+``full softmax`` is the head with ``train.loss.sampled_classes: 0``; ``Partial FC`` the default.
+Figures go to ``benchmarks/results/partial_fc.md`` with the machine noted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.reporting import (
     benchmark_parser,
@@ -39,25 +44,92 @@ from benchmarks.reporting import (
 
 RESULTS = Path(__file__).parent / "results" / "partial_fc.md"
 HEADS = {"full softmax": ["train.loss.sampled_classes=0"], "Partial FC": []}
-TIMED = ("recipe_ms", "step_ms", "p90_ms", "draw_ms")  # the figures a round's median is taken of
 
 
-def measure_one(params_path: str, overrides: list[str], skus: int, steps: int, warmup: int) -> dict:
-    """Build the recipe's head stage for ``skus`` SKUs and time its steps in this process."""
-    import resource
+@dataclass
+class HeadStage:
+    """The recipe's head stage for one SKU count: its model, optimiser and synthetic cached features."""
 
+    encoder: Any
+    head: Any
+    optimizer: Any
+    cached: Any
+    labels: Any
+    batches: list
+    catalogue_labels: Any
+    rng: Any
+    train: Any
+
+    def recipe_ms(self, batches: list) -> float:
+        """Mean ms per step of ``frozen_epoch`` (projection, head, anchors, optimiser) over ``batches``."""
+        import torch
+
+        from components.training.stages import frozen_epoch
+
+        started = time.perf_counter()
+        frozen_epoch(
+            self.encoder, self.head, self.optimizer, self.cached, self.labels, self.catalogue_labels, self.train,
+            batches, self.rng, torch.device("cpu"),
+        )  # fmt: skip
+        return (time.perf_counter() - started) / len(batches) * 1e3
+
+    def head_alone_ms(self, batches: list) -> list[float]:
+        """Each step's ms of the margin head alone (``optimisation_step`` on embedded features, no anchors)."""
+        import torch
+
+        from components.training.losses import optimisation_step
+
+        times = []
+        for batch in batches:
+            started = time.perf_counter()
+            embeddings = self.encoder.embed_features(torch.from_numpy(self.cached.train_views[0, batch]))
+            labels = torch.from_numpy(self.labels[batch])
+            optimisation_step(self.head, self.optimizer, embeddings, labels, None, None, self.train)
+            times.append((time.perf_counter() - started) * 1e3)
+        return times
+
+    def draw_ms(self) -> float:
+        """ms per batch of drawing an epoch's P x K batches over one photo set per SKU (``pk_batches``)."""
+        import numpy as np
+
+        from components.training.sampling import pk_batches
+
+        per_sku = self.train.sampler.images_per_sku
+        started = time.perf_counter()
+        drawn = pk_batches(np.repeat(np.arange(self.head.n_classes), per_sku), self.batch_skus, per_sku, self.rng)
+        return (time.perf_counter() - started) / len(drawn) * 1e3
+
+    @property
+    def batch_skus(self) -> int:
+        """P: the SKUs in a P x K batch."""
+        return max(1, self.train.sampler.batch_size // self.train.sampler.images_per_sku)
+
+    def state_mib(self) -> float:
+        """The head's parameters and buffers plus the optimiser state held for them, in MiB."""
+        import torch
+
+        head_params = list(self.head.parameters())
+        held = sum(t.numel() * t.element_size() for t in self.head.state_dict().values())
+        held += sum(
+            t.numel() * t.element_size()
+            for parameter, state in self.optimizer.state.items()
+            if any(parameter is p for p in head_params)
+            for t in state.values()
+            if torch.is_tensor(t)
+        )
+        return held / 2**20
+
+
+def head_stage(params: Any, skus: int, steps: int) -> HeadStage:
+    """Build the recipe's head stage for ``skus`` SKUs with ``steps`` P x K batches of synthetic cached features."""
     import numpy as np
     import torch
 
-    from components.config import load_params
     from components.model import build_encoder
     from components.training.feature_cache import CachedFeatures
-    from components.training.losses import margin_head, optimisation_step
+    from components.training.losses import margin_head
     from components.training.recipe import training_optimizer
-    from components.training.sampling import pk_batches
-    from components.training.stages import frozen_epoch
 
-    params = load_params(params_path, overrides)
     train = params.train
     torch.manual_seed(train.seed)
     encoder = build_encoder(params.model)[0]  # its backbone never runs: the head stage reads cached features
@@ -68,9 +140,8 @@ def measure_one(params_path: str, overrides: list[str], skus: int, steps: int, w
     batch_skus = max(1, train.sampler.batch_size // per_sku)
     # One row per photo of each step's P x K batch; features as the cache holds them (float32).
     labels = np.concatenate(
-        [np.repeat(rng.choice(skus, size=batch_skus, replace=False), per_sku) for _ in range(warmup + steps)]
+        [np.repeat(rng.choice(skus, size=batch_skus, replace=False), per_sku) for _ in range(steps)]
     )
-    batches = list(np.arange(len(labels)).reshape(warmup + steps, -1))
     dim = encoder.feature_dim
     cached = CachedFeatures(
         rng.standard_normal((train.augment.cached_views, len(labels), dim), dtype=np.float32),
@@ -78,91 +149,116 @@ def measure_one(params_path: str, overrides: list[str], skus: int, steps: int, w
         np.zeros((0, dim), dtype=np.float32),
         [],
     )
-    catalogue_labels = torch.arange(skus)
-    cpu = torch.device("cpu")
+    batches = list(np.arange(len(labels)).reshape(steps, -1))
+    return HeadStage(encoder, head, optimizer, cached, labels, batches, torch.arange(skus), rng, train)
 
-    def head_stage(chosen: list) -> float:
-        started = time.perf_counter()
-        frozen_epoch(encoder, head, optimizer, cached, labels, catalogue_labels, train, chosen, rng, cpu)
-        return time.perf_counter() - started
 
-    head_stage(batches[:warmup])
-    recipe_s = head_stage(batches[warmup:]) / steps
+def measure_memory(params_path: str, overrides: list[str], skus: int, warmup: int) -> dict:
+    """This process's memory for one head at ``skus`` SKUs, after ``warmup`` recipe and head-alone steps."""
+    import resource
 
-    times = []
-    for step, batch in enumerate(batches):
-        started = time.perf_counter()
-        embeddings = encoder.embed_features(torch.from_numpy(cached.train_views[0, batch]))
-        optimisation_step(head, optimizer, embeddings, torch.from_numpy(labels[batch]), None, None, train)
-        if step >= warmup:
-            times.append(time.perf_counter() - started)
+    from components.config import load_params
 
-    started = time.perf_counter()
-    drawn = pk_batches(np.repeat(np.arange(skus), per_sku), batch_skus, per_sku, rng)
-    draw_s = (time.perf_counter() - started) / len(drawn)
-
-    state_bytes = sum(t.numel() * t.element_size() for t in head.state_dict().values()) + sum(
-        t.numel() * t.element_size()
-        for parameter, state in optimizer.state.items()
-        if any(parameter is p for p in head.parameters())
-        for t in state.values()
-        if torch.is_tensor(t)
-    )
+    stage = head_stage(load_params(params_path, overrides), skus, warmup)
+    stage.recipe_ms(stage.batches)
+    stage.head_alone_ms(stage.batches)
     return {
-        "partial": head.partial,
-        "batch": batch_skus * per_sku,
-        "anchors": train.sampler.anchor_sample,
-        "recipe_ms": recipe_s * 1e3,
-        "step_ms": float(np.median(times) * 1e3),
-        "p90_ms": float(np.percentile(times, 90) * 1e3),
-        "draw_ms": draw_s * 1e3,
-        "state_mib": state_bytes / 2**20,
+        "partial": stage.head.partial,
+        "batch": stage.batch_skus * stage.train.sampler.images_per_sku,
+        "anchors": stage.train.sampler.anchor_sample,
+        "state_mib": stage.state_mib(),
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
-def median_round(rounds: list[dict[int, dict]], skus: list[int]) -> dict[int, dict]:
-    """Per SKU count: the median over rounds of each figure, and of each ratio to the fewest SKUs in its round."""
-    merged = {}
+def measure_interleaved(
+    params_path: str, overrides: list[str], skus: list[int], steps: int, warmup: int, blocks: int
+) -> dict[int, dict]:
+    """Time one head at every SKU count in this process, in ``blocks`` blocks that take the counts in turn.
+
+    Returns, per SKU count, each block's recipe-step mean (``recipe_blocks``), each block's head-alone
+    step times (``head_blocks``) and the P x K draw per batch (``draw_ms``).
+    """
+    from components.config import load_params
+
+    params = load_params(params_path, overrides)
+    per_block = max(1, steps // blocks)
+    stages = {count: head_stage(params, count, warmup + per_block * blocks) for count in skus}
+    for stage in stages.values():
+        stage.recipe_ms(stage.batches[:warmup])
+        stage.head_alone_ms(stage.batches[:warmup])
+    timed: dict[int, dict] = {count: {"recipe_blocks": [], "head_blocks": []} for count in skus}
+    for block in range(blocks):
+        chosen = slice(warmup + block * per_block, warmup + (block + 1) * per_block)
+        for count in skus[block % len(skus) :] + skus[: block % len(skus)]:  # no count always runs first
+            stage = stages[count]
+            timed[count]["recipe_blocks"].append(stage.recipe_ms(stage.batches[chosen]))
+            timed[count]["head_blocks"].append(stage.head_alone_ms(stage.batches[chosen]))
+    for count, stage in stages.items():
+        timed[count]["draw_ms"] = stage.draw_ms()
+    return timed
+
+
+def summarise(timed: dict[int, dict], skus: list[int]) -> dict[int, dict]:
+    """Per SKU count: median step times over the blocks, and the median over blocks of each within-block ratio."""
+    import numpy as np
+
+    base = timed[skus[0]]
+    summary = {}
     for count in skus:
-        figures = dict(rounds[0][count])
-        for key in TIMED:
-            figures[key] = statistics.median(r[count][key] for r in rounds)
-        for key in ("recipe_ms", "step_ms"):
-            figures[f"{key}_ratio"] = statistics.median(r[count][key] / r[skus[0]][key] for r in rounds)
-        figures["peak_mib"] = max(r[count]["peak_mib"] for r in rounds)
-        figures["rounds"] = len(rounds)
-        merged[count] = figures
-    return merged
+        mine = timed[count]
+        head_medians = [statistics.median(block) for block in mine["head_blocks"]]
+        base_head = [statistics.median(block) for block in base["head_blocks"]]
+        every_step = [t for block in mine["head_blocks"] for t in block]
+        summary[count] = {
+            "recipe_ms": statistics.median(mine["recipe_blocks"]),
+            "recipe_ms_ratio": statistics.median(a / b for a, b in zip(mine["recipe_blocks"], base["recipe_blocks"])),
+            "step_ms": statistics.median(every_step),
+            "p90_ms": float(np.percentile(every_step, 90)),
+            "step_ms_ratio": statistics.median(a / b for a, b in zip(head_medians, base_head)),
+            "recipe_ratio_range": (
+                min(a / b for a, b in zip(mine["recipe_blocks"], base["recipe_blocks"])),
+                max(a / b for a, b in zip(mine["recipe_blocks"], base["recipe_blocks"])),
+            ),
+            "draw_ms": mine["draw_ms"],
+            "blocks": len(mine["recipe_blocks"]),
+        }
+    return summary
 
 
-def render(results: dict[str, dict[int, dict]], skus: list[int], sampled: int, command: str, steps: int) -> str:
+def render(
+    results: dict[str, dict[int, dict]], memory: dict[str, dict[int, dict]], skus: list[int], sampled: int,
+    command: str, steps: int,
+) -> str:  # fmt: skip
     """The results file: a row per (head, SKU count), each ratio against that head at the fewest SKUs."""
     rows = []
     for head, by_count in results.items():
         for count in skus:
-            r = by_count[count]
+            r, m = by_count[count], memory[head][count]
+            low, high = r["recipe_ratio_range"]
             rows.append(
                 (
                     f"{head}, {count:,} SKUs",
-                    "yes" if r["partial"] else "no (all SKUs)",
+                    "yes" if m["partial"] else "no (all SKUs)",
                     f"{r['recipe_ms']:.2f}",
                     f"×{r['recipe_ms_ratio']:.2f}",
+                    f"×{low:.2f}–{high:.2f}",
                     f"{r['step_ms']:.2f}",
                     f"{r['p90_ms']:.2f}",
                     f"×{r['step_ms_ratio']:.2f}",
                     f"{r['draw_ms']:.3f}",
-                    f"{r['state_mib']:.1f}",
-                    f"{r['peak_mib']:.0f}",
+                    f"{m['state_mib']:.1f}",
+                    f"{m['peak_mib']:.0f}",
                 )
             )
-    first = results["Partial FC"][skus[0]]
+    first, blocks = memory["Partial FC"][skus[0]], results["Partial FC"][skus[0]]["blocks"]
     headline = table(
         (
             "head, SKUs",
             "sampled",
             "recipe step ms",
             f"vs {skus[0]:,} SKUs",
+            "block range",
             "head alone ms (median)",
             "head alone ms (p90)",
             f"vs {skus[0]:,} SKUs",
@@ -173,15 +269,16 @@ def render(results: dict[str, dict[int, dict]], skus: list[int], sampled: int, c
         rows,
     )
     setup = [
-        f"Each row: its own process; {steps} steps after a warm-up, batches of {first['batch']} synthetic cached "
-        f"features (P x K). The recipe step is `frozen_epoch`'s mean: projection, margin head and "
-        f"{first['anchors']} catalogue anchors drawn from one cached view of one catalogue image per SKU. "
-        "The head alone is `optimisation_step`'s median without anchors",
-        f"Partial FC rows: the median of {first['rounds']} rounds, each SKU count's process after the other's, "
-        "ratios taken within a round; full softmax rows: one round",
+        f"Timings: one process per head holds every SKU count and runs {steps} steps of each in {blocks} blocks, "
+        "taking the counts in turn (the order rotating each block); each ratio is taken within a block, and the "
+        "table gives the median over blocks (block range: the lowest and highest block's ratio)",
+        f"A step: batches of {first['batch']} synthetic cached features (P x K). The recipe step is `frozen_epoch`'s "
+        f"mean: projection, margin head and {first['anchors']} catalogue anchors drawn from one cached view of one "
+        "catalogue image per SKU. The head alone is `optimisation_step` without anchors",
+        "Memory: a process of its own per row, after the warm-up steps; peak RSS includes the synthetic features "
+        "(one catalogue view, 5 KiB per SKU, and the training rows)",
         f"Partial FC scores each batch's SKUs and random others up to `train.loss.sampled_classes` ({sampled}); "
         "the full softmax scores every SKU and leaves the head to AdamW",
-        "Peak RSS includes the synthetic features: one catalogue view (5 KiB per SKU) and the training rows",
     ]
     how_to_read = (
         "a step's cost is the projection, the head's logits, the anchors and the optimiser. The full softmax's logits "
@@ -201,31 +298,43 @@ def render(results: dict[str, dict[int, dict]], skus: list[int], sampled: int, c
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__, RESULTS)
     parser.add_argument("--skus", type=int, nargs="+", default=[1000, 100_000])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per SKU count, over all blocks")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of the Partial FC rows")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: JSON [head overrides, skus]
+    parser.add_argument("--blocks", type=int, default=10, help="blocks the timed steps are split into")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON [what, head overrides, skus]
     args = parser.parse_args(argv)
-    if args.one is not None:
-        way, skus = json.loads(args.one)
-        print(json.dumps(measure_one(args.params, args.overrides + way, skus, args.steps, args.warmup)))
+    if args.warmup < 1 or args.blocks < 1 or args.steps < args.blocks:
+        parser.error("--warmup and --blocks must be at least 1, and --blocks at most --steps")
+    if args.child is not None:
+        what, way, skus = json.loads(args.child)
+        overrides = args.overrides + way
+        if what == "memory":
+            print(json.dumps(measure_memory(args.params, overrides, skus, args.warmup)))
+        else:
+            timed = measure_interleaved(args.params, overrides, skus, args.steps, args.warmup, args.blocks)
+            print(json.dumps({str(count): figures for count, figures in timed.items()}))
         return 0
 
-    def measure(head: str, skus: int) -> dict:
+    def measure(what: str, head: str, skus: int | list[int]) -> dict:
         child = [sys.executable, "-m", "benchmarks.partial_fc", "--params", args.params]
-        child += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--one", json.dumps([HEADS[head], skus])]
+        child += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--blocks", str(args.blocks)]
+        child += ["--child", json.dumps([what, HEADS[head], skus])]
         child += [arg for override in args.overrides for arg in ("--set", override)]
-        return measure_in_child(f"{head} @ {skus}", child)
+        return measure_in_child(f"{head} {what} @ {skus}", child)
 
+    # Memory processes do not time anything, so they run side by side; timing processes run alone.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        running = {head: {count: pool.submit(measure, "memory", head, count) for count in args.skus} for head in HEADS}
+        memory = {head: {count: job.result() for count, job in jobs.items()} for head, jobs in running.items()}
     results = {}
     for head in HEADS:
-        rounds = args.repeats if head == "Partial FC" else 1
-        results[head] = median_round([{n: measure(head, n) for n in args.skus} for _ in range(rounds)], args.skus)
+        timed = measure("timing", head, args.skus)
+        results[head] = summarise({int(count): figures for count, figures in timed.items()}, args.skus)
     from components.config import load_params
 
     sampled = load_params(args.params, args.overrides).train.loss.sampled_classes
-    command = command_line("benchmarks.partial_fc", args, ("skus", "steps", "warmup", "repeats"), parser)
-    write_results(args.out, render(results, args.skus, sampled, command, args.steps))
+    command = command_line("benchmarks.partial_fc", args, ("skus", "steps", "warmup", "blocks"), parser)
+    write_results(args.out, render(results, memory, args.skus, sampled, command, args.steps))
     return 0
 
 
