@@ -43,6 +43,7 @@ def rows(text: str) -> dict[str, list[float]]:
     return table
 
 
+@pytest.mark.slow  # the benchmark end to end: pytest -m slow (README)
 def test_results_file_compares_zero_shot_with_the_fine_tuned_model(results_file, results_file_parts):
     text = results_file.read_text()
     parts = results_file_parts(text, "benchmarks.accuracy")
@@ -58,6 +59,7 @@ def test_results_file_compares_zero_shot_with_the_fine_tuned_model(results_file,
     assert table["fine-tuned (default recipe)"][3] > table["zero-shot backbone"][3] + 0.1
 
 
+@pytest.mark.slow
 def test_test_time_rows_re_evaluate_the_default_model_without_training(results_file):
     table = rows(results_file.read_text())
     default = table["fine-tuned (default recipe)"]

@@ -39,6 +39,7 @@ def run(tmp_path: Path, *extra: str) -> int:
     return cached_features.main(argv + [arg for override in TINY for arg in ("--set", override)])
 
 
+@pytest.mark.slow  # the benchmark end to end: pytest -m slow (README)
 def test_every_way_runs_the_head_batches_in_its_own_process(tmp_path, table_rows, results_file_parts):
     out = tmp_path / "cached_features.md"
     out.write_text("# an earlier run\n\n## Notes (by hand)\n\n- kept across runs\n")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks import decoded_images
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -18,6 +20,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # the benchmark end to end: pytest -m slow (README)
 def test_every_way_is_measured_in_its_own_process_against_the_kept_baseline(
     tmp_path, synthetic_dataset, table_rows, results_file_parts
 ):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks import embedding
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
+@pytest.mark.slow  # the benchmark end to end: pytest -m slow (README)
 def test_each_way_is_timed_and_scored_against_the_plain_loop(
     tmp_path, synthetic_dataset, tiny_model_overrides, table_rows, results_file_parts
 ):

@@ -11,6 +11,7 @@ from benchmarks import partial_fc
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
+@pytest.mark.slow  # the benchmark end to end: pytest -m slow (README)
 def test_each_head_is_timed_at_each_sku_count_against_its_own_smallest(tmp_path, table_rows, results_file_parts):
     out = tmp_path / "partial_fc.md"
     argv = ["--params", str(PARAMS), "--skus", "50", "3000", "--steps", "4", "--warmup", "1", "--blocks", "2"]

@@ -83,6 +83,7 @@ def run_benchmark(out: Path, *args: str) -> subprocess.CompletedProcess:
 PASSES = ("before the servers", "between the servers", "after the servers")
 
 
+@pytest.mark.slow  # the benchmark end to end: pytest -m slow (README)
 def test_one_run_writes_the_targets_then_every_part(tmp_path, table_rows, results_file_parts):
     out = tmp_path / "serving.md"
     out.write_text(
