@@ -207,19 +207,18 @@ def summarise(timed: dict[int, dict], skus: list[int]) -> dict[int, dict]:
     summary = {}
     for count in skus:
         mine = timed[count]
-        head_medians = [statistics.median(block) for block in mine["head_blocks"]]
-        base_head = [statistics.median(block) for block in base["head_blocks"]]
+        recipe_ratios = [a / b for a, b in zip(mine["recipe_blocks"], base["recipe_blocks"])]
+        head_ratios = [
+            statistics.median(a) / statistics.median(b) for a, b in zip(mine["head_blocks"], base["head_blocks"])
+        ]
         every_step = [t for block in mine["head_blocks"] for t in block]
         summary[count] = {
             "recipe_ms": statistics.median(mine["recipe_blocks"]),
-            "recipe_ms_ratio": statistics.median(a / b for a, b in zip(mine["recipe_blocks"], base["recipe_blocks"])),
+            "recipe_ms_ratio": statistics.median(recipe_ratios),
+            "recipe_ratio_range": (min(recipe_ratios), max(recipe_ratios)),
             "step_ms": statistics.median(every_step),
             "p90_ms": float(np.percentile(every_step, 90)),
-            "step_ms_ratio": statistics.median(a / b for a, b in zip(head_medians, base_head)),
-            "recipe_ratio_range": (
-                min(a / b for a, b in zip(mine["recipe_blocks"], base["recipe_blocks"])),
-                max(a / b for a, b in zip(mine["recipe_blocks"], base["recipe_blocks"])),
-            ),
+            "step_ms_ratio": statistics.median(head_ratios),
             "draw_ms": mine["draw_ms"],
             "blocks": len(mine["recipe_blocks"]),
         }
